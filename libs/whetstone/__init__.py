@@ -1,0 +1,1 @@
+"""Whetstone: the shared contract and libraries every service imports."""

@@ -1,0 +1,202 @@
+"""Multi-adapter LoRA over a Hugging Face causal LM, shared by the trainer and the sampler.
+
+One base model, many adapters: every targeted ``nn.Linear`` is wrapped in a ``LoraLinear`` that
+holds the low-rank factors of every loaded adapter. A ``LoraRoute`` (one per model, shared by all
+its layers) says which contiguous rows of the current batch belong to which adapter, so one
+base-model pass serves many training runs or many sampling sessions at once; rows routed to
+``None`` see the plain base model.
+
+Adapters are stored and exchanged in PEFT's format (``adapter_config.json`` +
+``adapter_model.safetensors``), so PEFT and vLLM load Whetstone's sampler weights as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from whetstone.errors import UserError
+from whetstone.messages import LoraConfig
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+# Fixed so that the effective scale alpha/rank is a property of the rank alone, as in Tinker.
+LORA_ALPHA = 32
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[start, stop)`` of the batch use ``adapter_id`` (``None``: the base model)."""
+
+    adapter_id: str | None
+    start: int
+    stop: int
+
+
+@dataclass
+class LoraRoute:
+    segments: list[Segment] = field(default_factory=list)
+
+    @contextmanager
+    def use(self, segments: list[Segment]) -> Iterator[None]:
+        previous, self.segments = self.segments, segments
+        try:
+            yield
+        finally:
+            self.segments = previous
+
+
+@dataclass
+class LoraFactors:
+    a: torch.Tensor  # (rank, in_features)
+    b: torch.Tensor  # (out_features, rank)
+    scale: float
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, route: LoraRoute) -> None:
+        super().__init__()
+        self.base = base
+        self.route = route
+        self.adapters: dict[str, LoraFactors] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        segments = self.route.segments
+        if not any(s.adapter_id in self.adapters for s in segments):
+            return y
+        parts = []
+        for seg in segments:
+            rows = x[seg.start : seg.stop]
+            f = self.adapters.get(seg.adapter_id) if seg.adapter_id is not None else None
+            if f is None:
+                parts.append(rows.new_zeros(*rows.shape[:-1], y.shape[-1]))
+            else:
+                parts.append(((rows.to(f.a.dtype) @ f.a.T) @ f.b.T * f.scale).to(y.dtype))
+        return y + torch.cat(parts)
+
+
+def target_modules(config: LoraConfig) -> tuple[str, ...]:
+    names: tuple[str, ...] = ()
+    if config.train_attn:
+        names += ATTN_MODULES
+    if config.train_mlp:
+        names += MLP_MODULES
+    if config.train_unembed:
+        names += UNEMBED_MODULES
+    if not names:
+        raise UserError("LoRA config must train at least one of attn, mlp, unembed")
+    return names
+
+
+class LoraModel:
+    """A frozen base model with ``LoraLinear`` layers injected into every targetable linear."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.route = LoraRoute()
+        self.layers: dict[str, LoraLinear] = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets = ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if child_name in targets and isinstance(child, nn.Linear):
+                    wrapped = LoraLinear(child, self.route)
+                    setattr(module, child_name, wrapped)
+                    self.layers[f"{name}.{child_name}" if name else child_name] = wrapped
+
+    def add(self, adapter_id: str, adapter: "LoraAdapter") -> None:
+        for name, factors in adapter.factors.items():
+            self.layers[name].adapters[adapter_id] = factors
+
+    def remove(self, adapter_id: str) -> None:
+        for layer in self.layers.values():
+            layer.adapters.pop(adapter_id, None)
+
+    def has(self, adapter_id: str) -> bool:
+        return any(adapter_id in layer.adapters for layer in self.layers.values())
+
+
+@dataclass
+class LoraAdapter:
+    """The factors of one adapter, keyed by the wrapped module's name in the base model."""
+
+    config: LoraConfig
+    factors: dict[str, LoraFactors]
+
+    @classmethod
+    def init(cls, model: LoraModel, config: LoraConfig, device: torch.device | None = None) -> "LoraAdapter":
+        """A fresh adapter: A from PEFT's Kaiming-uniform init drawn from ``config.seed``, B zero,
+        so a new adapter leaves the base model's outputs unchanged."""
+        gen = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
+        wanted = target_modules(config)
+        scale = LORA_ALPHA / config.rank
+        factors: dict[str, LoraFactors] = {}
+        for name in sorted(model.layers):
+            if name.rsplit(".", 1)[-1] not in wanted:
+                continue
+            base = model.layers[name].base
+            bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform_(a=sqrt(5))
+            a = (torch.rand(config.rank, base.in_features, generator=gen) * 2 - 1) * bound
+            b = torch.zeros(base.out_features, config.rank)
+            dev = device or base.weight.device
+            factors[name] = LoraFactors(a.to(dev).requires_grad_(), b.to(dev).requires_grad_(), scale)
+        return cls(config, factors)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for f in self.factors.values() for t in (f.a, f.b)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT's key names, so that the file is a PEFT adapter."""
+        out: dict[str, torch.Tensor] = {}
+        for name, f in self.factors.items():
+            out[f"base_model.model.{name}.lora_A.weight"] = f.a.detach().float().cpu().contiguous()
+            out[f"base_model.model.{name}.lora_B.weight"] = f.b.detach().float().cpu().contiguous()
+        return out
+
+    def save_peft(self, directory: Path, base_model_path: str) -> int:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``; return bytes written."""
+        directory.mkdir(parents=True, exist_ok=True)
+        peft_config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_path,
+            "r": self.config.rank,
+            "lora_alpha": LORA_ALPHA,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.factors}),
+            "whetstone_lora_config": self.config.model_dump(),
+        }
+        (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+        save_file(self.state_dict(), str(directory / "adapter_model.safetensors"))
+        return sum(p.stat().st_size for p in directory.iterdir())
+
+    @classmethod
+    def load_peft(cls, directory: Path, device: torch.device | str = "cpu", trainable: bool = False) -> "LoraAdapter":
+        peft_config = json.loads((directory / "adapter_config.json").read_text())
+        config = LoraConfig.model_validate(
+            peft_config.get("whetstone_lora_config") or {"rank": peft_config["r"]}
+        )
+        scale = peft_config["lora_alpha"] / peft_config["r"]
+        tensors = load_file(str(directory / "adapter_model.safetensors"), device=str(device))
+        factors: dict[str, LoraFactors] = {}
+        for key, a in tensors.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = tensors[key.replace("lora_A", "lora_B")]
+            factors[name] = LoraFactors(a.requires_grad_(trainable), b.requires_grad_(trainable), scale)
+        return cls(config, factors)

@@ -1,0 +1,328 @@
+"""Every message that crosses a process boundary, defined once.
+
+The gateway translates Tinker's wire types (protobuf and JSON) into these at the edge; trainer,
+sampler, scheduler and billing speak only these. They are pydantic models serialised as JSON, with
+tensors as base64 of their raw little-endian bytes (``tensors.Tensor``).
+
+Which subject carries what (``subjects.py`` has the names):
+
+* ``TrainRequest``      gateway -> trainer, on the run's durable subject ``ws.train.<run>``
+* ``SampleRequest``     gateway -> sampler, on the base model's shared subject ``ws.sample.<base>``
+* ``PlaceRun``          gateway -> scheduler, durable ``ws.ctl.place``
+* ``AssignRun``         scheduler -> trainer worker, request/reply ``ws.ctl.assign.<worker>``
+* ``WorkerHeartbeat``   trainer/sampler -> scheduler, ``ws.ctl.heartbeat.<role>.<worker>``
+* ``UsageEvent``        trainer/sampler -> billing, durable ``ws.usage.<tenant>``
+* ``UsageReportQuery``  anyone -> billing, request/reply ``ws.ctl.billing.report``
+* ``FutureRecord``      worker -> gateway, KV ``ws_futures`` under the request id
+* the ``*Record`` types are the values of the state buckets.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from whetstone.tensors import Tensor
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes):  # -> Self
+        return cls.model_validate_json(data)
+
+
+# ---------------------------------------------------------------- configuration carried by runs
+
+
+class LoraConfig(Message):
+    rank: int = 32
+    seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+
+class AdamParams(Message):
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+# ---------------------------------------------------------------- training
+
+
+class Datum(Message):
+    """One sequence: ``model_input`` holds N int64 token ids; every loss input has N rows."""
+
+    model_input: Tensor
+    loss_fn_inputs: dict[str, Tensor] = {}
+
+
+class ForwardBackward(Message):
+    op: Literal["forward_backward"] = "forward_backward"
+    data: list[Datum]
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] = {}
+    forward_only: bool = False
+
+
+class OptimStep(Message):
+    op: Literal["optim_step"] = "optim_step"
+    adam: AdamParams
+
+
+class SaveWeights(Message):
+    """``kind="training"``: adapter and optimizer state (``save_state``); ``kind="sampler"``:
+    adapter only, in PEFT format. ``sampler_id`` is set for the ephemeral form, where the result
+    is a sampling session over the saved weights."""
+
+    op: Literal["save_weights"] = "save_weights"
+    kind: Literal["training", "sampler"]
+    name: str
+    overwrite: bool = False
+    ttl_seconds: int | None = None
+    sampler_id: str | None = None
+
+
+TrainCommand = Annotated[Union[ForwardBackward, OptimStep, SaveWeights], Field(discriminator="op")]
+
+
+class TrainRequest(Message):
+    """One step of one training run, executed by the run's trainer in ``seq_id`` order."""
+
+    request_id: str
+    tenant: str
+    run_id: str
+    seq_id: int
+    command: TrainCommand
+
+
+# ---------------------------------------------------------------- sampling
+
+
+class SamplingParams(Message):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    # ``stop`` as the client sent it, split by kind. ``stop_on_eos`` is False when the client
+    # gave any explicit stop list (an empty list disables every stop, EOS included).
+    stop_strings: list[str] = []
+    stop_token_ids: list[int] = []
+    stop_on_eos: bool = True
+
+
+class AdapterRef(Message):
+    """LoRA weights to sample with: where they lie in the checkpoint store."""
+
+    tinker_path: str
+    store_key: str
+
+
+class SampleRequest(Message):
+    request_id: str
+    tenant: str
+    base_model: str
+    adapter: AdapterRef | None = None
+    prompt: Tensor  # int64 token ids
+    num_samples: int = 1
+    params: SamplingParams
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+# ---------------------------------------------------------------- results and futures
+
+
+class CreateModelResult(Message):
+    op: Literal["create_model"] = "create_model"
+    model_id: str
+
+
+class ForwardBackwardResult(Message):
+    op: Literal["forward_backward"] = "forward_backward"
+    outputs: list[dict[str, Tensor]]  # one dict per datum, in request order
+    metrics: dict[str, float]  # keys are "name:reduction"
+
+
+class OptimStepResult(Message):
+    op: Literal["optim_step"] = "optim_step"
+    metrics: dict[str, float] = {}
+
+
+class SaveWeightsResult(Message):
+    op: Literal["save_weights"] = "save_weights"
+    kind: Literal["training", "sampler"]
+    path: str  # tinker://<run>/<weights|sampler_weights>/<name>
+    sampler_id: str | None = None
+
+
+class SampledSequence(Message):
+    tokens: Tensor  # int64
+    logprobs: Tensor  # float32, one per token
+    stop_reason: Literal["stop", "length"]
+
+
+class SampleResult(Message):
+    op: Literal["sample"] = "sample"
+    sequences: list[SampledSequence]
+    prompt_logprobs: Tensor | None = None  # float32, NaN at position 0
+
+
+Result = Annotated[
+    Union[CreateModelResult, ForwardBackwardResult, OptimStepResult, SaveWeightsResult, SampleResult],
+    Field(discriminator="op"),
+]
+
+QueueState = Literal["active", "paused_capacity", "paused_rate_limit"]
+
+
+class FutureRecord(Message):
+    """What a client's ``retrieve_future`` sees. Written pending by the gateway, final by the
+    worker that did the work."""
+
+    request_id: str
+    tenant: str
+    op: str  # create_model | forward_backward | forward | optim_step | save_weights | sample
+    status: Literal["pending", "done", "failed"] = "pending"
+    queue_state: QueueState = "active"
+    result: Result | None = None
+    error: str | None = None
+    category: Literal["user", "server", "unknown"] | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def final(self) -> bool:
+        return self.status != "pending"
+
+
+# ---------------------------------------------------------------- state records (KV values)
+
+
+class ApiKeyRecord(Message):
+    tenant: str
+    key_prefix: str  # first characters of the key, to recognise it in listings
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked: bool = False
+
+
+class SessionRecord(Message):
+    session_id: str
+    tenant: str
+    tags: list[str] = []
+    user_metadata: dict[str, str] = {}
+    created_at: datetime = Field(default_factory=utcnow)
+    last_heartbeat_at: datetime = Field(default_factory=utcnow)
+    finished: bool = False
+
+
+class TrainingRunRecord(Message):
+    run_id: str  # <session>:train:<model_seq_id>
+    tenant: str
+    session_id: str
+    base_model: str  # registry name
+    lora: LoraConfig
+    user_metadata: dict[str, str] = {}
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SamplingSessionRecord(Message):
+    sampler_id: str  # <session>:sample:<n>
+    tenant: str
+    session_id: str
+    base_model: str
+    adapter: AdapterRef | None = None
+
+
+class CheckpointRecord(Message):
+    tinker_path: str
+    run_id: str
+    tenant: str
+    kind: Literal["training", "sampler"]
+    name: str
+    store_key: str
+    size_bytes: int
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    public: bool = False
+
+
+# ---------------------------------------------------------------- control
+
+
+class WorkerHeartbeat(Message):
+    worker_id: str
+    role: Literal["trainer", "sampler"]
+    base_models: list[str]
+    runs: list[str] = []
+    max_runs: int = 0
+    sent_at: datetime = Field(default_factory=utcnow)
+
+
+class PlaceRun(Message):
+    """A new training run waiting for a trainer worker; ``request_id`` is its create_model future."""
+
+    request_id: str
+    run: TrainingRunRecord
+
+
+class AssignRun(Message):
+    request_id: str
+    run: TrainingRunRecord
+
+
+class AssignReply(Message):
+    ok: bool
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- billing
+
+Meter = Literal["train_tokens", "prefill_tokens", "sample_tokens"]
+
+
+class UsageEvent(Message):
+    """``event_id`` is ``<request_id>:<meter>``: redelivery can never bill twice."""
+
+    event_id: str
+    request_id: str
+    tenant: str
+    base_model: str
+    meter: Meter
+    tokens: int
+    run_id: str | None = None
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+
+class UsageReportQuery(Message):
+    tenant: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class UsageRow(Message):
+    tenant: str
+    base_model: str
+    meter: Meter
+    tokens: int
+    cost_usd: float
+
+
+class UsageReport(Message):
+    rows: list[UsageRow]
+    error: str | None = None

@@ -1,0 +1,84 @@
+"""Names on the bus: subjects, streams, consumers, KV buckets and headers.
+
+Every service creates what it owns from these names, idempotently, at start-up (see ``bus.py``),
+so tests, ``whetstone up`` and a cluster share one definition.
+
+Run ids (``<session>:train:<n>``) and base-model names (``org/name``) are not valid NATS tokens in
+every position (``.`` separates tokens, durable names forbid ``/``), so they pass through
+``token()`` before they appear in a subject, a consumer name or a KV key.
+"""
+
+from __future__ import annotations
+
+import base64
+
+# Streams (JetStream, file storage, work-queue retention: a message lives until acknowledged).
+TRAIN_STREAM = "WS_TRAIN"
+SAMPLE_STREAM = "WS_SAMPLE"
+USAGE_STREAM = "WS_USAGE"
+CONTROL_STREAM = "WS_CONTROL"
+
+# Subjects.
+TRAIN_PREFIX = "ws.train"  # ws.train.<run token>: the durable queue of one training run
+SAMPLE_PREFIX = "ws.sample"  # ws.sample.<base token>: the shared queue of one base model
+USAGE_PREFIX = "ws.usage"  # ws.usage.<tenant token>: token-usage events for billing
+PLACE_SUBJECT = "ws.ctl.place"  # create_model requests waiting for the scheduler (durable)
+HEARTBEAT_PREFIX = "ws.ctl.heartbeat"  # ws.ctl.heartbeat.<role>.<worker>: liveness (core NATS)
+ASSIGN_PREFIX = "ws.ctl.assign"  # ws.ctl.assign.<worker>: scheduler -> trainer (request/reply)
+USAGE_REPORT_SUBJECT = "ws.ctl.billing.report"  # request/reply: usage report
+
+# Durable consumers.
+BILLING_CONSUMER = "billing"
+SCHEDULER_CONSUMER = "scheduler"
+
+# KV buckets.
+FUTURES_BUCKET = "ws_futures"  # request_id -> FutureRecord (TTL)
+DEDUP_BUCKET = "ws_dedup"  # <run token>.<seq_id> -> request_id (TTL)
+KEYS_BUCKET = "ws_api_keys"  # sha256(key) -> ApiKeyRecord
+SESSIONS_BUCKET = "ws_sessions"  # session id -> SessionRecord
+RUNS_BUCKET = "ws_runs"  # run token -> TrainingRunRecord
+SAMPLERS_BUCKET = "ws_samplers"  # sampler token -> SamplingSessionRecord
+CHECKPOINTS_BUCKET = "ws_checkpoints"  # <run token>.<kind>.<name token> -> CheckpointRecord
+PLACEMENTS_BUCKET = "ws_placements"  # run token -> worker id
+
+# Headers.
+MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream de-duplication within the stream's window
+TENANT_HEADER = "Ws-Tenant"
+
+
+def token(name: str) -> str:
+    """A reversible encoding of ``name`` that is safe as one NATS subject token, durable-consumer
+    name and KV key: unpadded url-safe base64 (``[A-Za-z0-9_-]``)."""
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def untoken(tok: str) -> str:
+    return base64.urlsafe_b64decode(tok + "=" * (-len(tok) % 4)).decode()
+
+
+def train_subject(run_id: str) -> str:
+    return f"{TRAIN_PREFIX}.{token(run_id)}"
+
+
+def train_consumer(run_id: str) -> str:
+    return f"run-{token(run_id)}"
+
+
+def sample_subject(base_model: str) -> str:
+    return f"{SAMPLE_PREFIX}.{token(base_model)}"
+
+
+def sample_consumer(base_model: str) -> str:
+    return f"sampler-{token(base_model)}"
+
+
+def usage_subject(tenant: str) -> str:
+    return f"{USAGE_PREFIX}.{token(tenant)}"
+
+
+def heartbeat_subject(role: str, worker_id: str) -> str:
+    return f"{HEARTBEAT_PREFIX}.{role}.{token(worker_id)}"
+
+
+def assign_subject(worker_id: str) -> str:
+    return f"{ASSIGN_PREFIX}.{token(worker_id)}"

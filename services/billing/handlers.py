@@ -1,0 +1,78 @@
+"""Billing's bus side.
+
+Consumes the durable ``ws.usage.>`` queue (consumer ``billing``) in batches: one ClickHouse insert
+per batch, acknowledged only after the insert, so ClickHouse being down leaves events waiting in
+the stream and a redelivered batch is deduplicated by ``event_id`` in the ledger. Answers usage
+reports on ``ws.ctl.billing.report`` (request/reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+from services.billing.ledger import Ledger
+from services.billing.prices import PriceTable
+from services.billing.settings import BillingSettings
+from whetstone import bus as b
+from whetstone import subjects as s
+from whetstone.errors import WhetstoneError
+from whetstone.messages import UsageEvent, UsageReport, UsageReportQuery
+
+
+class BillingService:
+    def __init__(self, settings: BillingSettings, bus: b.Bus, ledger: Ledger, prices: PriceTable, log) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.ledger = ledger
+        self.prices = prices
+        self.log = log
+        # chdb is synchronous and single-process: every ledger call runs on this one thread.
+        self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")
+
+    async def _db(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.db_thread, fn, *args)
+
+    async def start(self) -> None:
+        await self._db(self.ledger.ensure_schema)
+        await self.bus.nc.subscribe(s.USAGE_REPORT_SUBJECT, cb=self.handle_report)
+        asyncio.create_task(self._ingest())
+        self.log.info("billing ready")
+
+    async def _ingest(self) -> None:
+        config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=60.0, max_ack_pending=50_000)
+        sub = await self.bus.js.pull_subscribe(
+            f"{s.USAGE_PREFIX}.>", durable=s.BILLING_CONSUMER, stream=s.USAGE_STREAM, config=config
+        )
+        while True:
+            try:
+                msgs = await sub.fetch(self.settings.batch_size, timeout=self.settings.fetch_timeout_s)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.Error as exc:
+                self.log.warning("usage fetch failed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            events = [UsageEvent.decode(m.data) for m in msgs]
+            try:
+                await self._db(self.ledger.insert, events)
+            except Exception:  # noqa: BLE001 - leave them unacknowledged: redelivered later
+                self.log.exception("usage insert failed; events will be redelivered", count=len(events))
+                await asyncio.sleep(1.0)
+                continue
+            await asyncio.gather(*(m.ack() for m in msgs))
+
+    async def handle_report(self, msg: Msg) -> None:
+        try:
+            query = UsageReportQuery.decode(msg.data)
+            report = await self._db(self.ledger.report, query, self.prices)
+        except WhetstoneError as exc:
+            report = UsageReport(rows=[], error=exc.message)
+        except Exception as exc:  # noqa: BLE001 - the caller gets the reason, billing carries on
+            self.log.exception("usage report failed")
+            report = UsageReport(rows=[], error=f"report failed: {exc}")
+        await msg.respond(report.encode())

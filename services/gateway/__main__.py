@@ -1,0 +1,20 @@
+"""Gateway: ``python -m services.gateway``. Serves the Tinker HTTP API on uvicorn."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+from whetstone.observability import configure_logging
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    log = configure_logging("gateway", settings.log_level)
+    app = create_app(settings, log)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

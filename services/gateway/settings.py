@@ -1,0 +1,13 @@
+"""Settings of the gateway."""
+
+from __future__ import annotations
+
+from whetstone.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    long_poll_s: float = 25.0  # retrieve_future holds this long (the SDK times out at 45 s)
+    max_num_samples: int = 128
+    key_cache_s: float = 30.0  # an API key's tenant is cached this long (revocation lag)

@@ -1,0 +1,178 @@
+"""Training endpoints of the Tinker API: create_model, get_info, forward_backward (protobuf),
+optim_step, save_weights, save_weights_for_sampler.
+
+Each submission is validated here (the caller learns of bad input at once, with a 400), then
+published on the run's durable subject ``ws.train.<run>`` (create_model: on ``ws.ctl.place`` for
+the scheduler) and answered with a future id; the gateway never waits for GPU work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict
+
+from services.gateway.context import Gateway, gateway, tenant
+from services.gateway.validation import validate_forward_backward
+from services.gateway.wire import decode_forward_backward
+from whetstone import subjects as s
+from whetstone import bus as b
+from whetstone.checkpoints import TinkerPath, check_name, store_key
+from whetstone.errors import UserError
+from whetstone.messages import (
+    AdamParams,
+    AdapterRef,
+    ForwardBackward,
+    LoraConfig,
+    OptimStep,
+    PlaceRun,
+    SamplingSessionRecord,
+    SaveWeights,
+    TrainingRunRecord,
+    TrainRequest,
+)
+
+router = APIRouter(prefix="/api/v1")
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CreateModelBody(Body):
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    lora_config: LoraConfig = LoraConfig()
+    user_metadata: dict[str, str] | None = None
+
+
+class ModelIdBody(Body):
+    model_id: str
+
+
+class OptimStepBody(Body):
+    model_id: str
+    seq_id: int
+    adam_params: AdamParams
+
+
+class SaveWeightsBody(Body):
+    model_id: str
+    seq_id: int
+    path: str | None = None
+    overwrite: bool = False
+    ttl_seconds: int | None = None
+    sampling_session_seq_id: int | None = None
+    type: Literal["save_weights", "save_weights_for_sampler"] | None = None
+
+
+def _future(request_id: str, model_id: str | None = None) -> dict:
+    return {"request_id": request_id, **({"model_id": model_id} if model_id else {})}
+
+
+@router.post("/create_model")
+async def create_model(body: CreateModelBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+    await gw.session(t, body.session_id)
+    spec = gw.registry.resolve(body.base_model)
+    lora = body.lora_config
+    if not 1 <= lora.rank <= spec.max_lora_rank:
+        raise UserError(f"LoRA rank {lora.rank} out of range: {spec.name} supports 1..{spec.max_lora_rank}")
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise UserError("LoRA config must train at least one of attn, mlp, unembed")
+    run_id = f"{body.session_id}:train:{body.model_seq_id}"
+    run = TrainingRunRecord(run_id=run_id, tenant=t, session_id=body.session_id, base_model=spec.name,
+                            lora=lora, user_metadata=body.user_metadata or {})
+    runs = gw.bus.kv[s.RUNS_BUCKET]
+    existing = await b.kv_create(runs, s.token(run_id), run.encode())
+    if existing is not None and TrainingRunRecord.decode(existing).tenant != t:
+        raise UserError(f"model id {run_id!r} is taken")
+    request_id = await gw.submit_once(
+        f"create.{s.token(run_id)}", t, "create_model", s.PLACE_SUBJECT,
+        lambda rid: PlaceRun(request_id=rid, run=run),
+    )
+    return _future(request_id, run_id)
+
+
+@router.post("/get_info")
+async def get_info(body: ModelIdBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+    run = await gw.run(t, body.model_id)
+    spec = gw.registry.resolve(run.base_model)
+    return {
+        "type": "get_info",
+        "model_id": run.run_id,
+        "model_data": {"arch": spec.arch, "model_name": spec.name, "tokenizer_id": str(spec.path)},
+        "is_lora": True,
+        "lora_rank": run.lora.rank,
+        "model_name": spec.name,
+        "optimizer_config": {"type": "adamw"},
+    }
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+    if "json" in request.headers.get("content-type", ""):
+        raise UserError("forward_backward takes a protobuf ForwardBackwardRequest (application/x-protobuf)")
+    model_id, seq_id, command = decode_forward_backward(
+        await request.body(), request.headers.get("content-encoding")
+    )
+    run = await gw.run(t, model_id)
+    validate_forward_backward(command, gw.registry.resolve(run.base_model))
+    op = "forward" if command.forward_only else "forward_backward"
+    return _future(await _submit(gw, t, run, seq_id, op, command), model_id)
+
+
+@router.post("/optim_step")
+async def optim_step(body: OptimStepBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+    run = await gw.run(t, body.model_id)
+    adam = body.adam_params
+    values = adam.model_dump()
+    if not all(math.isfinite(v) for v in values.values()):
+        raise UserError(f"adam_params must be finite: {values}")
+    if adam.learning_rate < 0 or not (0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1) or adam.eps <= 0 \
+            or adam.weight_decay < 0 or adam.grad_clip_norm < 0:
+        raise UserError(f"adam_params out of range: {values}")
+    return _future(await _submit(gw, t, run, body.seq_id, "optim_step", OptimStep(adam=adam)), run.run_id)
+
+
+@router.post("/save_weights")
+async def save_weights(body: SaveWeightsBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+    run = await gw.run(t, body.model_id)
+    if body.path is None:
+        raise UserError("save_weights needs a checkpoint name in 'path'")
+    command = SaveWeights(kind="training", name=check_name(body.path), overwrite=body.overwrite,
+                          ttl_seconds=body.ttl_seconds)
+    return _future(await _submit(gw, t, run, body.seq_id, "save_weights", command), run.run_id)
+
+
+@router.post("/save_weights_for_sampler")
+async def save_weights_for_sampler(body: SaveWeightsBody, t: str = Depends(tenant),
+                                   gw: Gateway = Depends(gateway)) -> dict:
+    run = await gw.run(t, body.model_id)
+    if body.path is not None:
+        command = SaveWeights(kind="sampler", name=check_name(body.path), overwrite=True,
+                              ttl_seconds=body.ttl_seconds)
+    elif body.sampling_session_seq_id is not None:
+        # Ephemeral form: the result is a sampling session over the weights saved now.
+        sampler_id = f"{run.session_id}:sample:{body.sampling_session_seq_id}"
+        name = f"ephemeral-{body.sampling_session_seq_id}"
+        path = TinkerPath(run.run_id, "sampler", name)
+        record = SamplingSessionRecord(sampler_id=sampler_id, tenant=t, session_id=run.session_id,
+                                       base_model=run.base_model,
+                                       adapter=AdapterRef(tinker_path=str(path), store_key=store_key(t, path)))
+        await b.kv_put(gw.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id), record)
+        command = SaveWeights(kind="sampler", name=name, overwrite=True, sampler_id=sampler_id)
+    else:
+        raise UserError("save_weights_for_sampler needs 'path' or 'sampling_session_seq_id'")
+    return _future(await _submit(gw, t, run, body.seq_id, "save_weights", command), run.run_id)
+
+
+async def _submit(gw: Gateway, t: str, run: TrainingRunRecord, seq_id: int, op: str, command) -> str:
+    if seq_id < 1:
+        raise UserError(f"seq_id must be >= 1, got {seq_id}")
+    return await gw.submit_once(
+        f"{s.token(run.run_id)}.{seq_id}", t, op, s.train_subject(run.run_id),
+        lambda rid: TrainRequest(request_id=rid, tenant=t, run_id=run.run_id, seq_id=seq_id, command=command),
+    )

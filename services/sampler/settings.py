@@ -1,0 +1,15 @@
+"""Settings of a sampler worker."""
+
+from __future__ import annotations
+
+from whetstone.models.builtin import BUILTIN_MODEL_NAME
+from whetstone.settings import ServiceSettings
+
+
+class SamplerSettings(ServiceSettings):
+    base_model: str = BUILTIN_MODEL_NAME
+    device: str = "cpu"
+    max_batch_requests: int = 32  # sample requests decoded together in one batch
+    max_adapters: int = 32  # LoRA adapters kept loaded (least recently used evicted)
+    ack_wait_s: float = 300.0
+    heartbeat_interval_s: float = 1.0

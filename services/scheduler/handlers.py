@@ -1,0 +1,85 @@
+"""The scheduler's bus side.
+
+Consumes worker heartbeats (``ws.ctl.heartbeat.>``) and the durable placement queue
+``ws.ctl.place`` (consumer ``scheduler``). For each new run it picks a live trainer worker that
+serves the run's base model, records the placement in KV ``ws_placements`` and asks the worker
+to take the run (``ws.ctl.assign.<worker>``). While no worker has room the request stays in the
+queue (redelivered every ``retry_delay_s``) and its future reports ``paused_capacity``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+from services.scheduler.placement import Placement
+from services.scheduler.settings import SchedulerSettings
+from whetstone import bus as b
+from whetstone import subjects as s
+from whetstone.messages import AssignReply, AssignRun, PlaceRun, WorkerHeartbeat
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings, bus: b.Bus, log) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.log = log
+        self.placement = Placement(settings.worker_timeout_s)
+
+    async def start(self) -> None:
+        await self.bus.nc.subscribe(f"{s.HEARTBEAT_PREFIX}.trainer.*", cb=self.handle_heartbeat)
+        asyncio.create_task(self._place_loop())
+        self.log.info("scheduler ready")
+
+    async def handle_heartbeat(self, msg: Msg) -> None:
+        self.placement.observe(WorkerHeartbeat.decode(msg.data))
+
+    async def _place_loop(self) -> None:
+        config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=120.0)
+        sub = await self.bus.js.pull_subscribe(
+            s.PLACE_SUBJECT, durable=s.SCHEDULER_CONSUMER, stream=s.CONTROL_STREAM, config=config
+        )
+        while True:
+            try:
+                msgs = await sub.fetch(16, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.Error as exc:
+                self.log.warning("placement fetch failed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                if await self.place(PlaceRun.decode(msg.data)):
+                    await msg.ack()
+                else:
+                    await msg.nak(delay=self.settings.retry_delay_s)
+
+    async def place(self, request: PlaceRun) -> bool:
+        """Place one run; False when it must wait (no capacity, or the worker did not answer)."""
+        run = request.run
+        placements = self.bus.kv[s.PLACEMENTS_BUCKET]
+        entry = await b.kv_create(placements, s.token(run.run_id), b"")
+        worker_id = entry.decode() if entry else ""
+        if not worker_id or not self.placement.is_live(worker_id):
+            worker_id = self.placement.choose(run.base_model) or ""
+            if not worker_id:
+                await b.set_queue_state(self.bus, request.request_id, "paused_capacity")
+                return False
+            await placements.put(s.token(run.run_id), worker_id.encode())
+        self.placement.reserve(worker_id, run.run_id)
+        try:
+            reply_msg = await self.bus.nc.request(
+                s.assign_subject(worker_id), AssignRun(request_id=request.request_id, run=run).encode(),
+                timeout=self.settings.assign_timeout_s,
+            )
+            reply = AssignReply.decode(reply_msg.data)
+        except nats.errors.Error as exc:
+            self.log.warning("assignment unanswered", run=run.run_id, worker=worker_id, error=str(exc))
+            return False
+        if not reply.ok:
+            self.log.warning("assignment refused", run=run.run_id, worker=worker_id, error=reply.error)
+        self.log.info("run placed", run=run.run_id, worker=worker_id, ok=reply.ok)
+        return reply.ok

@@ -1,0 +1,342 @@
+"""The trainer's engine: one frozen base model, many LoRA training runs.
+
+A trainer worker serves one base model and many users' runs. Each run owns only a LoRA adapter,
+an AdamW optimizer over that adapter's factors, and a step count; the base weights are loaded once
+and shared. A ``forward_backward`` routes the batch rows to the run's adapter (``LoraRoute``), so
+one base-model pass trains exactly that adapter and leaves every other run untouched.
+
+Semantics follow Tinker (``/work/shared/losses.md`` §1): per-datum losses are summed, gradients
+accumulate across ``forward_backward`` calls until ``optim_step`` consumes them, and
+``forward_only`` computes the same outputs with no gradient at all.
+
+No bus code lives here: the handlers call these methods from a worker thread. The engine holds a
+lock so that two calls can never interleave on the shared model (the route is model-wide state).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from whetstone.errors import Conflict, NotFound, UserError
+from whetstone.lora import LoraAdapter, LoraModel, Segment
+from whetstone.messages import AdamParams, Datum, ForwardBackward, ForwardBackwardResult, LoraConfig, OptimStepResult
+from whetstone.tensors import Tensor
+
+from services.trainer.losses import LossFn, get_loss, target_logprobs
+
+DEFAULT_MAX_LORA_RANK = 64
+OPTIMIZER_FILE = "optimizer.pt"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class RunState:
+    """Everything one training run owns on this worker."""
+
+    adapter: LoraAdapter
+    optimizer: torch.optim.AdamW
+    step: int = 0
+
+
+@dataclass
+class ParsedDatum:
+    """A checked datum as tensors on the model's device."""
+
+    tokens: torch.Tensor  # (N,) int64
+    inputs: dict[str, torch.Tensor]  # the loss's inputs, each shaped like target_tokens
+
+
+@dataclass
+class Batch:
+    """Right-padded token rows and which run's adapter each contiguous block of rows uses."""
+
+    input_ids: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64, 1 on real tokens
+    lengths: list[int]
+    segments: list[Segment]
+
+
+def build_batch(requests: Sequence[tuple[str, Sequence[torch.Tensor]]], pad_id: int, device: torch.device) -> Batch:
+    """Pack ``[(run_id, token rows)]`` into one batch, one ``Segment`` per run.
+
+    Today each call carries one run; packing several runs' requests into one pass only needs a
+    caller that passes several entries. Right padding keeps positions 0..N-1 for real tokens, and
+    causal attention keeps padding from influencing them.
+    """
+    rows = [tokens for _, token_rows in requests for tokens in token_rows]
+    segments: list[Segment] = []
+    start = 0
+    for run_id, token_rows in requests:
+        segments.append(Segment(run_id, start, start + len(token_rows)))
+        start += len(token_rows)
+    lengths = [int(r.shape[0]) for r in rows]
+    width = max(lengths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, tokens in enumerate(rows):
+        input_ids[i, : lengths[i]] = tokens
+        attention_mask[i, : lengths[i]] = 1
+    return Batch(input_ids.to(device), attention_mask.to(device), lengths, segments)
+
+
+def num_tokens(cmd: ForwardBackward) -> int:
+    """Tokens billed for a forward_backward: the sum of the datums' ``model_input`` lengths."""
+    return sum(d.model_input.numel for d in cmd.data)
+
+
+def _to_torch(tensor: Tensor, what: str) -> torch.Tensor:
+    try:
+        array = tensor.to_numpy()
+    except ValueError as exc:
+        raise UserError(f"{what}: {exc}") from None
+    return torch.from_numpy(np.array(array))  # a writable copy, detached from the wire buffer
+
+
+def _to_wire(tensor: torch.Tensor) -> Tensor:
+    return Tensor.from_numpy(tensor.detach().float().cpu().numpy())
+
+
+def _check_adam(adam: AdamParams) -> None:
+    values = adam.model_dump()
+    if not all(math.isfinite(v) for v in values.values()):
+        raise UserError(f"AdamParams must be finite, got {values}")
+    if adam.learning_rate < 0 or adam.eps < 0 or adam.weight_decay < 0 or adam.grad_clip_norm < 0:
+        raise UserError("learning_rate, eps, weight_decay and grad_clip_norm must be >= 0")
+    if not (0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1):
+        raise UserError(f"betas must lie in [0, 1), got {adam.beta1} and {adam.beta2}")
+
+
+class TrainerEngine:
+    """One base model (frozen, shared) and the LoRA runs trained on it.
+
+    ``model_dir`` is a Hugging Face directory. ``device``/``dtype`` place the base weights (the
+    adapters stay float32); ``context_length`` defaults to the config's ``max_position_embeddings``;
+    ``base_model_name`` is recorded in exported adapters (default: ``model_dir``).
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+        context_length: int | None = None,
+        base_model_name: str | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.lora = LoraModel(model)
+        config = model.config
+        self.vocab_size: int = int(config.vocab_size)
+        self.context_length: int = context_length or int(config.max_position_embeddings)
+        self.max_lora_rank = max_lora_rank
+        self.base_model_name = base_model_name or str(model_dir)
+        self.pad_id = 0  # any valid id: padded positions are masked and never read
+        self.runs: dict[str, RunState] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ runs
+
+    def create_run(self, run_id: str, lora: LoraConfig) -> None:
+        """A fresh adapter (B = 0, so it starts as the base model) and a fresh optimizer."""
+        with self._lock:
+            if run_id in self.runs:
+                raise Conflict(f"training run {run_id!r} already exists on this worker")
+            if not 1 <= lora.rank <= self.max_lora_rank:
+                raise UserError(f"LoRA rank must be between 1 and {self.max_lora_rank}, got {lora.rank}")
+            if lora.seed is None:
+                # Draw a seed here: ``LoraAdapter.init`` would call ``torch.seed()``, which reseeds
+                # the process-wide RNG. Recording it also makes the run reproducible.
+                lora = lora.model_copy(update={"seed": secrets.randbits(63)})
+            adapter = LoraAdapter.init(self.lora, lora, self.device)
+            self.lora.add(run_id, adapter)
+            self.runs[run_id] = RunState(adapter, self._new_optimizer(adapter))
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self.runs
+
+    def drop_run(self, run_id: str) -> None:
+        """Forget a run and free its adapter; dropping an unknown run is a no-op."""
+        with self._lock:
+            self.runs.pop(run_id, None)
+            self.lora.remove(run_id)
+
+    def _run(self, run_id: str) -> RunState:
+        state = self.runs.get(run_id)
+        if state is None:
+            raise NotFound(f"training run {run_id!r} is not loaded on this worker")
+        return state
+
+    @staticmethod
+    def _new_optimizer(adapter: LoraAdapter) -> torch.optim.AdamW:
+        # Hyperparameters are overwritten by every optim_step; these only satisfy the constructor.
+        return torch.optim.AdamW(adapter.parameters(), lr=0.0, weight_decay=0.0)
+
+    num_tokens = staticmethod(num_tokens)
+
+    # ------------------------------------------------------------ training
+
+    def forward_backward(self, run_id: str, cmd: ForwardBackward) -> ForwardBackwardResult:
+        """One forward pass over all datums; add the summed loss's gradient unless forward_only."""
+        with self._lock:
+            self._run(run_id)
+            loss_fn = get_loss(cmd.loss_fn)
+            config = loss_fn.check_config(cmd.loss_fn_config)
+            if not cmd.data:
+                raise UserError("forward_backward needs at least one datum")
+            datums = [self._parse_datum(i, datum, loss_fn) for i, datum in enumerate(cmd.data)]
+            batch = build_batch([(run_id, [d.tokens for d in datums])], self.pad_id, self.device)
+
+            outputs: list[dict[str, Tensor]] = []
+            with torch.set_grad_enabled(not cmd.forward_only), self.lora.route.use(batch.segments):
+                logits = self.lora.model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
+                total = torch.zeros((), dtype=torch.float32, device=self.device)
+                for row, datum in enumerate(datums):
+                    n = batch.lengths[row]
+                    lp = target_logprobs(logits[row, :n], datum.inputs["target_tokens"])
+                    elementwise = loss_fn(lp, datum.inputs, config)
+                    total = total + elementwise.sum()
+                    outputs.append({"logprobs": _to_wire(lp), "elementwise_loss": _to_wire(elementwise)})
+                if not cmd.forward_only and total.requires_grad:
+                    total.backward()  # accumulates into the adapter's .grad until optim_step
+            return ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": float(total.detach())})
+
+    def _parse_datum(self, index: int, datum: Datum, loss_fn: LossFn) -> ParsedDatum:
+        """Check one datum against the model (vocab, context) and the loss (inputs, shapes)."""
+        where = f"datum {index}"
+        tokens = _to_torch(datum.model_input, f"{where}: model_input")
+        if tokens.is_floating_point() or tokens.dim() != 1:
+            raise UserError(f"{where}: model_input must be a 1-D tensor of integer token ids")
+        n = int(tokens.shape[0])
+        if n == 0:
+            raise UserError(f"{where}: model_input is empty")
+        if n > self.context_length:
+            raise UserError(f"{where}: {n} tokens exceed the context length {self.context_length}")
+        self._check_token_ids(tokens, f"{where}: model_input")
+        raw = {
+            key: _to_torch(value, f"{where}: loss_fn_inputs[{key!r}]")
+            for key, value in datum.loss_fn_inputs.items()
+            if key in loss_fn.input_names  # unknown keys are ignored, never even decoded
+        }
+        inputs = loss_fn.check_inputs(raw, n, where)
+        self._check_token_ids(inputs["target_tokens"], f"{where}: target_tokens")
+        return ParsedDatum(tokens.long().to(self.device), {k: v.to(self.device) for k, v in inputs.items()})
+
+    def _check_token_ids(self, ids: torch.Tensor, what: str) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise UserError(
+                f"{what}: token ids must lie in [0, {self.vocab_size}), "
+                f"got min {int(ids.min())} and max {int(ids.max())}"
+            )
+
+    def optim_step(self, run_id: str, adam: AdamParams) -> OptimStepResult:
+        """One AdamW step on the accumulated gradient (clipped when ``grad_clip_norm`` > 0), then
+        zero it. The hyperparameters apply to this step only: Tinker sends them every step."""
+        with self._lock:
+            state = self._run(run_id)
+            _check_adam(adam)
+            for group in state.optimizer.param_groups:
+                group["lr"] = adam.learning_rate
+                group["betas"] = (adam.beta1, adam.beta2)
+                group["eps"] = adam.eps
+                group["weight_decay"] = adam.weight_decay
+            grads = [p.grad for p in state.adapter.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if adam.grad_clip_norm > 0 and grads:
+                torch.nn.utils.clip_grads_with_norm_(state.adapter.parameters(), adam.grad_clip_norm, grad_norm)
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            return OptimStepResult(
+                metrics={"grad_norm:mean": float(grad_norm), "learning_rate:mean": adam.learning_rate}
+            )
+
+    # ------------------------------------------------------------ inspection
+
+    def forward_logits(self, run_id: str | None, input_ids: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``(B, T, V)`` of unpadded rows through ``run_id``'s adapter (``None``:
+        the base model). No gradient; for parity checks against PEFT and the sampler."""
+        with self._lock, torch.no_grad():
+            if run_id is not None:
+                self._run(run_id)
+            segments = [Segment(run_id, 0, int(input_ids.shape[0]))]
+            with self.lora.route.use(segments):
+                return self.lora.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_sampler(self, run_id: str, directory: Path) -> int:
+        """The adapter alone, in PEFT format (what samplers, PEFT and vLLM load); bytes written."""
+        with self._lock:
+            state = self._run(run_id)
+            state.adapter.save_peft(directory, self.base_model_name)
+            return sum((directory / name).stat().st_size for name in PEFT_FILES)
+
+    def save_state(self, run_id: str, directory: Path) -> int:
+        """The PEFT adapter plus ``optimizer.pt`` (AdamW moments and the step); bytes written."""
+        with self._lock:
+            state = self._run(run_id)
+            written = self.save_sampler(run_id, directory)
+            path = directory / OPTIMIZER_FILE
+            torch.save({"optimizer": state.optimizer.state_dict(), "step": state.step}, path)
+            return written + path.stat().st_size
+
+    def load_state(self, run_id: str, directory: Path, with_optimizer: bool) -> None:
+        """Restore a run's adapter weights (and optimizer state with ``with_optimizer``).
+
+        A run not on this worker is created from the checkpoint's LoRA config. Weights are copied
+        into the run's existing tensors, so routing and optimizer bindings stay valid; without the
+        optimizer, AdamW restarts from zero moments and step 0. Pending gradients are dropped.
+        """
+        with self._lock:
+            if not all((directory / name).is_file() for name in PEFT_FILES):
+                raise UserError(f"no adapter checkpoint in {str(directory)!r}")
+            optimizer_path = directory / OPTIMIZER_FILE
+            if with_optimizer and not optimizer_path.is_file():
+                raise UserError("this checkpoint holds no optimizer state (a sampler checkpoint?)")
+            loaded = LoraAdapter.load_peft(directory, device=self.device)
+            created = run_id not in self.runs
+            if created:
+                self.create_run(run_id, loaded.config.model_copy(update={"seed": 0}))
+            state = self.runs[run_id]
+            try:
+                self._copy_factors(state.adapter, loaded)
+            except UserError:
+                if created:
+                    self.drop_run(run_id)
+                raise
+            state.optimizer = self._new_optimizer(state.adapter)
+            state.step = 0
+            if with_optimizer:
+                saved = torch.load(optimizer_path, map_location=self.device, weights_only=True)
+                state.optimizer.load_state_dict(saved["optimizer"])
+                state.step = int(saved["step"])
+
+    @staticmethod
+    def _copy_factors(target: LoraAdapter, source: LoraAdapter) -> None:
+        if set(target.factors) != set(source.factors):
+            raise UserError("checkpoint adapter targets other modules than this run's adapter")
+        for name, f in target.factors.items():  # check everything before changing anything
+            g = source.factors[name]
+            if f.a.shape != g.a.shape or f.b.shape != g.b.shape:
+                raise UserError(
+                    f"checkpoint adapter has rank {g.a.shape[0]}, this run has rank {f.a.shape[0]}"
+                )
+        with torch.no_grad():
+            for name, f in target.factors.items():
+                g = source.factors[name]
+                f.a.copy_(g.a)
+                f.b.copy_(g.b)
+                f.a.grad = f.b.grad = None

@@ -1,0 +1,15 @@
+"""Settings of a trainer worker."""
+
+from __future__ import annotations
+
+from whetstone.models.builtin import BUILTIN_MODEL_NAME
+from whetstone.settings import ServiceSettings
+
+
+class TrainerSettings(ServiceSettings):
+    base_model: str = BUILTIN_MODEL_NAME  # the one base model this worker holds
+    device: str = "cpu"
+    max_runs: int = 64  # LoRA adapters (with optimizer state) held at once
+    heartbeat_interval_s: float = 1.0
+    ack_wait_s: float = 600.0  # a request held in the reorder buffer stays unacknowledged this long
+    fetch_batch: int = 64

@@ -1,0 +1,386 @@
+"""TrainerEngine on a tiny random Qwen3 (CPU, float32): logprobs, gradients, AdamW, runs,
+checkpoints and the PEFT export, all checked against independent references."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from services.trainer.engine import TrainerEngine, build_batch, num_tokens
+from whetstone.errors import Conflict, NotFound, UserError
+from whetstone.lora import LoraAdapter
+from whetstone.messages import AdamParams, Datum, ForwardBackward, LoraConfig
+from whetstone.tensors import Tensor
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3 with seeded random weights; small enough that every test loads its own engine."""
+    config = Qwen3Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=128, vocab_size=VOCAB, tie_word_embeddings=False,
+        max_position_embeddings=512,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = Qwen3ForCausalLM(config).float()
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def engine(model_dir: Path) -> TrainerEngine:
+    return TrainerEngine(model_dir)
+
+
+def base_model(model_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def sequences(count: int, seed: int, lengths: tuple[int, int] = (5, 12)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(*lengths))] for _ in range(count)]
+
+
+def sft_datum(seq: list[int], weights: list[float] | None = None) -> Datum:
+    """``model_input = seq[:-1]`` predicts ``target_tokens = seq[1:]``."""
+    inputs = {"target_tokens": Tensor.from_list(seq[1:], "int64")}
+    if weights is not None:
+        inputs["weights"] = Tensor.from_list(weights, "float32")
+    return Datum(model_input=Tensor.from_list(seq[:-1], "int64"), loss_fn_inputs=inputs)
+
+
+def ce(datums: list[Datum], forward_only: bool = False) -> ForwardBackward:
+    return ForwardBackward(data=datums, loss_fn="cross_entropy", forward_only=forward_only)
+
+
+def mixed_weights_data(seed: int) -> list[Datum]:
+    rng = random.Random(seed)
+    return [sft_datum(s, [rng.choice([0.0, 0.5, 1.0, -0.3]) for _ in s[1:]]) for s in sequences(3, seed)]
+
+
+def params(engine: TrainerEngine, run_id: str) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.runs[run_id].adapter.parameters()]
+
+
+def grads(engine: TrainerEngine, run_id: str) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in engine.runs[run_id].adapter.parameters()]
+
+
+def assert_all_close(xs: list[torch.Tensor], ys: list[torch.Tensor], **tol: float) -> None:
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(x, y, **tol)
+
+
+ADAM = AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8)
+IDS = torch.tensor([[5, 17, 42, 7, 99, 250, 3, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+# ---------------------------------------------------------------- forward: logprobs
+
+
+def test_fresh_adapter_leaves_base_logits(engine: TrainerEngine, model_dir: Path) -> None:
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    with torch.no_grad():
+        reference = base_model(model_dir)(input_ids=IDS).logits
+    torch.testing.assert_close(engine.forward_logits("r", IDS), reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(engine.forward_logits(None, IDS), reference, atol=1e-6, rtol=0)
+
+
+def test_cross_entropy_logprobs_match_float64_reference(engine: TrainerEngine, model_dir: Path) -> None:
+    """Different lengths in one padded batch; each datum checked against its own unpadded pass."""
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    data = mixed_weights_data(seed=3)
+    result = engine.forward_backward("r", ce(data, forward_only=True))
+    model = base_model(model_dir)
+    expected_total = 0.0
+    for datum, out in zip(data, result.outputs):
+        tokens = torch.from_numpy(datum.model_input.to_numpy().copy())[None]
+        targets = torch.from_numpy(datum.loss_fn_inputs["target_tokens"].to_numpy().copy())
+        weights = torch.from_numpy(datum.loss_fn_inputs["weights"].to_numpy().copy()).double()
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits[0].double()
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+        got = torch.from_numpy(out["logprobs"].to_numpy().copy())
+        assert out["logprobs"].dtype == "float32" and out["logprobs"].shape == tuple(targets.shape)
+        torch.testing.assert_close(got.double(), lp, atol=1e-5, rtol=0)
+        elementwise = torch.from_numpy(out["elementwise_loss"].to_numpy().copy()).double()
+        torch.testing.assert_close(elementwise, -lp * weights, atol=1e-5, rtol=0)
+        expected_total += float((-lp * weights).sum())
+    assert result.metrics["loss:sum"] == pytest.approx(expected_total, abs=1e-4)
+    assert all(key.count(":") == 1 for key in result.metrics)
+
+
+def test_two_dimensional_targets(engine: TrainerEngine) -> None:
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    seq = [5, 17, 42, 7, 99]
+    targets = [[t, (t + 1) % VOCAB] for t in seq[1:]]
+    datum = Datum(
+        model_input=Tensor.from_list(seq[:-1], "int64"),
+        loss_fn_inputs={
+            "target_tokens": Tensor.from_numpy(torch.tensor(targets).numpy()),
+            "weights": Tensor.from_numpy(torch.full((4, 2), 0.5).numpy()),
+        },
+    )
+    result = engine.forward_backward("r", ce([datum]))
+    lp = torch.from_numpy(result.outputs[0]["logprobs"].to_numpy().copy())
+    assert lp.shape == (4, 2)
+    logits = engine.forward_logits("r", torch.tensor([seq[:-1]]))[0]
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets))
+    torch.testing.assert_close(lp, expected, atol=1e-5, rtol=0)
+    assert result.metrics["loss:sum"] == pytest.approx(float(-0.5 * expected.sum()), abs=1e-4)
+
+
+# ---------------------------------------------------------------- backward: accumulation
+
+
+def test_forward_only_changes_nothing(engine: TrainerEngine) -> None:
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    data = mixed_weights_data(seed=4)
+    before = params(engine, "r")
+    probe = engine.forward_backward("r", ce(data, forward_only=True))
+    assert all(g is None for g in grads(engine, "r"))
+    trained = engine.forward_backward("r", ce(data))
+    assert trained.metrics == probe.metrics
+    accumulated = grads(engine, "r")
+    engine.forward_backward("r", ce(data, forward_only=True))
+    assert_all_close(grads(engine, "r"), accumulated, atol=0, rtol=0)
+    assert_all_close(params(engine, "r"), before, atol=0, rtol=0)
+    for a, b in zip(probe.outputs, trained.outputs):
+        assert a["logprobs"] == b["logprobs"]
+
+
+def test_two_calls_then_step_equal_one_call_with_all_data(engine: TrainerEngine) -> None:
+    """Gradients accumulate: split and joint runs (same seed) stay equal over two rounds."""
+    engine.create_run("split", LoraConfig(rank=4, seed=7))
+    engine.create_run("joint", LoraConfig(rank=4, seed=7))
+    for round_ in range(2):
+        first, second = mixed_weights_data(seed=10 + round_), mixed_weights_data(seed=20 + round_)
+        loss_a = engine.forward_backward("split", ce(first)).metrics["loss:sum"]
+        loss_b = engine.forward_backward("split", ce(second)).metrics["loss:sum"]
+        loss_ab = engine.forward_backward("joint", ce(first + second)).metrics["loss:sum"]
+        assert loss_a + loss_b == pytest.approx(loss_ab, abs=1e-4)
+        assert_all_close(grads(engine, "split"), grads(engine, "joint"), atol=1e-6, rtol=1e-4)
+        engine.optim_step("split", ADAM)
+        engine.optim_step("joint", ADAM)
+        assert_all_close(params(engine, "split"), params(engine, "joint"), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+@pytest.mark.parametrize("grad_clip_norm", [0.0, 1e-3])
+def test_optim_step_matches_torch_adamw(engine: TrainerEngine, grad_clip_norm: float) -> None:
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    reference = [p.requires_grad_() for p in params(engine, "r")]
+    optimizer = torch.optim.AdamW(reference)
+    steps = [
+        AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                   grad_clip_norm=grad_clip_norm),
+        AdamParams(learning_rate=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.0,
+                   grad_clip_norm=grad_clip_norm),
+    ]
+    for i, adam in enumerate(steps):
+        engine.forward_backward("r", ce(mixed_weights_data(seed=30 + i)))
+        for p, g in zip(reference, grads(engine, "r")):
+            p.grad = g
+        norm = torch.nn.utils.clip_grad_norm_(reference, grad_clip_norm or float("inf"))
+        group = optimizer.param_groups[0]
+        group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
+                     weight_decay=adam.weight_decay)
+        optimizer.step()
+        metrics = engine.optim_step("r", adam).metrics
+        assert metrics["grad_norm:mean"] == pytest.approx(float(norm), rel=1e-5)
+        assert all(key.count(":") == 1 for key in metrics)
+        assert_all_close(params(engine, "r"), [p.detach() for p in reference], atol=1e-7, rtol=1e-6)
+        assert all(g is None for g in grads(engine, "r"))
+    assert engine.runs["r"].step == 2
+
+
+def test_training_lowers_the_loss(engine: TrainerEngine) -> None:
+    engine.create_run("r", LoraConfig(rank=8, seed=1))
+    data = [sft_datum(s) for s in sequences(2, seed=5, lengths=(10, 12))]
+    losses = []
+    for _ in range(20):
+        losses.append(engine.forward_backward("r", ce(data)).metrics["loss:sum"])
+        engine.optim_step("r", ADAM)
+    final = engine.forward_backward("r", ce(data, forward_only=True)).metrics["loss:sum"]
+    assert final < 0.5 * losses[0]
+    assert losses[-1] < losses[10] < losses[0]
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_runs_are_independent(engine: TrainerEngine) -> None:
+    engine.create_run("a", LoraConfig(rank=4, seed=1))
+    engine.create_run("b", LoraConfig(rank=8, seed=2, train_unembed=False))
+    base_logits = engine.forward_logits(None, IDS)
+    engine.forward_backward("b", ce(mixed_weights_data(seed=1)))
+    b_params, b_grads = params(engine, "b"), grads(engine, "b")
+    for _ in range(3):
+        engine.forward_backward("a", ce(mixed_weights_data(seed=2)))
+        engine.optim_step("a", ADAM)
+    assert_all_close(params(engine, "b"), b_params, atol=0, rtol=0)
+    assert_all_close(grads(engine, "b"), b_grads, atol=0, rtol=0)
+    torch.testing.assert_close(engine.forward_logits("b", IDS), base_logits, atol=1e-6, rtol=0)
+    assert not torch.allclose(engine.forward_logits("a", IDS), base_logits, atol=1e-3)
+    engine.drop_run("a")
+    assert not engine.has_run("a") and engine.has_run("b")
+    assert not engine.lora.has("a")
+    torch.testing.assert_close(engine.forward_logits(None, IDS), base_logits, atol=0, rtol=0)
+
+
+def test_seed_is_honoured(engine: TrainerEngine) -> None:
+    engine.create_run("x", LoraConfig(rank=4, seed=11))
+    engine.create_run("y", LoraConfig(rank=4, seed=11))
+    engine.create_run("z", LoraConfig(rank=4, seed=12))
+    assert_all_close(params(engine, "x"), params(engine, "y"), atol=0, rtol=0)
+    a_x = [f.a for f in engine.runs["x"].adapter.factors.values()]
+    a_z = [f.a for f in engine.runs["z"].adapter.factors.values()]
+    assert not any(torch.equal(p, q) for p, q in zip(a_x, a_z))
+    assert all(bool((f.b == 0).all()) for f in engine.runs["x"].adapter.factors.values())
+
+
+def test_unseeded_run_leaves_global_rng_alone(engine: TrainerEngine) -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    engine.create_run("r", LoraConfig(rank=4))
+    torch.testing.assert_close(torch.rand(3), expected)
+    assert engine.runs["r"].adapter.config.seed is not None
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def train_a_little(engine: TrainerEngine, run_id: str, steps: int = 3) -> None:
+    for i in range(steps):
+        engine.forward_backward(run_id, ce(mixed_weights_data(seed=40 + i)))
+        engine.optim_step(run_id, ADAM)
+
+
+def test_save_sampler_is_a_peft_adapter(engine: TrainerEngine, model_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    train_a_little(engine, "r")
+    written = engine.save_sampler("r", tmp_path / "sampler")
+    assert written == sum(p.stat().st_size for p in (tmp_path / "sampler").iterdir())
+    peft_model = PeftModel.from_pretrained(base_model(model_dir), tmp_path / "sampler").eval()
+    with torch.no_grad():
+        peft_logits = peft_model(input_ids=IDS).logits
+    ours = engine.forward_logits("r", IDS)
+    torch.testing.assert_close(peft_logits, ours, atol=1e-4, rtol=0)
+    assert not torch.allclose(ours, engine.forward_logits(None, IDS), atol=1e-3)  # not a no-op
+
+
+def test_save_and_load_state_round_trip(engine: TrainerEngine, model_dir: Path, tmp_path: Path) -> None:
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    train_a_little(engine, "r", steps=2)
+    written = engine.save_state("r", tmp_path / "state")
+    assert written == sum(p.stat().st_size for p in (tmp_path / "state").iterdir())
+
+    other = TrainerEngine(model_dir)
+    other.load_state("r", tmp_path / "state", with_optimizer=True)
+    assert other.runs["r"].step == 2
+    assert_all_close(params(other, "r"), params(engine, "r"), atol=0, rtol=0)
+    # Same weights and same AdamW moments: the next step is identical.
+    data = mixed_weights_data(seed=50)
+    for e in (engine, other):
+        e.forward_backward("r", ce(data))
+        e.optim_step("r", ADAM)
+    assert_all_close(params(other, "r"), params(engine, "r"), atol=1e-7, rtol=1e-6)
+
+    # Weights only: into an existing run, fresh optimizer.
+    engine.create_run("fresh", LoraConfig(rank=4, seed=99))
+    engine.load_state("fresh", tmp_path / "state", with_optimizer=False)
+    assert engine.runs["fresh"].step == 0 and not engine.runs["fresh"].optimizer.state
+    saved = LoraAdapter.load_peft(tmp_path / "state")
+    for name, f in engine.runs["fresh"].adapter.factors.items():
+        assert torch.equal(f.a, saved.factors[name].a) and torch.equal(f.b, saved.factors[name].b)
+
+
+def test_load_state_errors(engine: TrainerEngine, tmp_path: Path) -> None:
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    engine.save_sampler("r", tmp_path / "sampler")
+    with pytest.raises(UserError, match="no optimizer state"):
+        engine.load_state("r", tmp_path / "sampler", with_optimizer=True)
+    with pytest.raises(UserError, match="no adapter checkpoint"):
+        engine.load_state("r", tmp_path / "missing", with_optimizer=False)
+    engine.create_run("r8", LoraConfig(rank=8, seed=1))
+    with pytest.raises(UserError, match="rank 4, this run has rank 8"):
+        engine.load_state("r8", tmp_path / "sampler", with_optimizer=False)
+    engine.create_run("mlp", LoraConfig(rank=4, seed=1, train_attn=False))
+    with pytest.raises(UserError, match="other modules"):
+        engine.load_state("mlp", tmp_path / "sampler", with_optimizer=False)
+
+
+# ---------------------------------------------------------------- validation and helpers
+
+
+def test_bad_requests_raise_user_errors(model_dir: Path) -> None:
+    engine = TrainerEngine(model_dir, context_length=16)
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    good = sft_datum([1, 2, 3, 4])
+
+    def fails(cmd: ForwardBackward, match: str) -> None:
+        with pytest.raises(UserError, match=match):
+            engine.forward_backward("r", cmd)
+
+    fails(ce([good, sft_datum([1, 2, VOCAB])]), r"datum 1: target_tokens: token ids must lie in \[0, 300\)")
+    fails(ce([sft_datum([1, -1, 3])]), "datum 0: model_input: token ids must lie")
+    fails(ce([sft_datum(list(range(18)))]), "17 tokens exceed the context length 16")
+    fails(ce([sft_datum([1, 2, 3], [1.0])]), "first dimension 1, expected 2")
+    fails(ce([sft_datum([1, 2, 3], [1.0, float("nan")])]), "NaN or infinite")
+    fails(ce([]), "at least one datum")
+    fails(ForwardBackward(data=[good], loss_fn="importance_sampling"), r"needs loss_fn_inputs\['logprobs'\]")
+    fails(ForwardBackward(data=[good], loss_fn="cispo"), "loss_fn 'cispo' is not supported yet")
+    fails(ForwardBackward(data=[good], loss_fn="cross_entropy", loss_fn_config={"beta": 1.0}),
+          "does not take config key 'beta'")
+    float_input = Datum(model_input=Tensor.from_list([1.0, 2.0], "float32"),
+                        loss_fn_inputs={"target_tokens": Tensor.from_list([2, 3], "int64")})
+    fails(ce([float_input]), "integer token ids")
+    assert all(g is None for g in grads(engine, "r"))  # nothing was accumulated by failures
+
+    for rank in (0, 65):
+        with pytest.raises(UserError, match="LoRA rank must be between 1 and 64"):
+            engine.create_run("bad", LoraConfig(rank=rank))
+    with pytest.raises(Conflict):
+        engine.create_run("r", LoraConfig(rank=4))
+    with pytest.raises(NotFound):
+        engine.forward_backward("nope", ce([good]))
+    with pytest.raises(UserError, match="betas"):
+        engine.optim_step("r", AdamParams(beta1=1.0))
+    with pytest.raises(UserError, match=">= 0"):
+        engine.optim_step("r", AdamParams(learning_rate=-1.0))
+
+
+def test_unknown_input_keys_are_ignored(engine: TrainerEngine) -> None:
+    engine.create_run("r", LoraConfig(rank=4, seed=1))
+    datum = sft_datum([1, 2, 3, 4])
+    extra = datum.model_copy(update={"loss_fn_inputs": {
+        **datum.loss_fn_inputs, "mask": Tensor.from_list([1.0], "float32"),
+    }})
+    assert engine.forward_backward("r", ce([extra], True)) == engine.forward_backward("r", ce([datum], True))
+
+
+def test_num_tokens_and_batch_segments() -> None:
+    cmd = ce([sft_datum([1, 2, 3, 4]), sft_datum([5, 6])])
+    assert num_tokens(cmd) == 4 == TrainerEngine.num_tokens(cmd)
+    batch = build_batch(
+        [("a", [torch.tensor([1, 2, 3])]), ("b", [torch.tensor([4]), torch.tensor([5, 6])])],
+        pad_id=0, device=torch.device("cpu"),
+    )
+    assert [(s.adapter_id, s.start, s.stop) for s in batch.segments] == [("a", 0, 1), ("b", 1, 3)]
+    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert batch.lengths == [3, 1, 2]
