@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api
@@ -165,3 +166,18 @@ async def set_queue_state(bus: Bus, request_id: str, state: str) -> None:
         await kv.update(request_id, record.model_copy(update={"queue_state": state}).encode(), last=entry.revision)
     except KeyWrongLastSequenceError:
         pass
+
+
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout_s: float, log=None) -> list:
+    """Pull up to ``batch`` messages, waiting at most ``timeout_s`` for the first; [] when none
+    came (nats-py raises either its own or asyncio's TimeoutError for that) or the connection is
+    down (a pull loop simply tries again)."""
+    try:
+        return await sub.fetch(batch, timeout=timeout_s)
+    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        return []
+    except nats.errors.Error as exc:
+        if log is not None:
+            log.warning("fetch failed", error=str(exc))
+        await asyncio.sleep(0.5)
+        return []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
 # Fixed so that the effective scale alpha/rank is a property of the rank alone, as in Tinker.
 LORA_ALPHA = 32
+WHETSTONE_CONFIG = "whetstone_lora.json"
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,11 @@ class LoraModel:
 
     def add(self, adapter_id: str, adapter: "LoraAdapter") -> None:
         for name, factors in adapter.factors.items():
+            layer = self.layers.get(name)
+            if layer is None or factors.a.shape[1] != layer.base.in_features \
+                    or factors.b.shape[0] != layer.base.out_features:
+                raise UserError(f"adapter does not fit this base model (module {name!r})")
+        for name, factors in adapter.factors.items():
             self.layers[name].adapters[adapter_id] = factors
 
     def remove(self, adapter_id: str) -> None:
@@ -138,7 +145,8 @@ class LoraAdapter:
     def init(cls, model: LoraModel, config: LoraConfig, device: torch.device | None = None) -> "LoraAdapter":
         """A fresh adapter: A from PEFT's Kaiming-uniform init drawn from ``config.seed``, B zero,
         so a new adapter leaves the base model's outputs unchanged."""
-        gen = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
+        # A private generator: never reseed the process's global one (other code relies on it).
+        gen = torch.Generator().manual_seed(config.seed if config.seed is not None else secrets.randbits(63))
         wanted = target_modules(config)
         scale = LORA_ALPHA / config.rank
         factors: dict[str, LoraFactors] = {}
@@ -178,24 +186,33 @@ class LoraAdapter:
             "fan_in_fan_out": False,
             "inference_mode": True,
             "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.factors}),
-            "whetstone_lora_config": self.config.model_dump(),
         }
+        files = {"adapter_config.json", "adapter_model.safetensors", WHETSTONE_CONFIG}
         (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+        # Our LoRA flags live beside PEFT's config, not in it: PEFT warns on unknown keys.
+        (directory / WHETSTONE_CONFIG).write_text(self.config.model_dump_json())
         save_file(self.state_dict(), str(directory / "adapter_model.safetensors"))
-        return sum(p.stat().st_size for p in directory.iterdir())
+        return sum((directory / f).stat().st_size for f in files)
 
     @classmethod
     def load_peft(cls, directory: Path, device: torch.device | str = "cpu", trainable: bool = False) -> "LoraAdapter":
+        """Load a plain-LoRA PEFT adapter; PEFT variants this layer cannot apply are refused."""
         peft_config = json.loads((directory / "adapter_config.json").read_text())
-        config = LoraConfig.model_validate(
-            peft_config.get("whetstone_lora_config") or {"rank": peft_config["r"]}
-        )
-        scale = peft_config["lora_alpha"] / peft_config["r"]
+        for option in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "fan_in_fan_out"):
+            if peft_config.get(option):
+                raise UserError(f"unsupported PEFT adapter option {option!r}")
+        ours = directory / WHETSTONE_CONFIG
+        config = (LoraConfig.model_validate_json(ours.read_text()) if ours.exists()
+                  else LoraConfig(rank=peft_config["r"]))
+        r, alpha = peft_config["r"], peft_config["lora_alpha"]
+        scale = alpha / math.sqrt(r) if peft_config.get("use_rslora") else alpha / r
         tensors = load_file(str(directory / "adapter_model.safetensors"), device=str(device))
         factors: dict[str, LoraFactors] = {}
         for key, a in tensors.items():
-            if not key.endswith(".lora_A.weight"):
+            if key.endswith(".lora_B.weight"):
                 continue
+            if not key.endswith(".lora_A.weight"):
+                raise UserError(f"unsupported tensor {key!r} in PEFT adapter")
             name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             b = tensors[key.replace("lora_A", "lora_B")]
             factors[name] = LoraFactors(a.requires_grad_(trainable), b.requires_grad_(trainable), scale)

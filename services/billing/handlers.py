@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -20,6 +19,7 @@ from services.billing.prices import PriceTable
 from services.billing.settings import BillingSettings
 from whetstone import bus as b
 from whetstone import subjects as s
+from whetstone.tasks import spawn
 from whetstone.errors import WhetstoneError
 from whetstone.messages import UsageEvent, UsageReport, UsageReportQuery
 
@@ -40,7 +40,7 @@ class BillingService:
     async def start(self) -> None:
         await self._db(self.ledger.ensure_schema)
         await self.bus.nc.subscribe(s.USAGE_REPORT_SUBJECT, cb=self.handle_report)
-        asyncio.create_task(self._ingest())
+        spawn(self._ingest(), self.log, "ingest")
         self.log.info("billing ready")
 
     async def _ingest(self) -> None:
@@ -49,13 +49,8 @@ class BillingService:
             f"{s.USAGE_PREFIX}.>", durable=s.BILLING_CONSUMER, stream=s.USAGE_STREAM, config=config
         )
         while True:
-            try:
-                msgs = await sub.fetch(self.settings.batch_size, timeout=self.settings.fetch_timeout_s)
-            except nats.errors.TimeoutError:
-                continue
-            except nats.errors.Error as exc:
-                self.log.warning("usage fetch failed", error=str(exc))
-                await asyncio.sleep(0.5)
+            msgs = await b.fetch(sub, self.settings.batch_size, self.settings.fetch_timeout_s, self.log)
+            if not msgs:
                 continue
             events = [UsageEvent.decode(m.data) for m in msgs]
             try:

@@ -21,6 +21,7 @@ from services.sampler.engine import SamplerEngine
 from services.sampler.settings import SamplerSettings
 from whetstone import bus as b
 from whetstone import subjects as s
+from whetstone.tasks import spawn
 from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.messages import FutureRecord, SampleRequest, SampleResult, UsageEvent, WorkerHeartbeat
@@ -39,8 +40,8 @@ class SamplerWorker:
         self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
 
     async def start(self) -> None:
-        asyncio.create_task(self._pump(self.settings.base_model))
-        asyncio.create_task(self._heartbeat())
+        spawn(self._pump(self.settings.base_model), self.log, "pump")
+        spawn(self._heartbeat(), self.log, "heartbeat")
         self.log.info("sampler ready", worker=self.settings.worker_id, base_model=self.settings.base_model)
 
     async def _torch(self, fn: Callable[..., T], *args) -> T:
@@ -65,13 +66,8 @@ class SamplerWorker:
             config=config,
         )
         while True:
-            try:
-                msgs = await sub.fetch(self.settings.max_batch_requests, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except nats.errors.Error as exc:
-                self.log.warning("fetch failed", error=str(exc))
-                await asyncio.sleep(0.5)
+            msgs = await b.fetch(sub, self.settings.max_batch_requests, 1.0, self.log)
+            if not msgs:
                 continue
             await self._run_batch(msgs)
 

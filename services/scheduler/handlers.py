@@ -19,6 +19,7 @@ from services.scheduler.placement import Placement
 from services.scheduler.settings import SchedulerSettings
 from whetstone import bus as b
 from whetstone import subjects as s
+from whetstone.tasks import spawn
 from whetstone.messages import AssignReply, AssignRun, PlaceRun, WorkerHeartbeat
 
 
@@ -31,7 +32,7 @@ class Scheduler:
 
     async def start(self) -> None:
         await self.bus.nc.subscribe(f"{s.HEARTBEAT_PREFIX}.trainer.*", cb=self.handle_heartbeat)
-        asyncio.create_task(self._place_loop())
+        spawn(self._place_loop(), self.log, "placement")
         self.log.info("scheduler ready")
 
     async def handle_heartbeat(self, msg: Msg) -> None:
@@ -43,13 +44,8 @@ class Scheduler:
             s.PLACE_SUBJECT, durable=s.SCHEDULER_CONSUMER, stream=s.CONTROL_STREAM, config=config
         )
         while True:
-            try:
-                msgs = await sub.fetch(16, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except nats.errors.Error as exc:
-                self.log.warning("placement fetch failed", error=str(exc))
-                await asyncio.sleep(0.5)
+            msgs = await b.fetch(sub, 16, 1.0, self.log)
+            if not msgs:
                 continue
             for msg in msgs:
                 if await self.place(PlaceRun.decode(msg.data)):

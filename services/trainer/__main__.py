@@ -18,7 +18,8 @@ async def main() -> None:
     settings.worker_id = settings.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
     log = configure_logging("trainer", settings.log_level)
     spec = settings.registry().resolve(settings.base_model)
-    engine = TrainerEngine(spec.path, device=settings.device)
+    engine = TrainerEngine(spec.path, device=settings.device, max_lora_rank=spec.max_lora_rank,
+                           context_length=spec.context_length)
     bus = await b.connect(settings.nats_url, settings.worker_id)
     worker = TrainerWorker(settings, bus, engine, settings.checkpoint_store(), log)
     await worker.start()

@@ -155,8 +155,7 @@ class TrainerEngine:
             if not 1 <= lora.rank <= self.max_lora_rank:
                 raise UserError(f"LoRA rank must be between 1 and {self.max_lora_rank}, got {lora.rank}")
             if lora.seed is None:
-                # Draw a seed here: ``LoraAdapter.init`` would call ``torch.seed()``, which reseeds
-                # the process-wide RNG. Recording it also makes the run reproducible.
+                # Record the seed drawn for the run: that makes it reproducible from its config.
                 lora = lora.model_copy(update={"seed": secrets.randbits(63)})
             adapter = LoraAdapter.init(self.lora, lora, self.device)
             self.lora.add(run_id, adapter)
@@ -281,8 +280,7 @@ class TrainerEngine:
         """The adapter alone, in PEFT format (what samplers, PEFT and vLLM load); bytes written."""
         with self._lock:
             state = self._run(run_id)
-            state.adapter.save_peft(directory, self.base_model_name)
-            return sum((directory / name).stat().st_size for name in PEFT_FILES)
+            return state.adapter.save_peft(directory, self.base_model_name)
 
     def save_state(self, run_id: str, directory: Path) -> int:
         """The PEFT adapter plus ``optimizer.pt`` (AdamW moments and the step); bytes written."""

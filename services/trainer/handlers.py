@@ -24,6 +24,7 @@ from services.trainer.reorder import ReorderBuffer
 from services.trainer.settings import TrainerSettings
 from whetstone import bus as b
 from whetstone import subjects as s
+from whetstone.tasks import spawn
 from whetstone.checkpoints import LocalCheckpointStore, TinkerPath, check_name, record_key, store_key
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.messages import (
@@ -58,7 +59,7 @@ class TrainerWorker:
 
     async def start(self) -> None:
         await self.bus.nc.subscribe(s.assign_subject(self.settings.worker_id), cb=self.handle_assign)
-        asyncio.create_task(self._heartbeat())
+        spawn(self._heartbeat(), self.log, "heartbeat")
         self.log.info("trainer ready", worker=self.settings.worker_id, base_model=self.settings.base_model)
 
     async def _torch(self, fn: Callable[..., T], *args) -> T:
@@ -86,7 +87,7 @@ class TrainerWorker:
             if not self.engine.has_run(run.run_id):
                 await self._torch(self.engine.create_run, run.run_id, run.lora)
             if run.run_id not in self.pumps:
-                self.pumps[run.run_id] = asyncio.create_task(self._pump(run.run_id))
+                self.pumps[run.run_id] = spawn(self._pump(run.run_id), self.log, f"pump {run.run_id}")
             await b.finish_future(self.bus, pending, CreateModelResult(model_id=run.run_id))
             reply = AssignReply(ok=True)
         except UserError as exc:
@@ -111,13 +112,8 @@ class TrainerWorker:
         )
         buffer: ReorderBuffer[tuple[TrainRequest, Msg]] = ReorderBuffer(next_seq=1)
         while True:
-            try:
-                msgs = await sub.fetch(self.settings.fetch_batch, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except nats.errors.Error as exc:
-                self.log.warning("fetch failed", run=run_id, error=str(exc))
-                await asyncio.sleep(0.5)
+            msgs = await b.fetch(sub, self.settings.fetch_batch, 1.0, self.log)
+            if not msgs:
                 continue
             for msg in msgs:
                 req = TrainRequest.decode(msg.data)
