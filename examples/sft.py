@@ -67,14 +67,19 @@ def make_datum(tokenizer, question: str, answer: str) -> types.Datum:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
 
-    service = tinker.ServiceClient()  # TINKER_BASE_URL and TINKER_API_KEY from the environment
-    training = service.create_lora_training_client(base_model=BASE_MODEL, rank=args.rank, seed=0)
+    # TINKER_BASE_URL and TINKER_API_KEY come from the environment; leaving the block closes the session.
+    with tinker.ServiceClient() as service:
+        train_and_sample(service, args)
+
+
+def train_and_sample(service: tinker.ServiceClient, args: argparse.Namespace) -> None:
+    training = service.create_lora_training_client(base_model=BASE_MODEL, rank=args.rank, seed=0).result()
     tokenizer = training.get_tokenizer()
     data = [make_datum(tokenizer, q, a) for q, a in make_examples()]
     print(f"training run {training.model_id}: {len(data)} examples, batch {args.batch_size}, {args.epochs} epochs")
@@ -95,7 +100,7 @@ def main() -> None:
                 print(f"epoch {epoch} step {step:3d}  loss/token {result.metrics['loss:sum'] / n_target:.4f}"
                       f"  ({time.monotonic() - start:.1f} s)", flush=True)
 
-    sampler = training.save_weights_and_get_sampling_client("sft-final")
+    sampler = training.save_weights_and_get_sampling_client("sft-final").result()
     params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=["<|im_end|>"])
     print("\nsamples from the fine-tuned model:")
     for country in ("France", "Japan", "Peru"):
@@ -107,7 +112,6 @@ def main() -> None:
     scored = tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
     logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(scored)).result()
     print(f"\nlog p('The capital of France is Paris.') = {sum(lp for lp in logprobs if lp is not None):.2f}")
-    service.close() if hasattr(service, "close") else None
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         key = asyncio.run(_create_key(platform["nats_url"], args.tenant))
         print(key)
         return 0
-    report = asyncio.run(_usage(platform["nats_url"], UsageReportQuery(tenant=args.tenant)))
+    report = asyncio.run(request_usage_report(platform["nats_url"], UsageReportQuery(tenant=args.tenant)))
     if report.error:
         print(f"error: {report.error}", file=sys.stderr)
         return 1
@@ -88,7 +88,7 @@ async def _create_key(nats_url: str, tenant: str) -> str:
         await bus.close()
 
 
-async def _usage(nats_url: str, query: UsageReportQuery) -> UsageReport:
+async def request_usage_report(nats_url: str, query: UsageReportQuery) -> UsageReport:
     bus = await b.connect(nats_url, "whetstone-cli")
     try:
         reply = await bus.nc.request(s.USAGE_REPORT_SUBJECT, query.encode(), timeout=30)

@@ -98,7 +98,15 @@ class SaveWeights(Message):
     sampler_id: str | None = None
 
 
-TrainCommand = Annotated[Union[ForwardBackward, OptimStep, SaveWeights], Field(discriminator="op")]
+class Skip(Message):
+    """Fills the seq_id of a submission the gateway refused, so the run's later requests do not
+    wait for it forever. The trainer only advances past it; no future belongs to it."""
+
+    op: Literal["skip"] = "skip"
+    reason: str
+
+
+TrainCommand = Annotated[Union[ForwardBackward, OptimStep, SaveWeights, Skip], Field(discriminator="op")]
 
 
 class TrainRequest(Message):

@@ -16,9 +16,16 @@ from services.gateway.futures import FutureWaiters
 from services.gateway.settings import GatewaySettings
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.errors import NotFound, Unauthorized
+from whetstone.errors import NotFound, Unauthorized, UserError
 from whetstone.keys import lookup_key
-from whetstone.messages import FutureRecord, SamplingSessionRecord, SessionRecord, TrainingRunRecord
+from whetstone.messages import (
+    FutureRecord,
+    SamplingSessionRecord,
+    SessionRecord,
+    Skip,
+    TrainingRunRecord,
+    TrainRequest,
+)
 from whetstone.models.registry import ModelRegistry
 
 
@@ -74,6 +81,8 @@ class Gateway:
         """
         request_id = f"req-{uuid.uuid4().hex}"
         existing = await b.kv_create(self.bus.kv[s.DEDUP_BUCKET], dedup_key, request_id.encode())
+        if existing == b"refused":
+            raise UserError(f"this request ({dedup_key}) was refused before; resubmit with a new seq_id")
         if existing is not None:
             request_id = existing.decode()
             if await b.future_record(self.bus, request_id) is not None:
@@ -82,6 +91,16 @@ class Gateway:
         await b.kv_put(self.bus.kv[s.FUTURES_BUCKET], request_id, pending)
         await b.publish(self.bus, subject, message_for(request_id), msg_id=dedup_key)
         return request_id
+
+
+    async def fill_gap(self, tenant: str, run_id: str, seq_id: int, reason: str) -> None:
+        """Publish a ``Skip`` in place of a refused training request, unless that seq_id was
+        already accepted: the client has used the seq_id, and the trainer runs in seq_id order."""
+        dedup_key = f"{s.token(run_id)}.{seq_id}"
+        if await b.kv_create(self.bus.kv[s.DEDUP_BUCKET], dedup_key, b"refused") is None:
+            skip = TrainRequest(request_id=f"skip-{uuid.uuid4().hex}", tenant=tenant, run_id=run_id,
+                                seq_id=seq_id, command=Skip(reason=reason))
+            await b.publish(self.bus, s.train_subject(run_id), skip, msg_id=dedup_key)
 
 
 def gateway(request: Request) -> Gateway:

@@ -8,14 +8,13 @@ the scheduler) and answered with a future id; the gateway never waits for GPU wo
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from services.gateway.context import Gateway, gateway, tenant
-from services.gateway.validation import validate_forward_backward
+from services.gateway.validation import validate_adam, validate_forward_backward
 from services.gateway.wire import decode_forward_backward
 from whetstone import subjects as s
 from whetstone import bus as b
@@ -119,7 +118,7 @@ async def forward_backward(request: Request, t: str = Depends(tenant), gw: Gatew
         await request.body(), request.headers.get("content-encoding")
     )
     run = await gw.run(t, model_id)
-    validate_forward_backward(command, gw.registry.resolve(run.base_model))
+    await _refuse_in_order(gw, t, run, seq_id, validate_forward_backward, command, gw.registry.resolve(run.base_model))
     op = "forward" if command.forward_only else "forward_backward"
     return _future(await _submit(gw, t, run, seq_id, op, command), model_id)
 
@@ -128,21 +127,15 @@ async def forward_backward(request: Request, t: str = Depends(tenant), gw: Gatew
 async def optim_step(body: OptimStepBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
     run = await gw.run(t, body.model_id)
     adam = body.adam_params
-    values = adam.model_dump()
-    if not all(math.isfinite(v) for v in values.values()):
-        raise UserError(f"adam_params must be finite: {values}")
-    if adam.learning_rate < 0 or not (0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1) or adam.eps <= 0 \
-            or adam.weight_decay < 0 or adam.grad_clip_norm < 0:
-        raise UserError(f"adam_params out of range: {values}")
+    await _refuse_in_order(gw, t, run, body.seq_id, validate_adam, adam)
     return _future(await _submit(gw, t, run, body.seq_id, "optim_step", OptimStep(adam=adam)), run.run_id)
 
 
 @router.post("/save_weights")
 async def save_weights(body: SaveWeightsBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
     run = await gw.run(t, body.model_id)
-    if body.path is None:
-        raise UserError("save_weights needs a checkpoint name in 'path'")
-    command = SaveWeights(kind="training", name=check_name(body.path), overwrite=body.overwrite,
+    name = await _refuse_in_order(gw, t, run, body.seq_id, check_name, body.path or "")
+    command = SaveWeights(kind="training", name=name, overwrite=body.overwrite,
                           ttl_seconds=body.ttl_seconds)
     return _future(await _submit(gw, t, run, body.seq_id, "save_weights", command), run.run_id)
 
@@ -152,7 +145,8 @@ async def save_weights_for_sampler(body: SaveWeightsBody, t: str = Depends(tenan
                                    gw: Gateway = Depends(gateway)) -> dict:
     run = await gw.run(t, body.model_id)
     if body.path is not None:
-        command = SaveWeights(kind="sampler", name=check_name(body.path), overwrite=True,
+        name = await _refuse_in_order(gw, t, run, body.seq_id, check_name, body.path)
+        command = SaveWeights(kind="sampler", name=name, overwrite=True,
                               ttl_seconds=body.ttl_seconds)
     elif body.sampling_session_seq_id is not None:
         # Ephemeral form: the result is a sampling session over the weights saved now.
@@ -165,8 +159,21 @@ async def save_weights_for_sampler(body: SaveWeightsBody, t: str = Depends(tenan
         await b.kv_put(gw.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id), record)
         command = SaveWeights(kind="sampler", name=name, overwrite=True, sampler_id=sampler_id)
     else:
-        raise UserError("save_weights_for_sampler needs 'path' or 'sampling_session_seq_id'")
+        await _refuse_in_order(gw, t, run, body.seq_id, _refuse, "save_weights_for_sampler needs 'path' or 'sampling_session_seq_id'")
     return _future(await _submit(gw, t, run, body.seq_id, "save_weights", command), run.run_id)
+
+
+async def _refuse_in_order(gw: Gateway, t: str, run: TrainingRunRecord, seq_id: int, check, *args):
+    """Run a validation; when it refuses the request, fill its seq_id so the run goes on."""
+    try:
+        return check(*args)
+    except UserError as exc:
+        await gw.fill_gap(t, run.run_id, seq_id, exc.message)
+        raise
+
+
+def _refuse(reason: str) -> None:
+    raise UserError(reason)
 
 
 async def _submit(gw: Gateway, t: str, run: TrainingRunRecord, seq_id: int, op: str, command) -> str:

@@ -3,10 +3,12 @@ can never stall a run or disturb other tenants' work."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from whetstone.errors import UserError
-from whetstone.messages import ForwardBackward
+from whetstone.messages import AdamParams, ForwardBackward
 from whetstone.models.registry import ModelSpec
 
 
@@ -40,3 +42,12 @@ def check_vocab(where: str, tokens: np.ndarray, spec: ModelSpec) -> None:
         pos = int(np.argwhere(bad)[0][0])
         raise UserError(f"{where}: token id {int(tokens.flat[np.argmax(bad)])} at position {pos} is outside "
                         f"the vocabulary of {spec.name} (0..{spec.vocab_size - 1})")
+
+
+def validate_adam(adam: AdamParams) -> None:
+    values = adam.model_dump()
+    if not all(math.isfinite(v) for v in values.values()):
+        raise UserError(f"adam_params must be finite: {values}")
+    if adam.learning_rate < 0 or not (0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1) or adam.eps <= 0 \
+            or adam.weight_decay < 0 or adam.grad_clip_norm < 0:
+        raise UserError(f"adam_params out of range: {values}")

@@ -38,6 +38,7 @@ from whetstone.messages import (
     Result,
     SaveWeights,
     SaveWeightsResult,
+    Skip,
     TrainRequest,
     UsageEvent,
     WorkerHeartbeat,
@@ -125,6 +126,8 @@ class TrainerWorker:
 
     async def _execute(self, req: TrainRequest) -> None:
         cmd = req.command
+        if isinstance(cmd, Skip):
+            return  # a refused submission's seq_id: nothing to run, nobody waiting
         op = "forward" if isinstance(cmd, ForwardBackward) and cmd.forward_only else cmd.op
         pending = FutureRecord(request_id=req.request_id, tenant=req.tenant, op=op)
         try:
