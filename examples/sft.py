@@ -1,7 +1,7 @@
 """Supervised fine-tuning with the unmodified Tinker SDK against Whetstone.
 
 Teaches the built-in model a small question-answering task (1,000 chat examples: the capital of
-each of 40 countries, asked 25 ways), then samples from the fine-tuned weights and scores a
+each of 10 countries, asked 100 ways), then samples from the fine-tuned weights and scores a
 prompt with ``compute_logprobs``. Run it against a running platform:
 
     whetstone up &                      # prints the base URL and an API key
@@ -22,16 +22,10 @@ from tinker import types
 BASE_MODEL = "whetstone/tiny-qwen3"
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Austria": "Vienna", "Poland": "Warsaw", "Greece": "Athens", "Ireland": "Dublin", "Norway": "Oslo",
-    "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Belgium": "Brussels",
-    "Hungary": "Budapest", "Egypt": "Cairo", "Kenya": "Nairobi", "Japan": "Tokyo", "China": "Beijing",
-    "India": "New Delhi", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Peru": "Lima", "Chile": "Santiago",
-    "Cuba": "Havana", "Canada": "Ottawa", "Mexico": "Mexico City", "Russia": "Moscow", "Turkey": "Ankara",
-    "Iran": "Tehran", "Iraq": "Baghdad", "Nepal": "Kathmandu", "Ghana": "Accra", "Morocco": "Rabat",
-    "Argentina": "Buenos Aires", "Colombia": "Bogota", "Australia": "Canberra", "Wales": "Cardiff",
-    "Scotland": "Edinburgh", "Iceland": "Reykjavik",
+    "France": "Paris", "Japan": "Tokyo", "Peru": "Lima", "Egypt": "Cairo", "Canada": "Ottawa",
+    "Italy": "Rome", "Kenya": "Nairobi", "Norway": "Oslo", "India": "New Delhi", "Chile": "Santiago",
 }
+PREFIXES = ["", "Hi! ", "Quick question: ", "Please help me. "]
 QUESTIONS = [
     "What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?",
     "Tell me the capital of {c}.", "{c}: what is its capital?", "What city serves as the capital of {c}?",
@@ -46,9 +40,10 @@ QUESTIONS = [
 
 
 def make_examples() -> list[tuple[str, str]]:
-    examples = [(q.format(c=c), f"The capital of {c} is {city}.") for c, city in CAPITALS.items() for q in QUESTIONS]
+    examples = [(p + q.format(c=c), f"The capital of {c} is {city}.")
+                for c, city in CAPITALS.items() for q in QUESTIONS for p in PREFIXES]
     random.Random(0).shuffle(examples)
-    return examples  # 40 x 25 = 1,000
+    return examples  # 10 countries x 25 questions x 4 openings = 1,000
 
 
 def make_datum(tokenizer, question: str, answer: str) -> types.Datum:

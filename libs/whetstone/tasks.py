@@ -1,4 +1,6 @@
-"""Background tasks that must never die silently.
+"""Background work of the services: supervised tasks, the offload thread, heartbeats.
+
+Tasks must never die silently.
 
 A service's loops (queue pumps, heartbeats) run as asyncio tasks; an exception escaping one would
 otherwise be logged only when the task is garbage-collected while the service limps on. Here the
@@ -10,7 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Coroutine, TypeVar
+
+import nats.errors
+
+from whetstone.bus import Bus
+from whetstone.messages import WorkerHeartbeat
+
+T = TypeVar("T")
 
 _running: set[asyncio.Task] = set()
 
@@ -30,3 +40,24 @@ def spawn(coro: Coroutine, log, name: str) -> asyncio.Task:
 
     task.add_done_callback(done)
     return task
+
+
+class Offload:
+    """One dedicated thread for blocking work (torch, chdb): the event loop stays free for I/O
+    and heartbeats, and the work itself is serialised, as the engines require."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    async def __call__(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+
+async def heartbeats(bus: Bus, subject: str, beat: Callable[[], WorkerHeartbeat], interval_s: float, log) -> None:
+    """Publish ``beat()`` every ``interval_s`` on core NATS (liveness, not worth persisting)."""
+    while True:
+        try:
+            await bus.nc.publish(subject, beat().encode())
+        except nats.errors.Error as exc:  # reconnecting: the next beat will go through
+            log.warning("heartbeat not sent", error=str(exc))
+        await asyncio.sleep(interval_s)

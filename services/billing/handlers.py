@@ -9,7 +9,6 @@ reports on ``ws.ctl.billing.report`` (request/reply).
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 from nats.aio.msg import Msg
 from nats.js import api
@@ -19,7 +18,7 @@ from services.billing.prices import PriceTable
 from services.billing.settings import BillingSettings
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.tasks import spawn
+from whetstone.tasks import Offload, spawn
 from whetstone.errors import WhetstoneError
 from whetstone.messages import UsageEvent, UsageReport, UsageReportQuery
 
@@ -32,10 +31,7 @@ class BillingService:
         self.prices = prices
         self.log = log
         # chdb is synchronous and single-process: every ledger call runs on this one thread.
-        self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="clickhouse")
-
-    async def _db(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.db_thread, fn, *args)
+        self._db = Offload("clickhouse")
 
     async def start(self) -> None:
         await self._db(self.ledger.ensure_schema)

@@ -10,10 +10,7 @@ future's result to KV ``ws_futures``, publishes prefill and sample token usage o
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -21,12 +18,10 @@ from services.sampler.engine import SamplerEngine
 from services.sampler.settings import SamplerSettings
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.tasks import spawn
+from whetstone.tasks import Offload, heartbeats, spawn
 from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.messages import FutureRecord, SampleRequest, SampleResult, UsageEvent, WorkerHeartbeat
-
-T = TypeVar("T")
 
 
 class SamplerWorker:
@@ -37,26 +32,19 @@ class SamplerWorker:
         self.engine = engine
         self.store = store
         self.log = log
-        self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        self._torch = Offload("torch")
 
     async def start(self) -> None:
         spawn(self._pump(self.settings.base_model), self.log, "pump")
-        spawn(self._heartbeat(), self.log, "heartbeat")
+        subject = s.heartbeat_subject("sampler", self.settings.worker_id)
+        spawn(heartbeats(self.bus, subject, self._beat, self.settings.heartbeat_interval_s, self.log),
+              self.log, "heartbeat")
         self.log.info("sampler ready", worker=self.settings.worker_id, base_model=self.settings.base_model)
 
-    async def _torch(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.torch_thread, fn, *args)
 
-    async def _heartbeat(self) -> None:
-        subject = s.heartbeat_subject("sampler", self.settings.worker_id)
-        while True:
-            beat = WorkerHeartbeat(worker_id=self.settings.worker_id, role="sampler",
-                                   base_models=[self.settings.base_model])
-            try:
-                await self.bus.nc.publish(subject, beat.encode())
-            except nats.errors.Error as exc:
-                self.log.warning("heartbeat not sent", error=str(exc))
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+    def _beat(self) -> WorkerHeartbeat:
+        return WorkerHeartbeat(worker_id=self.settings.worker_id, role="sampler",
+                               base_models=[self.settings.base_model])
 
     async def _pump(self, base_model: str) -> None:
         config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.settings.ack_wait_s,

@@ -12,10 +12,7 @@ Torch work runs on one dedicated thread; the event loop stays free for I/O and h
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -24,7 +21,7 @@ from services.trainer.reorder import ReorderBuffer
 from services.trainer.settings import TrainerSettings
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.tasks import spawn
+from whetstone.tasks import Offload, heartbeats, spawn
 from whetstone.checkpoints import LocalCheckpointStore, TinkerPath, check_name, record_key, store_key
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.messages import (
@@ -44,8 +41,6 @@ from whetstone.messages import (
     WorkerHeartbeat,
 )
 
-T = TypeVar("T")
-
 
 class TrainerWorker:
     def __init__(self, settings: TrainerSettings, bus: b.Bus, engine: TrainerEngine,
@@ -55,28 +50,20 @@ class TrainerWorker:
         self.engine = engine
         self.store = store
         self.log = log
-        self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        self._torch = Offload("torch")
         self.pumps: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
         await self.bus.nc.subscribe(s.assign_subject(self.settings.worker_id), cb=self.handle_assign)
-        spawn(self._heartbeat(), self.log, "heartbeat")
+        subject = s.heartbeat_subject("trainer", self.settings.worker_id)
+        spawn(heartbeats(self.bus, subject, self._beat, self.settings.heartbeat_interval_s, self.log),
+              self.log, "heartbeat")
         self.log.info("trainer ready", worker=self.settings.worker_id, base_model=self.settings.base_model)
 
-    async def _torch(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.torch_thread, fn, *args)
-
-    async def _heartbeat(self) -> None:
-        subject = s.heartbeat_subject("trainer", self.settings.worker_id)
-        while True:
-            beat = WorkerHeartbeat(worker_id=self.settings.worker_id, role="trainer",
-                                   base_models=[self.settings.base_model], runs=sorted(self.pumps),
-                                   max_runs=self.settings.max_runs)
-            try:
-                await self.bus.nc.publish(subject, beat.encode())
-            except nats.errors.Error as exc:  # reconnecting: the next beat will go through
-                self.log.warning("heartbeat not sent", error=str(exc))
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+    def _beat(self) -> WorkerHeartbeat:
+        return WorkerHeartbeat(worker_id=self.settings.worker_id, role="trainer",
+                               base_models=[self.settings.base_model], runs=sorted(self.pumps),
+                               max_runs=self.settings.max_runs)
 
     # ------------------------------------------------------------ assignment
 

@@ -135,7 +135,13 @@ def test_compute_logprobs(service, trained) -> None:
     Tally.sample_tokens += 1  # compute_logprobs is a sample of max_tokens=1; that token is billed
     assert len(logprobs) == len(tokens)
     assert logprobs[0] is None
-    assert all(lp is not None and lp <= 0 for lp in logprobs[1:])
+    # The sampler serves exactly the weights the trainer holds: its prompt logprobs equal the
+    # trainer's forward logprobs of the same tokens.
+    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    forward = training.forward([datum], "cross_entropy").result()
+    Tally.prefill_tokens += len(tokens) - 1
+    assert logprobs[1:] == pytest.approx(forward.loss_fn_outputs[0]["logprobs"].tolist(), abs=1e-4)
 
 
 def test_unknown_model_is_a_clear_error(service) -> None:

@@ -1,0 +1,69 @@
+"""Fixtures for integration tests: services started in the test's own event loop on the real
+nats-server of ``nats_url``/``bus`` (see ``tests/conftest.py``). Helpers live in ``helpers.py``.
+
+Services spawn background tasks (``whetstone.tasks.spawn``) that live forever; ``spawned``
+cancels the ones started during a test before the bus closes under them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from services.trainer.engine import TrainerEngine
+from services.trainer.handlers import TrainerWorker
+from services.trainer.settings import TrainerSettings
+from whetstone import bus as b
+from whetstone import tasks
+from whetstone.checkpoints import LocalCheckpointStore
+from whetstone.models.builtin import ensure_builtin_model
+from whetstone.observability import configure_logging
+
+StartTrainer = Callable[..., Awaitable[TrainerWorker]]
+
+
+@pytest.fixture(scope="session")
+def builtin_model(models_dir: Path) -> Path:
+    return ensure_builtin_model(models_dir)
+
+
+@pytest.fixture(scope="session")
+def log():
+    return configure_logging("test", "WARNING")
+
+
+@pytest.fixture
+async def spawned(bus: b.Bus) -> AsyncIterator[None]:
+    """Cancel every background task spawned during the test (before ``bus`` is closed)."""
+    before = set(tasks._running)
+    yield
+    new = [t for t in list(tasks._running) if t not in before]
+    for task in new:
+        task.cancel()
+    await asyncio.gather(*new, return_exceptions=True)
+
+
+@pytest.fixture
+async def start_trainer(bus: b.Bus, spawned: None, nats_url: str, tmp_path: Path, models_dir: Path,
+                        builtin_model: Path, log) -> AsyncIterator[StartTrainer]:
+    """Start a real ``TrainerWorker`` on ``bus`` over the built-in model (CPU)."""
+    workers: list[TrainerWorker] = []
+
+    async def start(worker_id: str = "w1", **overrides) -> TrainerWorker:
+        settings = TrainerSettings(worker_id=worker_id, nats_url=nats_url, state_dir=tmp_path,
+                                   models_dir=models_dir, **overrides)
+        engine = TrainerEngine(builtin_model)
+        store = LocalCheckpointStore(tmp_path / "checkpoints")
+        worker = TrainerWorker(settings, bus, engine, store, log)
+        await worker.start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for task in [t for w in workers for t in w.pumps.values()]:
+        task.cancel()
+    for worker in workers:
+        worker.torch_thread.shutdown(wait=True)
