@@ -64,8 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--rank", type=int, default=32)
     args = parser.parse_args()
 
     # TINKER_BASE_URL and TINKER_API_KEY come from the environment; leaving the block closes the session.

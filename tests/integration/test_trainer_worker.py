@@ -62,7 +62,7 @@ async def assign(bus: b.Bus, worker_id: str, run_id: str) -> None:
     """Ask the worker to take the run exactly as the scheduler does, and check its create_model future."""
     run = TrainingRunRecord(run_id=run_id, tenant=TENANT, session_id=run_id.split(":")[0],
                             base_model=BUILTIN_MODEL_NAME, lora=LORA)
-    request_id = f"create-{run_id}"
+    request_id = f"create-{s.token(run_id)}"
     await put_pending(bus, request_id, TENANT, "create_model")
     reply = await bus.nc.request(s.assign_subject(worker_id), AssignRun(request_id=request_id, run=run).encode(),
                                  timeout=30)
