@@ -1,7 +1,7 @@
 """Platform overhead (target P5): the real Tinker SDK through gateway -> NATS -> trainer, against
 the same forward called in-process.
 
-Run:  .venv/bin/python bench/bench_overhead.py [--n 200] [--m 500] [--quick] [--dir DIR]
+Run:  .venv/bin/python bench/bench_overhead.py [--n 200] [--m 500] [--threads K] [--quick] [--dir DIR]
 
 Three measurements, side by side in one run, on the built-in tiny model, one datum of 32 tokens,
 ``cross_entropy``, forward only:
@@ -17,7 +17,10 @@ Three measurements, side by side in one run, on the built-in tiny model, one dat
     execute in order on one trainer, so this is bounded above by 1 / (a)'s latency too; the table
     prints that ceiling beside the figure.
 
-The in-process engine runs while the platform is up (and idle), so both see the same machine.
+(a) and (b) run in the same process while the platform is up, interleaved in blocks of 20
+calls, so both see the same machine (a shared one is noisy). ``--threads K`` sets the torch
+thread count both here and in the trainer service (``OMP_NUM_THREADS``); by default each uses
+torch's own choice (one per core).
 ``--quick`` (N=10, M=20, 2 warm-ups) is a smoke run for CI; it checks that everything works,
 not the targets. A fresh temporary state directory is used (and removed) unless --dir is given;
 the built-in model is cached under ``~/.cache/whetstone/models``.
@@ -37,6 +40,7 @@ from pathlib import Path
 os.environ.setdefault("TINKER_TELEMETRY", "0")  # before the SDK is imported
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,18 +68,7 @@ def percentile_ms(samples_s: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples_s) * 1000, q))
 
 
-def time_calls(call, n: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
-def bench_in_process(models_dir: Path, tokens: list[int], n: int, warmup: int) -> list[float]:
+def in_process_call(models_dir: Path, tokens: list[int]):
     """(a): the engine's forward_backward(forward_only=True) with our own message types."""
     engine = TrainerEngine(ensure_builtin_model(models_dir))
     engine.create_run("bench", LoraConfig(rank=LORA_RANK, seed=0))
@@ -85,23 +78,40 @@ def bench_in_process(models_dir: Path, tokens: list[int], n: int, warmup: int) -
                         "weights": Tensor.from_list([1.0] * SEQ_TOKENS, "float32")},
     )
     cmd = ForwardBackward(data=[datum], loss_fn="cross_entropy", forward_only=True)
-    return time_calls(lambda: engine.forward_backward("bench", cmd), n, warmup)
+    return lambda: engine.forward_backward("bench", cmd)
 
 
-def sdk_datum(tokens: list[int]) -> types.Datum:
-    return types.Datum(
+def sdk_call(training: tinker.TrainingClient, tokens: list[int]):
+    """(b): one SDK forward, waited for."""
+    datum = types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * SEQ_TOKENS},
     )
+    return lambda: training.forward([datum], "cross_entropy").result()
 
 
-def bench_sdk_latency(training: tinker.TrainingClient, datum: types.Datum, n: int, warmup: int) -> list[float]:
-    """(b): one SDK forward at a time, each waited for before the next."""
-    return time_calls(lambda: training.forward([datum], "cross_entropy").result(), n, warmup)
+def interleaved(calls: dict[str, object], n: int, warmup: int, block: int = 20) -> dict[str, list[float]]:
+    """Time each call ``n`` times, alternating blocks of ``block``, so that both see the same
+    noise on a shared machine (a fixed order would give one of them the quiet minute)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    while len(samples[next(iter(calls))]) < n:
+        for name, call in calls.items():
+            for _ in range(min(block, n - len(samples[name]))):
+                start = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - start)
+    return samples
 
 
-def bench_sdk_throughput(training: tinker.TrainingClient, datum: types.Datum, m: int) -> float:
+def bench_sdk_throughput(training: tinker.TrainingClient, tokens: list[int], m: int) -> float:
     """(c): seconds from the first of M submissions until all M results are in."""
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * SEQ_TOKENS},
+    )
     start = time.perf_counter()
     futures = [training.forward([datum], "cross_entropy") for _ in range(m)]
     for fut in futures:
@@ -116,29 +126,33 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: N=10, M=20, 2 warm-ups")
     parser.add_argument("--dir", type=Path, help="state directory for the platform (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads here and in the trainer service (default: torch's own choice)")
     parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "whetstone" / "models")
     args = parser.parse_args()
     if args.quick:
         args.n, args.m, args.warmup = 10, 20, 2
 
     tokens = random_tokens()
+    extra_env = {}
+    if args.threads:  # the same torch thread count in this process and in the trainer service
+        torch.set_num_threads(args.threads)
+        extra_env = {"OMP_NUM_THREADS": str(args.threads)}
     state_dir = args.dir or Path(tempfile.mkdtemp(prefix="whetstone-bench-"))
     print(f"starting the platform under {state_dir} ...", flush=True)
     t0 = time.perf_counter()
-    platform = start_platform(state_dir, port=0, models_dir=args.models_dir)
+    platform = start_platform(state_dir, port=0, models_dir=args.models_dir, extra_env=extra_env)
     print(f"platform up in {time.perf_counter() - t0:.1f} s at {platform.base_url}", flush=True)
     try:
-        print(f"(a) in-process engine: {args.n} forwards after {args.warmup} warm-ups ...", flush=True)
-        local = bench_in_process(args.models_dir, tokens, args.n, args.warmup)
-
+        local_call = in_process_call(args.models_dir, tokens)
         service = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
         try:
             training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=LORA_RANK).result()
-            datum = sdk_datum(tokens)
-            print(f"(b) tinker SDK via the platform: {args.n} sequential forwards ...", flush=True)
-            remote = bench_sdk_latency(training, datum, args.n, args.warmup)
+            print(f"(a)+(b) in-process engine and tinker SDK, {args.n} forwards each, interleaved ...", flush=True)
+            samples = interleaved({"local": local_call, "remote": sdk_call(training, tokens)}, args.n, args.warmup)
+            local, remote = samples["local"], samples["remote"]
             print(f"(c) tinker SDK via the platform: {args.m} futures in flight ...", flush=True)
-            elapsed_s = bench_sdk_throughput(training, datum, args.m)
+            elapsed_s = bench_sdk_throughput(training, tokens, args.m)
         finally:
             service.close("success").result()
     finally:
@@ -155,7 +169,8 @@ def main() -> None:
 
     print()
     print(f"forward, 1 datum x {SEQ_TOKENS} tokens, cross_entropy, LoRA rank {LORA_RANK}, "
-          f"N={args.n}, M={args.m}, warm-up {args.warmup}")
+          f"N={args.n}, M={args.m}, warm-up {args.warmup}, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print(f"| measurement | p50 | p90 | mean | target |")
     print(f"|---|---|---|---|---|")
     print(f"| (a) in-process engine | {a50:.2f} ms | {a90:.2f} ms | {statistics.mean(local) * 1000:.2f} ms | – |")

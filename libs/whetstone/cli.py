@@ -20,6 +20,7 @@ from whetstone import subjects as s
 from whetstone.keys import create_key
 from whetstone.messages import UsageReport, UsageReportQuery
 from whetstone.platform import read_platform, start_platform
+from whetstone.settings import ServiceSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _up(state_dir: Path, port: int) -> int:
     print("starting Whetstone ...", flush=True)
-    platform = start_platform(state_dir, port)
+    platform = start_platform(state_dir, port, models_dir=ServiceSettings().models_dir)
     print(f"Whetstone is up.\n  base URL: {platform.base_url}\n  API key:  {platform.api_key}\n"
           f"  state:    {platform.state_dir}\n"
           f"Try: TINKER_BASE_URL={platform.base_url} TINKER_API_KEY={platform.api_key} python examples/sft.py\n"
