@@ -81,12 +81,16 @@ def in_process_call(models_dir: Path, tokens: list[int]):
     return lambda: engine.forward_backward("bench", cmd)
 
 
-def sdk_call(training: tinker.TrainingClient, tokens: list[int]):
-    """(b): one SDK forward, waited for."""
-    datum = types.Datum(
+def sdk_datum(tokens: list[int]) -> types.Datum:
+    return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * SEQ_TOKENS},
     )
+
+
+def sdk_call(training: tinker.TrainingClient, tokens: list[int]):
+    """(b): one SDK forward, waited for."""
+    datum = sdk_datum(tokens)
     return lambda: training.forward([datum], "cross_entropy").result()
 
 
@@ -108,10 +112,7 @@ def interleaved(calls: dict[str, object], n: int, warmup: int, block: int = 20) 
 
 def bench_sdk_throughput(training: tinker.TrainingClient, tokens: list[int], m: int) -> float:
     """(c): seconds from the first of M submissions until all M results are in."""
-    datum = types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * SEQ_TOKENS},
-    )
+    datum = sdk_datum(tokens)
     start = time.perf_counter()
     futures = [training.forward([datum], "cross_entropy") for _ in range(m)]
     for fut in futures:
@@ -171,8 +172,8 @@ def main() -> None:
     print(f"forward, 1 datum x {SEQ_TOKENS} tokens, cross_entropy, LoRA rank {LORA_RANK}, "
           f"N={args.n}, M={args.m}, warm-up {args.warmup}, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"| measurement | p50 | p90 | mean | target |")
-    print(f"|---|---|---|---|---|")
+    print("| measurement | p50 | p90 | mean | target |")
+    print("|---|---|---|---|---|")
     print(f"| (a) in-process engine | {a50:.2f} ms | {a90:.2f} ms | {statistics.mean(local) * 1000:.2f} ms | – |")
     print(f"| (b) tinker SDK via platform | {b50:.2f} ms | {b90:.2f} ms | {statistics.mean(remote) * 1000:.2f} ms | – |")
     print(f"| (b) - (a) platform overhead | {overhead:.2f} ms | {b90 - a90:.2f} ms | – | "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,6 +128,15 @@ def test_sample_from_saved_sampler_weights(service, trained) -> None:
     assert [s.tokens for s in repeat.sequences] == [s.tokens for s in result.sequences]
 
 
+def test_save_state_names_a_training_checkpoint(trained) -> None:
+    training, _, _ = trained
+    saved = training.save_state("e2e-state").result()
+    assert saved.path == f"tinker://{training.model_id}/weights/e2e-state"
+    with pytest.raises(tinker.RequestFailedError, match="already exists") as failed:
+        training.save_state("e2e-state").result()  # names are not overwritten silently
+    assert failed.value.category == "user"
+
+
 def test_compute_logprobs(service, trained) -> None:
     training, _, _ = trained
     sampler = training.save_weights_and_get_sampling_client("e2e-ephemeral").result()
@@ -202,3 +213,15 @@ def test_usage_report_matches_the_tokens_sent_and_received(platform, trained) ->
     assert all(row.base_model == BUILTIN_MODEL_NAME and row.cost_usd > 0 for row in report.rows)
     others = asyncio.run(request_usage_report(platform.nats_url, UsageReportQuery(tenant="other-tenant")))
     assert others.rows == []  # the other tenant's rejected calls cost nothing
+
+
+def test_cli_mints_keys_and_prints_the_report(platform) -> None:
+    cli = [sys.executable, "-m", "whetstone.cli", "--state-dir", str(platform.state_dir)]
+    key = subprocess.run([*cli, "keys", "create", "--tenant", "cli-tenant"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert key.startswith("tml-")
+    client = tinker.ServiceClient(base_url=platform.base_url, api_key=key)
+    caps = client.get_server_capabilities()
+    assert [m.model_name for m in caps.supported_models] == [BUILTIN_MODEL_NAME]
+    report = subprocess.run([*cli, "usage", "--tenant", "default"], check=True, capture_output=True, text=True).stdout
+    assert "train_tokens" in report and "sample_tokens" in report and "total" in report

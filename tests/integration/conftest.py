@@ -37,13 +37,20 @@ def log():
 
 @pytest.fixture
 async def spawned(bus: b.Bus) -> AsyncIterator[None]:
-    """Cancel every background task spawned during the test (before ``bus`` is closed)."""
+    """Cancel every background task and drop every subscription made during the test, before
+    ``bus`` is closed."""
     before = set(tasks._running)
+    subs_before = set(bus.nc._subs)
     yield
     new = [t for t in list(tasks._running) if t not in before]
     for task in new:
         task.cancel()
     await asyncio.gather(*new, return_exceptions=True)
+    # A pull subscription whose last fetch timed out keeps an unconsumed status message, and
+    # drain (``Bus.close``) then waits its full 30 s timeout for it: unsubscribe them first.
+    for sid, sub in list(bus.nc._subs.items()):
+        if sid not in subs_before:
+            await sub.unsubscribe()
 
 
 @pytest.fixture
@@ -62,8 +69,4 @@ async def start_trainer(bus: b.Bus, spawned: None, nats_url: str, tmp_path: Path
         workers.append(worker)
         return worker
 
-    yield start
-    for task in [t for w in workers for t in w.pumps.values()]:
-        task.cancel()
-    for worker in workers:
-        worker.torch_thread.shutdown(wait=True)
+    yield start  # ``spawned`` cancels the workers' pumps and heartbeats

@@ -1,0 +1,117 @@
+"""Billing service (``python -m services.billing``) on a real nats-server and the embedded
+ClickHouse engine: usage events waiting in the durable queue before billing starts are billed once
+it starts, a re-published event counts once (whether JetStream's Nats-Msg-Id window catches it or
+not, and across a restart), and reports come by request/reply on ``ws.ctl.billing.report``.
+
+Billing runs as a child process, as in ``whetstone up``: chdb hosts one data directory per
+process, and the ledger unit tests already hold one in the pytest process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats.errors
+import pytest
+
+from services.billing.prices import DEFAULT_PRICE_TABLE
+from tests.integration.helpers import eventually
+from whetstone import bus as b
+from whetstone import subjects as s
+from whetstone.messages import Meter, UsageEvent, UsageReport, UsageReportQuery
+from whetstone.models.builtin import BUILTIN_MODEL_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+TENANT = "tenant-a"
+
+
+@pytest.fixture
+def billing(nats_url: str, tmp_path: Path) -> Iterator:
+    """``start()`` launches the billing service (same state directory every time); ``stop()`` ends it."""
+    procs: list[subprocess.Popen] = []
+    env = {**os.environ, "WHETSTONE_NATS_URL": nats_url, "WHETSTONE_STATE_DIR": str(tmp_path / "billing"),
+           "WHETSTONE_LOG_LEVEL": "WARNING"}
+
+    class Billing:
+        def start(self) -> None:
+            log = open(tmp_path / "billing.log", "ab")
+            procs.append(subprocess.Popen([sys.executable, "-m", "services.billing"], cwd=REPO, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+
+        def stop(self) -> None:
+            proc = procs[-1]
+            proc.terminate()
+            proc.wait(10)
+
+    yield Billing()
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def usage(request_id: str, meter: Meter, tokens: int) -> UsageEvent:
+    return UsageEvent(event_id=f"{request_id}:{meter}", request_id=request_id, tenant=TENANT,
+                      base_model=BUILTIN_MODEL_NAME, meter=meter, tokens=tokens, run_id="sess-1:train:0")
+
+
+async def report(bus: b.Bus, timeout_s: float = 20.0) -> dict[str, tuple[int, float]]:
+    """TENANT's report as meter -> (tokens, cost), retried until billing answers."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            reply = await bus.nc.request(s.USAGE_REPORT_SUBJECT, UsageReportQuery(tenant=TENANT).encode(), timeout=5)
+            break
+        except nats.errors.NoRespondersError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+    rep = UsageReport.decode(reply.data)
+    assert rep.error is None
+    assert all(r.tenant == TENANT and r.base_model == BUILTIN_MODEL_NAME for r in rep.rows)
+    return {r.meter: (r.tokens, r.cost_usd) for r in rep.rows}
+
+
+async def all_ingested(bus: b.Bus) -> bool:
+    """Billing acknowledges only after the insert: nothing pending means everything is in ClickHouse."""
+    try:
+        info = await bus.js.consumer_info(s.USAGE_STREAM, s.BILLING_CONSUMER)
+    except Exception:  # noqa: BLE001 - not created yet
+        return False
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+def cost(meter: Meter, tokens: int) -> float:
+    return DEFAULT_PRICE_TABLE.cost_usd(BUILTIN_MODEL_NAME, meter, tokens)
+
+
+async def test_usage_waits_for_billing_and_counts_once(bus: b.Bus, billing) -> None:
+    train, prefill = usage("req-1", "train_tokens", 100), usage("req-2", "prefill_tokens", 40)
+    # Published while billing is down: the durable queue holds them.
+    await b.publish(bus, s.usage_subject(TENANT), train, msg_id=train.event_id)
+    await b.publish(bus, s.usage_subject(TENANT), train, msg_id=train.event_id)  # JetStream drops this one
+    await b.publish(bus, s.usage_subject(TENANT), train, msg_id="outside-the-dedup-window")  # this one reaches billing
+    await b.publish(bus, s.usage_subject(TENANT), prefill, msg_id=prefill.event_id)
+
+    billing.start()
+    await report(bus)  # answering: schema ready, ingest started
+    await eventually(lambda: all_ingested(bus), timeout_s=20.0, what="the queued events ingested")
+    assert await report(bus) == {"train_tokens": (100, pytest.approx(cost("train_tokens", 100))),
+                                 "prefill_tokens": (40, pytest.approx(cost("prefill_tokens", 40)))}
+
+    # Billing down again; a redelivery of an old event arrives with new usage; billing restarts.
+    billing.stop()
+    sample = usage("req-3", "sample_tokens", 7)
+    await b.publish(bus, s.usage_subject(TENANT), sample, msg_id=sample.event_id)
+    await b.publish(bus, s.usage_subject(TENANT), train, msg_id="redelivered-after-a-crash")
+    billing.start()
+    await report(bus)
+    await eventually(lambda: all_ingested(bus), timeout_s=20.0, what="the events of the restart ingested")
+    totals = await report(bus)
+    assert {m: t for m, (t, _) in totals.items()} == {"train_tokens": 100, "prefill_tokens": 40, "sample_tokens": 7}
