@@ -52,12 +52,12 @@ def start_nats(state_dir: Path, port: int = -1, timeout_s: float = 10.0) -> Nats
         stale.unlink()
     conf = state_dir / "nats.conf"
     conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
-    log = open(state_dir / "nats.log", "ab")
-    proc = subprocess.Popen(
-        [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port), "-js",
-         "-sd", str(data_dir), "--ports_file_dir", str(ports_dir)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    with open(state_dir / "nats.log", "ab") as log:
+        proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port), "-js",
+             "-sd", str(data_dir), "--ports_file_dir", str(ports_dir)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + timeout_s
     ports_file = ports_dir / f"nats-server_{proc.pid}.ports"
     while time.monotonic() < deadline:

@@ -84,10 +84,10 @@ def start_platform(state_dir: Path, port: int = 8000, models_dir: Path | None = 
            "WHETSTONE_MODELS_DIR": str(models_dir), "WHETSTONE_PORT": str(port)}
     try:
         for name in SERVICES:
-            log = open(state_dir / "logs" / f"{name}.log", "ab")
-            platform.children[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
+            with open(state_dir / "logs" / f"{name}.log", "ab") as log:  # the child keeps its own copy
+                platform.children[name] = subprocess.Popen(
+                    [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                )
         asyncio.run(_register_key_and_wait(platform, ready_timeout_s))
     except BaseException:
         platform.stop()

@@ -107,7 +107,7 @@ def test_sample_from_saved_sampler_weights(service, trained) -> None:
     training, _, _ = trained
     saved = training.save_weights_for_sampler("e2e").result()
     assert saved.path.endswith("/sampler_weights/e2e") and saved.path.startswith("tinker://")
-    sampler = service.create_sampling_client(model_path=saved.path)
+    sampler = service.create_sampling_client(model_path=saved.path).result()
     tokenizer = training.get_tokenizer()
     prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Peru?"}],
                                                 tokenize=False, add_generation_prompt=True)
@@ -193,7 +193,7 @@ def test_tenants_cannot_touch_each_others_runs(platform, trained) -> None:
     other = tinker.ServiceClient(base_url=platform.base_url, api_key=other_key)
     path = f"tinker://{training.model_id}/sampler_weights/e2e"
     with pytest.raises(tinker.NotFoundError):
-        other.create_sampling_client(model_path=path).sample(
+        other.create_sampling_client(model_path=path).result().sample(
             types.ModelInput.from_ints([1, 2]), num_samples=1, sampling_params=types.SamplingParams(max_tokens=2)
         ).result()
 
