@@ -6,6 +6,7 @@ Another tenant's objects are reported as missing (404), never as forbidden.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Gateway:
     waiters: FutureWaiters
     log: object
     _tenants: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (tenant, expiry)
+    _runs: dict[str, TrainingRunRecord] = field(default_factory=dict)
 
     async def tenant_of(self, key: str | None) -> str:
         if not key:
@@ -59,7 +61,11 @@ class Gateway:
         return record
 
     async def run(self, tenant: str, run_id: str) -> TrainingRunRecord:
-        record = await b.kv_get(self.bus.kv[s.RUNS_BUCKET], s.token(run_id), TrainingRunRecord)
+        record = self._runs.get(run_id)  # run records never change once created
+        if record is None:
+            record = await b.kv_get(self.bus.kv[s.RUNS_BUCKET], s.token(run_id), TrainingRunRecord)
+            if record is not None:
+                self._runs[run_id] = record
         if record is None or record.tenant != tenant:
             raise NotFound(f"unknown model_id {run_id!r}")
         return record
@@ -76,8 +82,7 @@ class Gateway:
         """Accept a request exactly once per ``dedup_key`` (e.g. run + seq_id): a retried
         submission gets the first one's request id back and publishes nothing new.
 
-        ``message_for(request_id)`` builds the bus message. The pending future is written before
-        the message is published, so a worker's result can never be overwritten by it.
+        ``message_for(request_id)`` builds the bus message.
         """
         request_id = f"req-{uuid.uuid4().hex}"
         existing = await b.kv_create(self.bus.kv[s.DEDUP_BUCKET], dedup_key, request_id.encode())
@@ -87,9 +92,13 @@ class Gateway:
             request_id = existing.decode()
             if await b.future_record(self.bus, request_id) is not None:
                 return request_id  # accepted before; the first submission's future stands
+        # The pending record is *created*, never overwritten, so it may race the publish: a worker
+        # that finishes first has already written the final record and the create is a no-op.
         pending = FutureRecord(request_id=request_id, tenant=tenant, op=op)
-        await b.kv_put(self.bus.kv[s.FUTURES_BUCKET], request_id, pending)
-        await b.publish(self.bus, subject, message_for(request_id), msg_id=dedup_key)
+        await asyncio.gather(
+            b.kv_create(self.bus.kv[s.FUTURES_BUCKET], request_id, pending.encode()),
+            b.publish(self.bus, subject, message_for(request_id), msg_id=dedup_key),
+        )
         return request_id
 
 

@@ -106,7 +106,6 @@ class SamplerWorker:
 
     async def _finish(self, req: SampleRequest, result: SampleResult) -> None:
         pending = FutureRecord(request_id=req.request_id, tenant=req.tenant, op="sample")
-        await b.finish_future(self.bus, pending, result)
         usage = {
             "prefill_tokens": req.prompt.numel,
             "sample_tokens": sum(seq.tokens.numel for seq in result.sequences),
@@ -118,4 +117,5 @@ class SamplerWorker:
              f"{req.request_id}:{meter}")
             for meter, tokens in usage.items()
         ]
-        await b.publish_many(self.bus, events)
+        # Result and usage land together, before the caller acknowledges the request.
+        await asyncio.gather(b.finish_future(self.bus, pending, result), b.publish_many(self.bus, events))

@@ -6,6 +6,8 @@ import asyncio
 import os
 import socket
 
+import torch
+
 from services.trainer.engine import TrainerEngine
 from services.trainer.handlers import TrainerWorker
 from services.trainer.settings import TrainerSettings
@@ -17,6 +19,8 @@ async def main() -> None:
     settings = TrainerSettings()
     settings.worker_id = settings.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
     log = configure_logging("trainer", settings.log_level)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     spec = settings.registry().resolve(settings.base_model)
     engine = TrainerEngine(spec.path, device=settings.device, max_lora_rank=spec.max_lora_rank,
                            context_length=spec.context_length)

@@ -132,11 +132,11 @@ class TrainerWorker:
             self.log.exception("request failed", run=req.run_id, seq_id=req.seq_id)
             await b.fail_future(self.bus, pending, f"internal error: {exc}", "server")
             return
-        await b.finish_future(self.bus, pending, result)
+        writes = [b.finish_future(self.bus, pending, result)]
         if isinstance(cmd, ForwardBackward):
             meter = "prefill_tokens" if cmd.forward_only else "train_tokens"
-            tokens = sum(d.model_input.numel for d in cmd.data)
-            await self._usage(req, meter, tokens)
+            writes.append(self._usage(req, meter, self.engine.num_tokens(cmd)))
+        await asyncio.gather(*writes)  # both land before the caller acknowledges the request
 
     async def _usage(self, req: TrainRequest, meter: str, tokens: int) -> None:
         event = UsageEvent(event_id=f"{req.request_id}:{meter}", request_id=req.request_id,

@@ -9,6 +9,7 @@ from whetstone.settings import ServiceSettings
 class TrainerSettings(ServiceSettings):
     base_model: str = BUILTIN_MODEL_NAME  # the one base model this worker holds
     device: str = "cpu"
+    torch_threads: int = 0  # intra-op threads for torch on CPU (0: torch's default)
     max_runs: int = 64  # LoRA adapters (with optimizer state) held at once
     heartbeat_interval_s: float = 1.0
     ack_wait_s: float = 600.0  # a request held in the reorder buffer stays unacknowledged this long
