@@ -8,6 +8,7 @@ the scheduler) and answered with a future id; the gateway never waits for GPU wo
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -118,7 +119,8 @@ async def forward_backward(request: Request, t: str = Depends(tenant), gw: Gatew
         await request.body(), request.headers.get("content-encoding")
     )
     run = await gw.run(t, model_id)
-    await _refuse_in_order(gw, t, run, seq_id, validate_forward_backward, command, gw.registry.resolve(run.base_model))
+    async with refused_in_order(gw, t, run, seq_id):
+        validate_forward_backward(command, gw.registry.resolve(run.base_model))
     op = "forward" if command.forward_only else "forward_backward"
     return _future(await _submit(gw, t, run, seq_id, op, command), model_id)
 
@@ -127,14 +129,16 @@ async def forward_backward(request: Request, t: str = Depends(tenant), gw: Gatew
 async def optim_step(body: OptimStepBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
     run = await gw.run(t, body.model_id)
     adam = body.adam_params
-    await _refuse_in_order(gw, t, run, body.seq_id, validate_adam, adam)
+    async with refused_in_order(gw, t, run, body.seq_id):
+        validate_adam(adam)
     return _future(await _submit(gw, t, run, body.seq_id, "optim_step", OptimStep(adam=adam)), run.run_id)
 
 
 @router.post("/save_weights")
 async def save_weights(body: SaveWeightsBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
     run = await gw.run(t, body.model_id)
-    name = await _refuse_in_order(gw, t, run, body.seq_id, check_name, body.path or "")
+    async with refused_in_order(gw, t, run, body.seq_id):
+        name = check_name(body.path or "")
     command = SaveWeights(kind="training", name=name, overwrite=body.overwrite,
                           ttl_seconds=body.ttl_seconds)
     return _future(await _submit(gw, t, run, body.seq_id, "save_weights", command), run.run_id)
@@ -145,7 +149,8 @@ async def save_weights_for_sampler(body: SaveWeightsBody, t: str = Depends(tenan
                                    gw: Gateway = Depends(gateway)) -> dict:
     run = await gw.run(t, body.model_id)
     if body.path is not None:
-        name = await _refuse_in_order(gw, t, run, body.seq_id, check_name, body.path)
+        async with refused_in_order(gw, t, run, body.seq_id):
+            name = check_name(body.path)
         command = SaveWeights(kind="sampler", name=name, overwrite=True,
                               ttl_seconds=body.ttl_seconds)
     elif body.sampling_session_seq_id is not None:
@@ -159,21 +164,20 @@ async def save_weights_for_sampler(body: SaveWeightsBody, t: str = Depends(tenan
         await b.kv_put(gw.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id), record)
         command = SaveWeights(kind="sampler", name=name, overwrite=True, sampler_id=sampler_id)
     else:
-        await _refuse_in_order(gw, t, run, body.seq_id, _refuse, "save_weights_for_sampler needs 'path' or 'sampling_session_seq_id'")
+        async with refused_in_order(gw, t, run, body.seq_id):
+            raise UserError("save_weights_for_sampler needs 'path' or 'sampling_session_seq_id'")
     return _future(await _submit(gw, t, run, body.seq_id, "save_weights", command), run.run_id)
 
 
-async def _refuse_in_order(gw: Gateway, t: str, run: TrainingRunRecord, seq_id: int, check, *args):
-    """Run a validation; when it refuses the request, fill its seq_id so the run goes on."""
+@asynccontextmanager
+async def refused_in_order(gw: Gateway, t: str, run: TrainingRunRecord, seq_id: int):
+    """Validation of a training request: when it refuses the request, the request's seq_id is
+    filled (``Gateway.fill_gap``) so that the run's later requests still run."""
     try:
-        return check(*args)
+        yield
     except UserError as exc:
         await gw.fill_gap(t, run.run_id, seq_id, exc.message)
         raise
-
-
-def _refuse(reason: str) -> None:
-    raise UserError(reason)
 
 
 async def _submit(gw: Gateway, t: str, run: TrainingRunRecord, seq_id: int, op: str, command) -> str:

@@ -225,3 +225,18 @@ def test_cli_mints_keys_and_prints_the_report(platform) -> None:
     assert [m.model_name for m in caps.supported_models] == [BUILTIN_MODEL_NAME]
     report = subprocess.run([*cli, "usage", "--tenant", "default"], check=True, capture_output=True, text=True).stdout
     assert "train_tokens" in report and "sample_tokens" in report and "total" in report
+
+
+def test_closing_a_client_finishes_its_session(platform) -> None:
+    client = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
+    training = client.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4).result()
+    session_id = training.model_id.split(":train:")[0]
+    beat = {"session_id": session_id, "type": "session_heartbeat"}
+    headers = {"X-API-Key": platform.api_key}
+    with httpx.Client(base_url=platform.base_url, timeout=30) as http:
+        assert http.post("/api/v1/session_heartbeat", json=beat, headers=headers).status_code == 200
+        client.close("success").result()
+        gone = http.post("/api/v1/session_heartbeat", json=beat, headers=headers)
+        assert gone.status_code == 410  # the SDK stops heartbeating a finished session
+        other = http.post("/api/v1/session_heartbeat", json=beat, headers={"X-API-Key": make_key(platform, "x")})
+        assert other.status_code == 404
