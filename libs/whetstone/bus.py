@@ -59,7 +59,8 @@ class Bus:
 async def connect(url: str, name: str, replicas: int = 1) -> Bus:
     """``url`` is one NATS URL or several, comma-separated. Connect with unlimited reconnects (NATS restarts are survived) and declare the topology."""
     servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
-    nc = await nats.connect(servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    nc = await nats.connect(servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                             drain_timeout=5)
     js = nc.jetstream()
     kv = await ensure_topology(js, replicas)
     return Bus(nc, js, kv)

@@ -4,12 +4,13 @@ Consumes worker heartbeats (``ws.ctl.heartbeat.>``) and the durable placement qu
 ``ws.ctl.place`` (consumer ``scheduler``). For each new run it picks a live trainer worker that
 serves the run's base model, records the placement in KV ``ws_placements`` and asks the worker
 to take the run (``ws.ctl.assign.<worker>``). While no worker has room the request stays in the
-queue (redelivered every ``retry_delay_s``) and its future reports ``paused_capacity``.
+queue and its future reports ``paused_capacity``; a heartbeat that brings room wakes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -29,6 +30,7 @@ class Scheduler:
         self.bus = bus
         self.log = log
         self.placement = Placement(settings.worker_timeout_s)
+        self._capacity = asyncio.Event()  # set when a heartbeat brings room for waiting runs
 
     async def start(self) -> None:
         await self.bus.nc.subscribe(f"{s.HEARTBEAT_PREFIX}.trainer.*", cb=self.handle_heartbeat)
@@ -36,22 +38,35 @@ class Scheduler:
         self.log.info("scheduler ready")
 
     async def handle_heartbeat(self, msg: Msg) -> None:
-        self.placement.observe(WorkerHeartbeat.decode(msg.data))
+        if self.placement.observe(WorkerHeartbeat.decode(msg.data)):
+            self._capacity.set()
 
     async def _place_loop(self) -> None:
+        """Runs that cannot be placed wait here, unacknowledged (kept alive with in-progress
+        acks), and are tried again as soon as a heartbeat brings capacity, not on a timer."""
         config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=120.0)
         sub = await self.bus.js.pull_subscribe(
             s.PLACE_SUBJECT, durable=s.SCHEDULER_CONSUMER, stream=s.CONTROL_STREAM, config=config
         )
+        waiting: dict[str, tuple[PlaceRun, Msg]] = {}
+        last_keepalive = last_retry = time.monotonic()
         while True:
-            msgs = await b.fetch(sub, 16, 1.0, self.log)
-            if not msgs:
-                continue
-            for msg in msgs:
-                if await self.place(PlaceRun.decode(msg.data)):
+            fresh = await b.fetch(sub, 16, self.settings.poll_interval_s if waiting else 1.0, self.log)
+            # Retry on new capacity, and now and then anyway (a worker that did not answer).
+            retry = self._capacity.is_set() or time.monotonic() - last_retry > self.settings.retry_interval_s
+            self._capacity.clear()
+            if retry:
+                last_retry = time.monotonic()
+            todo = [(PlaceRun.decode(m.data), m) for m in fresh] + (list(waiting.values()) if retry else [])
+            for request, msg in todo:
+                if await self.place(request):
                     await msg.ack()
+                    waiting.pop(request.request_id, None)
                 else:
-                    await msg.nak(delay=self.settings.retry_delay_s)
+                    waiting[request.request_id] = (request, msg)
+            if waiting and time.monotonic() - last_keepalive > config.ack_wait / 4:
+                await asyncio.gather(*(m.in_progress() for _, m in waiting.values()))
+                last_keepalive = time.monotonic()
 
     async def place(self, request: PlaceRun) -> bool:
         """Place one run; False when it must wait (no capacity, or the worker did not answer)."""
@@ -74,8 +89,10 @@ class Scheduler:
             reply = AssignReply.decode(reply_msg.data)
         except nats.errors.Error as exc:
             self.log.warning("assignment unanswered", run=run.run_id, worker=worker_id, error=str(exc))
+            self.placement.release(worker_id, run.run_id)
             return False
         if not reply.ok:
             self.log.warning("assignment refused", run=run.run_id, worker=worker_id, error=reply.error)
+            self.placement.release(worker_id, run.run_id)
         self.log.info("run placed", run=run.run_id, worker=worker_id, ok=reply.ok)
         return reply.ok

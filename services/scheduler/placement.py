@@ -27,11 +27,16 @@ class Placement:
         self.worker_timeout_s = worker_timeout_s
         self.workers: dict[str, WorkerView] = {}
 
-    def observe(self, beat: WorkerHeartbeat, now: float | None = None) -> None:
+    def observe(self, beat: WorkerHeartbeat, now: float | None = None) -> bool:
+        """Record a heartbeat; True when it brings capacity that was not there (a new or revived
+        worker, or one whose load fell), so that waiting runs should be placed again now."""
         now = time.monotonic() if now is None else now
         view = self.workers.get(beat.worker_id)
+        was_live = view is not None and now - view.seen_at <= self.worker_timeout_s
         reserved = (view.reserved - set(beat.runs)) if view else set()
-        self.workers[beat.worker_id] = WorkerView(beat, now, reserved)
+        new = WorkerView(beat, now, reserved)
+        self.workers[beat.worker_id] = new
+        return new.load < beat.max_runs and (not was_live or new.load < view.load)
 
     def live(self, now: float | None = None) -> list[WorkerView]:
         now = time.monotonic() if now is None else now
@@ -53,3 +58,9 @@ class Placement:
 
     def reserve(self, worker_id: str, run_id: str) -> None:
         self.workers[worker_id].reserved.add(run_id)
+
+    def release(self, worker_id: str, run_id: str) -> None:
+        """Undo ``reserve`` for an assignment that did not happen."""
+        view = self.workers.get(worker_id)
+        if view is not None:
+            view.reserved.discard(run_id)

@@ -8,4 +8,5 @@ from whetstone.settings import ServiceSettings
 class SchedulerSettings(ServiceSettings):
     worker_timeout_s: float = 5.0  # a worker is live while its last heartbeat is this recent
     assign_timeout_s: float = 60.0  # creating an adapter on a busy worker may take a while
-    retry_delay_s: float = 0.5  # placement retry while no worker has room
+    poll_interval_s: float = 0.05  # how often new requests are pulled while others wait
+    retry_interval_s: float = 2.0  # waiting runs are retried at least this often

@@ -105,8 +105,12 @@ class TrainerWorker:
                 continue
             for msg in msgs:
                 req = TrainRequest.decode(msg.data)
-                if not buffer.push(req.seq_id, (req, msg)):
-                    await msg.ack()  # a redelivery of a request that already ran or is held
+                if req.seq_id < buffer.next_seq:
+                    await msg.ack()  # a redelivery of a request that already ran
+                elif not buffer.push(req.seq_id, (req, msg)):
+                    # A redelivery of a request held for an earlier seq_id: it must stay
+                    # unacknowledged (an ack would delete it from the work queue before it ran).
+                    await msg.in_progress()
             for req, msg in buffer.pop_ready():
                 await self._execute(req)
                 await msg.ack()

@@ -42,10 +42,13 @@ async def spawned(bus: b.Bus) -> AsyncIterator[None]:
     before = set(tasks._running)
     subs_before = set(bus.nc._subs)
     yield
-    new = [t for t in list(tasks._running) if t not in before]
-    for task in new:
-        task.cancel()
-    await asyncio.gather(*new, return_exceptions=True)
+    pending = {t for t in list(tasks._running) if t not in before}
+    while pending:
+        # Cancel again until they end: on Python 3.11 ``asyncio.wait_for`` (inside nats-py's
+        # fetch) can swallow a cancellation that races a completing fetch, and the pump loops on.
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
     # A pull subscription whose last fetch timed out keeps an unconsumed status message, and
     # drain (``Bus.close``) then waits its full 30 s timeout for it: unsubscribe them first.
     for sid, sub in list(bus.nc._subs.items()):

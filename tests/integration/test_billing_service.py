@@ -26,6 +26,8 @@ from whetstone import subjects as s
 from whetstone.messages import Meter, UsageEvent, UsageReport, UsageReportQuery
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 
+pytestmark = pytest.mark.timeout(60)  # a hang fails fast, with every thread's stack
+
 REPO = Path(__file__).resolve().parents[2]
 TENANT = "tenant-a"
 

@@ -15,6 +15,8 @@ from whetstone import bus as b
 from whetstone.errors import NotFound
 from whetstone.messages import OptimStepResult
 
+pytestmark = pytest.mark.timeout(60)  # a hang fails fast, with every thread's stack
+
 TENANT = "tenant-a"
 
 

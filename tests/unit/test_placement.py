@@ -91,3 +91,22 @@ def test_reserving_the_same_run_twice_counts_once() -> None:
     p.reserve("w1", "r1")  # a retried placement
     assert p.workers["w1"].load == 1
     assert p.choose(TINY, now=0.0) == "w1"
+
+
+def test_a_heartbeat_reports_when_it_brings_room() -> None:
+    p = Placement(worker_timeout_s=5.0)
+    assert p.observe(beat("w1", runs=["a"], max_runs=2), now=0.0)  # a new worker with room
+    assert not p.observe(beat("w1", runs=["a"], max_runs=2), now=1.0)  # nothing changed
+    assert not p.observe(beat("w1", runs=["a", "b"], max_runs=2), now=2.0)  # now full
+    assert p.observe(beat("w1", runs=["b"], max_runs=2), now=3.0)  # a run left: room again
+    assert p.observe(beat("w1", runs=["b"], max_runs=2), now=30.0)  # revived after a silence
+    assert not p.observe(beat("full", runs=["x"], max_runs=1), now=30.0)  # new, but no room
+
+
+def test_a_failed_assignment_gives_its_reservation_back() -> None:
+    p = Placement(worker_timeout_s=5.0)
+    p.observe(beat("w1", max_runs=1), now=0.0)
+    p.reserve("w1", "r1")
+    assert p.choose(TINY, now=0.5) is None
+    p.release("w1", "r1")
+    assert p.choose(TINY, now=0.5) == "w1"
