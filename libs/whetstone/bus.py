@@ -9,6 +9,7 @@ them (a changed definition is applied as an update).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -145,7 +146,7 @@ async def publish(bus: Bus, subject: str, message: Message, msg_id: str | None =
     await bus.js.publish(subject, message.encode(), headers=headers)
 
 
-async def publish_many(bus: Bus, items: list[tuple[str, Message, str | None]]) -> None:
+async def publish_many(bus: Bus, items: Sequence[tuple[str, Message, str | None]]) -> None:
     """Publish a batch and gather the acknowledgements (an order of magnitude faster than one by
     one when many events complete together)."""
     await asyncio.gather(*(publish(bus, subj, msg, mid) for subj, msg, mid in items))

@@ -52,10 +52,10 @@ async def create_sampling_session(body: CreateSamplingSessionBody, t: str = Depe
         if path.kind != "sampler":
             raise UserError(f"{body.model_path} is a training checkpoint; sample from sampler_weights")
         run = await gw.run(t, path.run_id)
-        record = await b.kv_get(gw.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), CheckpointRecord)
-        if record is None or record.tenant != t:
+        checkpoint = await b.kv_get(gw.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), CheckpointRecord)
+        if checkpoint is None or checkpoint.tenant != t:
             raise NotFound(f"unknown checkpoint {body.model_path}")
-        adapter = AdapterRef(tinker_path=record.tinker_path, store_key=record.store_key)
+        adapter = AdapterRef(tinker_path=checkpoint.tinker_path, store_key=checkpoint.store_key)
         base_model = run.base_model
         if body.base_model and gw.registry.resolve(body.base_model).name != base_model:
             raise UserError(f"{body.model_path} was trained on {base_model}, not {body.base_model}")

@@ -229,7 +229,7 @@ def encode_forward_backward_output(result: ForwardBackwardResult) -> bytes:
             pb.BatchedTensor(
                 data=b"".join(t.data for t in tensors),
                 offsets=np.asarray(offsets, dtype="<i8").tobytes(),
-                dtype=_TO_PROTO_DTYPE[dtype],
+                dtype=pb.DType.Value(pb.DType.Name(_TO_PROTO_DTYPE[dtype])),
                 trailing_shape=trailing,
             )
         )

@@ -65,7 +65,7 @@ class SamplerEngine:
     ) -> None:
         self.device = torch.device(device)
         self.max_adapters = max_adapters
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to() wrongly
         self.lora = LoraModel(base)
         # Decoder and head are called separately: the prefill then only projects the positions
         # it needs onto the vocabulary (the last one, plus the prompt where logprobs are asked).
@@ -330,7 +330,7 @@ class SamplerEngine:
         stopped: torch.Tensor,
         prompt_logprobs: dict[int, torch.Tensor],
     ) -> list[SampleResult]:
-        tokens, logprobs = tokens.cpu().numpy(), logprobs.cpu().numpy()
+        token_rows, logprob_rows = tokens.cpu().numpy(), logprobs.cpu().numpy()
         lengths_list, stopped_list = lengths.tolist(), stopped.tolist()
         results = []
         for j, job in enumerate(checked):
@@ -339,8 +339,8 @@ class SamplerEngine:
                 n = lengths_list[r]
                 sequences.append(
                     SampledSequence(
-                        tokens=Tensor.from_numpy(tokens[r, :n].astype(np.int64)),
-                        logprobs=Tensor.from_numpy(logprobs[r, :n].astype(np.float32)),
+                        tokens=Tensor.from_numpy(token_rows[r, :n].astype(np.int64)),
+                        logprobs=Tensor.from_numpy(logprob_rows[r, :n].astype(np.float32)),
                         stop_reason="stop" if stopped_list[r] else "length",
                     )
                 )

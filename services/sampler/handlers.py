@@ -21,7 +21,7 @@ from whetstone import subjects as s
 from whetstone.tasks import Offload, heartbeats, spawn
 from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.errors import UserError, WhetstoneError
-from whetstone.messages import FutureRecord, SampleRequest, SampleResult, UsageEvent, WorkerHeartbeat
+from whetstone.messages import FutureRecord, Meter, SampleRequest, SampleResult, UsageEvent, WorkerHeartbeat
 
 
 class SamplerWorker:
@@ -106,7 +106,7 @@ class SamplerWorker:
 
     async def _finish(self, req: SampleRequest, result: SampleResult) -> None:
         pending = FutureRecord(request_id=req.request_id, tenant=req.tenant, op="sample")
-        usage = {
+        usage: dict[Meter, int] = {
             "prefill_tokens": req.prompt.numel,
             "sample_tokens": sum(seq.tokens.numel for seq in result.sequences),
         }

@@ -44,7 +44,8 @@ class Scheduler:
     async def _place_loop(self) -> None:
         """Runs that cannot be placed wait here, unacknowledged (kept alive with in-progress
         acks), and are tried again as soon as a heartbeat brings capacity, not on a timer."""
-        config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=120.0)
+        ack_wait_s = 120.0
+        config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait_s)
         sub = await self.bus.js.pull_subscribe(
             s.PLACE_SUBJECT, durable=s.SCHEDULER_CONSUMER, stream=s.CONTROL_STREAM, config=config
         )
@@ -64,7 +65,7 @@ class Scheduler:
                     waiting.pop(request.request_id, None)
                 else:
                     waiting[request.request_id] = (request, msg)
-            if waiting and time.monotonic() - last_keepalive > config.ack_wait / 4:
+            if waiting and time.monotonic() - last_keepalive > ack_wait_s / 4:
                 await asyncio.gather(*(m.in_progress() for _, m in waiting.values()))
                 last_keepalive = time.monotonic()
 

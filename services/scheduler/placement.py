@@ -31,12 +31,14 @@ class Placement:
         """Record a heartbeat; True when it brings capacity that was not there (a new or revived
         worker, or one whose load fell), so that waiting runs should be placed again now."""
         now = time.monotonic() if now is None else now
-        view = self.workers.get(beat.worker_id)
-        was_live = view is not None and now - view.seen_at <= self.worker_timeout_s
-        reserved = (view.reserved - set(beat.runs)) if view else set()
-        new = WorkerView(beat, now, reserved)
+        old = self.workers.get(beat.worker_id)
+        new = WorkerView(beat, now, (old.reserved - set(beat.runs)) if old else set())
         self.workers[beat.worker_id] = new
-        return new.load < beat.max_runs and (not was_live or new.load < view.load)
+        if new.load >= beat.max_runs:
+            return False
+        if old is None or now - old.seen_at > self.worker_timeout_s:
+            return True  # new, or back from the dead
+        return new.load < old.load
 
     def live(self, now: float | None = None) -> list[WorkerView]:
         now = time.monotonic() if now is None else now

@@ -134,7 +134,7 @@ class TrainerEngine:
         base_model_name: str | None = None,
     ) -> None:
         self.device = torch.device(device)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to() wrongly
         self.lora = LoraModel(model)
         config = model.config
         self.vocab_size: int = int(config.vocab_size)

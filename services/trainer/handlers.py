@@ -31,6 +31,7 @@ from whetstone.messages import (
     CreateModelResult,
     ForwardBackward,
     FutureRecord,
+    Meter,
     OptimStep,
     Result,
     SaveWeights,
@@ -138,11 +139,11 @@ class TrainerWorker:
             return
         writes = [b.finish_future(self.bus, pending, result)]
         if isinstance(cmd, ForwardBackward):
-            meter = "prefill_tokens" if cmd.forward_only else "train_tokens"
+            meter: Meter = "prefill_tokens" if cmd.forward_only else "train_tokens"
             writes.append(self._usage(req, meter, self.engine.num_tokens(cmd)))
         await asyncio.gather(*writes)  # both land before the caller acknowledges the request
 
-    async def _usage(self, req: TrainRequest, meter: str, tokens: int) -> None:
+    async def _usage(self, req: TrainRequest, meter: Meter, tokens: int) -> None:
         event = UsageEvent(event_id=f"{req.request_id}:{meter}", request_id=req.request_id,
                            tenant=req.tenant, base_model=self.settings.base_model, meter=meter,
                            tokens=tokens, run_id=req.run_id)

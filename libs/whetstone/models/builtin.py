@@ -227,7 +227,7 @@ def _build_model(out_dir: Path, vocab_size: int, token_ids: dict[str, int]) -> N
         # fork_rng keeps the caller's global RNG untouched by our fixed seed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_SEED)
-            model = Qwen3ForCausalLM(config).to(torch.float32).eval()
+            model = Qwen3ForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type]  # transformers types .to() wrongly
         model.save_pretrained(out_dir, safe_serialization=True)
         GenerationConfig(
             bos_token_id=token_ids[ENDOFTEXT],
