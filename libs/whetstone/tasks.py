@@ -61,3 +61,8 @@ async def heartbeats(bus: Bus, subject: str, beat: Callable[[], WorkerHeartbeat]
         except nats.errors.Error as exc:  # reconnecting: the next beat will go through
             log.warning("heartbeat not sent", error=str(exc))
         await asyncio.sleep(interval_s)
+
+
+def running() -> set[asyncio.Task]:
+    """The background tasks alive now (tests stop the services they started in-process)."""
+    return set(_running)

@@ -39,10 +39,10 @@ def log():
 async def spawned(bus: b.Bus) -> AsyncIterator[None]:
     """Cancel every background task and drop every subscription made during the test, before
     ``bus`` is closed."""
-    before = set(tasks._running)
+    before = tasks.running()
     subs_before = set(bus.nc._subs)
     yield
-    pending = {t for t in list(tasks._running) if t not in before}
+    pending = tasks.running() - before
     while pending:
         # Cancel again until they end: on Python 3.11 ``asyncio.wait_for`` (inside nats-py's
         # fetch) can swallow a cancellation that races a completing fetch, and the pump loops on.
