@@ -95,7 +95,7 @@ def train_and_sample(service: tinker.ServiceClient, args: argparse.Namespace) ->
                 print(f"epoch {epoch} step {step:3d}  loss/token {result.metrics['loss:sum'] / n_target:.4f}"
                       f"  ({time.monotonic() - start:.1f} s)", flush=True)
 
-    sampler = training.save_weights_and_get_sampling_client("sft-final").result()
+    sampler = training.save_weights_and_get_sampling_client().result()
     params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=["<|im_end|>"])
     print("\nsamples from the fine-tuned model:")
     for country in ("France", "Japan", "Peru"):

@@ -139,7 +139,7 @@ def test_save_state_names_a_training_checkpoint(trained) -> None:
 
 def test_compute_logprobs(service, trained) -> None:
     training, _, _ = trained
-    sampler = training.save_weights_and_get_sampling_client("e2e-ephemeral").result()
+    sampler = training.save_weights_and_get_sampling_client().result()
     tokens = training.get_tokenizer().encode("The capital of Peru is Lima.", add_special_tokens=False)
     logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
     Tally.prefill_tokens += len(tokens)
@@ -220,8 +220,7 @@ def test_cli_mints_keys_and_prints_the_report(platform) -> None:
     key = subprocess.run([*cli, "keys", "create", "--tenant", "cli-tenant"], check=True,
                          capture_output=True, text=True).stdout.strip()
     assert key.startswith("tml-")
-    client = tinker.ServiceClient(base_url=platform.base_url, api_key=key)
-    caps = client.get_server_capabilities()
+    caps = tinker.RestClient(base_url=platform.base_url, api_key=key).get_server_capabilities().result()
     assert [m.model_name for m in caps.supported_models] == [BUILTIN_MODEL_NAME]
     report = subprocess.run([*cli, "usage", "--tenant", "default"], check=True, capture_output=True, text=True).stdout
     assert "train_tokens" in report and "sample_tokens" in report and "total" in report
