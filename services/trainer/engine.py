@@ -5,7 +5,7 @@ an AdamW optimizer over that adapter's factors, and a step count; the base weigh
 and shared. A ``forward_backward`` routes the batch rows to the run's adapter (``LoraRoute``), so
 one base-model pass trains exactly that adapter and leaves every other run untouched.
 
-Semantics follow Tinker (``/work/shared/losses.md`` §1): per-datum losses are summed, gradients
+Semantics follow Tinker (``../shared/losses.md`` §1): per-datum losses are summed, gradients
 accumulate across ``forward_backward`` calls until ``optim_step`` consumes them, and
 ``forward_only`` computes the same outputs with no gradient at all.
 

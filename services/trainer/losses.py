@@ -1,4 +1,4 @@
-"""Tinker's built-in losses, one datum at a time (see ``/work/shared/losses.md`` §1-2).
+"""Tinker's built-in losses, one datum at a time (see ``../shared/losses.md`` §1-2).
 
 Each loss maps the learner logprobs ``lp`` (float32, shaped like ``target_tokens``, carrying the
 autograd graph back to the adapter) and the datum's checked inputs to an *elementwise* loss of the
