@@ -19,7 +19,12 @@ from services.gateway import sampling, training
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
 from services.gateway.settings import GatewaySettings
-from services.gateway.wire import encode_forward_backward_output, encode_sample_response
+from services.gateway.wire import (
+    encode_forward_backward_output,
+    encode_sample_response,
+    forward_backward_output_json,
+    sample_response_json,
+)
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.errors import WhetstoneError
@@ -170,11 +175,11 @@ def future_response(record: FutureRecord, wants_proto: bool) -> Response:
     if isinstance(result, ForwardBackwardResult):
         if wants_proto:
             return Response(encode_forward_backward_output(result), media_type=PROTOBUF)
-        return JSONResponse(_forward_backward_json(result))
+        return JSONResponse(forward_backward_output_json(result))
     if isinstance(result, SampleResult):
         if wants_proto:
             return Response(encode_sample_response(result), media_type=PROTOBUF)
-        return JSONResponse(_sample_json(result))
+        return JSONResponse(sample_response_json(result))
     if isinstance(result, CreateModelResult):
         return JSONResponse({"type": "create_model", "model_id": result.model_id})
     if isinstance(result, OptimStepResult):
@@ -187,26 +192,3 @@ def future_response(record: FutureRecord, wants_proto: bool) -> Response:
             body["sampling_session_id"] = result.sampler_id
         return JSONResponse(body)
     raise AssertionError(f"unhandled result type {type(result).__name__}")
-
-
-def _tensor_json(tensor) -> dict:
-    array = tensor.to_numpy()
-    return {"data": array.reshape(-1).tolist(), "dtype": "int64" if array.dtype.kind in "iu" else "float32",
-            "shape": list(array.shape)}
-
-
-def _forward_backward_json(result: ForwardBackwardResult) -> dict:
-    """The JSON form of ForwardBackwardOutput, for clients that do not take protobuf (hpcai)."""
-    return {"loss_fn_output_type": "ArrayRecord",
-            "loss_fn_outputs": [{k: _tensor_json(v) for k, v in out.items()} for out in result.outputs],
-            "metrics": result.metrics}
-
-
-def _sample_json(result: SampleResult) -> dict:
-    body: dict = {"type": "sample", "sequences": [
-        {"stop_reason": seq.stop_reason, "tokens": seq.tokens.to_numpy().tolist(),
-         "logprobs": seq.logprobs.to_numpy().tolist()} for seq in result.sequences
-    ]}
-    if result.prompt_logprobs is not None:
-        body["prompt_logprobs"] = [None if v != v else v for v in result.prompt_logprobs.to_numpy().tolist()]
-    return body

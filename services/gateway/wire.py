@@ -370,3 +370,29 @@ def _number(params: JsonObject, key: str, default: float) -> float:
     if not _is_number(value):
         raise UserError(f"{key} must be a number, got {value!r}")
     return float(value)
+
+
+# ---------------------------------------------------------------- JSON results (clients without protobuf)
+
+
+def _tensor_json(tensor: Tensor) -> dict:
+    array = tensor.to_numpy()
+    return {"data": array.reshape(-1).tolist(), "dtype": "int64" if array.dtype.kind in "iu" else "float32",
+            "shape": list(array.shape)}
+
+
+def forward_backward_output_json(result: ForwardBackwardResult) -> dict:
+    """The JSON form of ForwardBackwardOutput, for clients that do not take protobuf (hpcai)."""
+    return {"loss_fn_output_type": "ArrayRecord",
+            "loss_fn_outputs": [{k: _tensor_json(v) for k, v in out.items()} for out in result.outputs],
+            "metrics": result.metrics}
+
+
+def sample_response_json(result: SampleResult) -> dict:
+    body: dict = {"type": "sample", "sequences": [
+        {"stop_reason": seq.stop_reason, "tokens": seq.tokens.to_numpy().tolist(),
+         "logprobs": seq.logprobs.to_numpy().tolist()} for seq in result.sequences
+    ]}
+    if result.prompt_logprobs is not None:
+        body["prompt_logprobs"] = [None if v != v else v for v in result.prompt_logprobs.to_numpy().tolist()]
+    return body

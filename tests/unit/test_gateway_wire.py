@@ -416,3 +416,24 @@ def test_tensor_from_json_dense_and_csr() -> None:
     ):
         with pytest.raises(UserError):
             wire.tensor_from_json(bad)
+
+
+def test_json_results_for_clients_without_protobuf() -> None:
+    fb = ForwardBackwardResult(
+        outputs=[{"logprobs": Tensor.from_list([-1.0, -0.5], "float32")}], metrics={"loss:sum": 1.5}
+    )
+    assert wire.forward_backward_output_json(fb) == {
+        "loss_fn_output_type": "ArrayRecord",
+        "loss_fn_outputs": [{"logprobs": {"data": [-1.0, -0.5], "dtype": "float32", "shape": [2]}}],
+        "metrics": {"loss:sum": 1.5},
+    }
+    sample = SampleResult(
+        sequences=[SampledSequence(tokens=Tensor.from_list([7, 8], "int64"),
+                                   logprobs=Tensor.from_list([-0.25, -0.5], "float32"), stop_reason="stop")],
+        prompt_logprobs=Tensor.from_list([math.nan, -2.0], "float32"),
+    )
+    assert wire.sample_response_json(sample) == {
+        "type": "sample",
+        "sequences": [{"stop_reason": "stop", "tokens": [7, 8], "logprobs": [-0.25, -0.5]}],
+        "prompt_logprobs": [None, -2.0],
+    }
