@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "up":
         return _up(args.state_dir, args.port)
-    platform = read_platform(args.state_dir)
+    try:
+        platform = read_platform(args.state_dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "keys":
         key = asyncio.run(_create_key(platform["nats_url"], args.tenant))
         print(key)
