@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _up(state_dir: Path, port: int) -> int:
     print("starting Whetstone ...", flush=True)
-    platform = start_platform(state_dir, port, models_dir=ServiceSettings().models_dir)
+    try:
+        platform = start_platform(state_dir, port, models_dir=ServiceSettings().models_dir)
+    except (RuntimeError, TimeoutError) as exc:  # a service died at start (e.g. the port is taken)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"Whetstone is up.\n  base URL: {platform.base_url}\n  API key:  {platform.api_key}\n"
           f"  state:    {platform.state_dir}\n"
           f"Try: TINKER_BASE_URL={platform.base_url} TINKER_API_KEY={platform.api_key} python examples/sft.py\n"
