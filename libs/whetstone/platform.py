@@ -94,7 +94,8 @@ def start_platform(state_dir: Path, port: int = 8000, models_dir: Path | None = 
         raise
     (state_dir / "platform.json").write_text(json.dumps(
         {"base_url": platform.base_url, "nats_url": nats.url, "api_key": platform.api_key,
-         "pids": {n: p.pid for n, p in platform.children.items()}}, indent=2))
+         "pids": {"nats-server": nats.process.pid, **{n: p.pid for n, p in platform.children.items()}}},
+        indent=2))
     return platform
 
 
