@@ -22,7 +22,7 @@ from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from whetstone import subjects as s
-from whetstone.messages import FutureRecord, Message, Result
+from whetstone.messages import FutureRecord, Message, Result, UsageEvent
 
 M = TypeVar("M", bound=Message)
 
@@ -58,7 +58,8 @@ class Bus:
 
 
 async def connect(url: str, name: str, replicas: int = 1) -> Bus:
-    """``url`` is one NATS URL or several, comma-separated. Connect with unlimited reconnects (NATS restarts are survived) and declare the topology."""
+    """Connect and declare the topology. ``url`` is one NATS URL or several, comma-separated;
+    reconnects are unlimited, so services ride out a NATS restart."""
     servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
     nc = await nats.connect(servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                              drain_timeout=5)
@@ -144,6 +145,11 @@ async def publish(bus: Bus, subject: str, message: Message, msg_id: str | None =
     """Publish durably (JetStream) and wait for the stream's acknowledgement."""
     headers = {s.MSG_ID_HEADER: msg_id} if msg_id else None
     await bus.js.publish(subject, message.encode(), headers=headers)
+
+
+async def publish_usage(bus: Bus, events: Sequence[UsageEvent]) -> None:
+    """Usage events go to their tenant's subject, de-duplicated by the stream on their ids."""
+    await publish_many(bus, [(s.usage_subject(e.tenant), e, e.event_id) for e in events])
 
 
 async def publish_many(bus: Bus, items: Sequence[tuple[str, Message, str | None]]) -> None:

@@ -316,6 +316,13 @@ class UsageEvent(Message):
     run_id: str | None = None
     occurred_at: datetime = Field(default_factory=utcnow)
 
+    @classmethod
+    def of(cls, request_id: str, tenant: str, base_model: str, meter: Meter, tokens: int,
+           run_id: str | None = None) -> "UsageEvent":
+        """The event of one meter of one completed request, with its deterministic id."""
+        return cls(event_id=f"{request_id}:{meter}", request_id=request_id, tenant=tenant,
+                   base_model=base_model, meter=meter, tokens=tokens, run_id=run_id)
+
 
 class UsageReportQuery(Message):
     tenant: str | None = None

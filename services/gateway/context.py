@@ -101,15 +101,19 @@ class Gateway:
         )
         return request_id
 
-
     async def fill_gap(self, tenant: str, run_id: str, seq_id: int, reason: str) -> None:
         """Publish a ``Skip`` in place of a refused training request, unless that seq_id was
         already accepted: the client has used the seq_id, and the trainer runs in seq_id order."""
-        dedup_key = f"{s.token(run_id)}.{seq_id}"
+        dedup_key = train_dedup_key(run_id, seq_id)
         if await b.kv_create(self.bus.kv[s.DEDUP_BUCKET], dedup_key, b"refused") is None:
             skip = TrainRequest(request_id=f"skip-{uuid.uuid4().hex}", tenant=tenant, run_id=run_id,
                                 seq_id=seq_id, command=Skip(reason=reason))
             await b.publish(self.bus, s.train_subject(run_id), skip, msg_id=dedup_key)
+
+
+def train_dedup_key(run_id: str, seq_id: int) -> str:
+    """One training request per (run, seq_id): the key of its request id in KV ``ws_dedup``."""
+    return f"{s.token(run_id)}.{seq_id}"
 
 
 def gateway(request: Request) -> Gateway:

@@ -14,7 +14,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
-from services.gateway.context import Gateway, gateway, tenant
+from services.gateway.context import Gateway, gateway, tenant, train_dedup_key
 from services.gateway.validation import validate_adam, validate_forward_backward
 from services.gateway.wire import decode_forward_backward
 from whetstone import subjects as s
@@ -184,6 +184,6 @@ async def _submit(gw: Gateway, t: str, run: TrainingRunRecord, seq_id: int, op: 
     if seq_id < 1:
         raise UserError(f"seq_id must be >= 1, got {seq_id}")
     return await gw.submit_once(
-        f"{s.token(run.run_id)}.{seq_id}", t, op, s.train_subject(run.run_id),
+        train_dedup_key(run.run_id, seq_id), t, op, s.train_subject(run.run_id),
         lambda rid: TrainRequest(request_id=rid, tenant=t, run_id=run.run_id, seq_id=seq_id, command=command),
     )

@@ -110,12 +110,7 @@ class SamplerWorker:
             "prefill_tokens": req.prompt.numel,
             "sample_tokens": sum(seq.tokens.numel for seq in result.sequences),
         }
-        events = [
-            (s.usage_subject(req.tenant),
-             UsageEvent(event_id=f"{req.request_id}:{meter}", request_id=req.request_id, tenant=req.tenant,
-                        base_model=req.base_model, meter=meter, tokens=tokens),
-             f"{req.request_id}:{meter}")
-            for meter, tokens in usage.items()
-        ]
+        events = [UsageEvent.of(req.request_id, req.tenant, req.base_model, meter, tokens)
+                  for meter, tokens in usage.items()]
         # Result and usage land together, before the caller acknowledges the request.
-        await asyncio.gather(b.finish_future(self.bus, pending, result), b.publish_many(self.bus, events))
+        await asyncio.gather(b.finish_future(self.bus, pending, result), b.publish_usage(self.bus, events))

@@ -144,10 +144,8 @@ class TrainerWorker:
         await asyncio.gather(*writes)  # both land before the caller acknowledges the request
 
     async def _usage(self, req: TrainRequest, meter: Meter, tokens: int) -> None:
-        event = UsageEvent(event_id=f"{req.request_id}:{meter}", request_id=req.request_id,
-                           tenant=req.tenant, base_model=self.settings.base_model, meter=meter,
-                           tokens=tokens, run_id=req.run_id)
-        await b.publish(self.bus, s.usage_subject(req.tenant), event, msg_id=event.event_id)
+        event = UsageEvent.of(req.request_id, req.tenant, self.settings.base_model, meter, tokens, req.run_id)
+        await b.publish_usage(self.bus, [event])
 
     async def _save(self, req: TrainRequest, cmd: SaveWeights) -> SaveWeightsResult:
         path = TinkerPath(req.run_id, cmd.kind, check_name(cmd.name))
