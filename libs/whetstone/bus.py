@@ -1,33 +1,60 @@
-"""The bus: connecting to NATS, declaring streams and buckets, and the KV access every service
-shares (futures, state records).
+"""The bus: a FastStream NATS broker per service, the topology every service shares, and typed
+access to the state kept in NATS (futures, records, large payloads).
 
-``ensure_topology`` declares every stream and bucket of ``subjects.py`` idempotently; each
-service calls it at start-up, so whichever process starts first creates them and the others find
-them (a changed definition is applied as an update).
+``connect`` builds the service's ``NatsBroker`` with the three middlewares every consumer runs
+under, outermost first: OpenTelemetry (one span per publish and per message, trace context in
+the headers), Prometheus (per-subject counts and times) and the message-fate wrapper
+(``fate.py``: ack, nak with back-off, dead letters). It connects, then declares every stream,
+bucket and the payload object store idempotently (``ensure_topology``), so whichever process
+starts first creates them and the others find them.
+
+Services declare their consumers as FastStream subscribers on ``bus.broker`` and start them
+with the broker. Key-value buckets and the object store are reached through the broker's own
+nats-py connection (``bus.js``): FastStream has no typed KV store API of its own.
+
+Payloads larger than ``OFFLOAD_BYTES`` (the server refuses messages over 8 MB) are put in the
+object store ``ws_payloads`` and the message carries the object's name in ``Ws-Payload-Ref``;
+the fate wrapper swaps the body back in before the handler decodes it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import io
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import nats
 import nats.errors
+from faststream.nats import NatsBroker
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from nats.js import api
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js import JetStreamContext, api
+from nats.js.errors import (
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+from opentelemetry import propagate
 
 from whetstone import subjects as s
 from whetstone.messages import FutureRecord, Message, Result, UsageEvent
+
+if TYPE_CHECKING:
+    from whetstone.fate import MessageFate
 
 M = TypeVar("M", bound=Message)
 
 FUTURE_TTL_S = 24 * 3600
 DEDUP_TTL_S = 24 * 3600
+PAYLOAD_TTL_S = 7 * 24 * 3600
+DEADLETTER_MAX_AGE_S = 14 * 24 * 3600
+OFFLOAD_BYTES = 4 * 1024 * 1024  # well under the server's 8 MB max payload, headers included
+PUBLISH_TIMEOUT_S = 10.0
 
 _STREAMS: dict[str, list[str]] = {
     s.TRAIN_STREAM: [f"{s.TRAIN_PREFIX}.>"],
@@ -47,37 +74,90 @@ _BUCKETS: dict[str, float | None] = {  # bucket -> TTL in seconds (None: forever
 }
 
 
+def stream_of(subject: str) -> str | None:
+    """The stream that stores ``subject`` (None: a core NATS subject)."""
+    for stream, patterns in _STREAMS.items():
+        for pattern in patterns:
+            if subject == pattern or (pattern.endswith(".>") and subject.startswith(pattern[:-1])):
+                return stream
+    if subject.startswith(s.DEADLETTER_PREFIX + "."):
+        return s.DEADLETTER_STREAM
+    return None
+
+
 @dataclass
 class Bus:
+    broker: NatsBroker
     nc: NATS
     js: JetStreamContext
     kv: dict[str, KeyValue]
+    payloads: ObjectStore
+    service: str
+    fate: MessageFate
 
     async def close(self) -> None:
-        await self.nc.drain()
+        """Stop the subscribers (in-flight handlers finish) and drain the connection."""
+        await self.broker.stop()
 
 
-async def connect(url: str, name: str, replicas: int = 1) -> Bus:
-    """Connect and declare the topology. ``url`` is one NATS URL or several, comma-separated;
-    reconnects are unlimited, so services ride out a NATS restart."""
+async def subscribe(bus: Bus, handler: Any, subject: str, **options: Any) -> Any:
+    """Declare a FastStream subscriber for ``handler`` on the service's broker; one declared
+    while the broker runs (a run arriving at a trainer) starts at once."""
+    subscriber = bus.broker.subscriber(subject, **options)
+    subscriber(handler)
+    if bus.broker.running:
+        await subscriber.start()
+    return subscriber
+
+
+async def connect(url: str, name: str, replicas: int = 1, service: str | None = None) -> Bus:
+    """Connect ``service``'s broker and declare the topology. ``url`` is one NATS URL or several,
+    comma-separated; reconnects are unlimited, so services ride out a NATS restart."""
+    from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+    from faststream.nats.prometheus import NatsPrometheusMiddleware
+
+    from whetstone.fate import MessageFate
+    from whetstone.metrics import REGISTRY
+    from whetstone.observability import tracer_provider
+
+    service = service or name
     servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
-    nc = await nats.connect(servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                             drain_timeout=5)
+    fate = MessageFate(service)
+    broker = NatsBroker(
+        servers,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        drain_timeout=5,
+        graceful_timeout=30.0,
+        logger=None,  # our own structured lines come from the fate wrapper and the handlers
+        middlewares=[
+            NatsTelemetryMiddleware(tracer_provider=tracer_provider(service)),
+            NatsPrometheusMiddleware(registry=REGISTRY, app_name=f"whetstone-{service}"),
+            fate,
+        ],
+    )
+    await broker.connect()
+    nc = broker.connection
     js = nc.jetstream()
-    kv = await ensure_topology(js, replicas)
-    return Bus(nc, js, kv)
+    kv, payloads = await ensure_topology(js, replicas)
+    bus = Bus(broker, nc, js, kv, payloads, service, fate)
+    fate.bus = bus
+    return bus
 
 
-async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> dict[str, KeyValue]:
-    for name, subs in _STREAMS.items():
-        config = api.StreamConfig(
-            name=name,
-            subjects=subs,
-            retention=api.RetentionPolicy.WORK_QUEUE,
-            storage=api.StorageType.FILE,
-            num_replicas=replicas,
-            duplicate_window=120.0,
-        )
+async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> tuple[dict[str, KeyValue], ObjectStore]:
+    configs = [
+        api.StreamConfig(name=name, subjects=subs, retention=api.RetentionPolicy.WORK_QUEUE,
+                         storage=api.StorageType.FILE, num_replicas=replicas, duplicate_window=120.0)
+        for name, subs in _STREAMS.items()
+    ]
+    configs.append(api.StreamConfig(
+        name=s.DEADLETTER_STREAM, subjects=[f"{s.DEADLETTER_PREFIX}.>"],
+        retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE, num_replicas=replicas,
+        max_age=DEADLETTER_MAX_AGE_S,
+    ))
+    for config in configs:
         try:
             await js.add_stream(config)
         except BadRequestError:
@@ -85,7 +165,12 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> dict[str, 
     buckets: dict[str, KeyValue] = {}
     for bucket, ttl in _BUCKETS.items():
         buckets[bucket] = await _ensure_bucket(js, bucket, ttl, replicas)
-    return buckets
+    try:
+        payloads = await js.object_store(s.PAYLOADS_BUCKET)
+    except Exception:  # BucketNotFoundError; racing creators are fine, creation is idempotent
+        payloads = await js.create_object_store(s.PAYLOADS_BUCKET, config=api.ObjectStoreConfig(
+            ttl=PAYLOAD_TTL_S, storage=api.StorageType.FILE, replicas=replicas))
+    return buckets, payloads
 
 
 async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float | None, replicas: int) -> KeyValue:
@@ -127,24 +212,72 @@ async def kv_create(kv: KeyValue, key: str, value: bytes) -> bytes | None:
 # ---------------------------------------------------------------- futures
 
 
+def trace_carrier() -> dict[str, str]:
+    """The current trace context as W3C headers (``traceparent``), for records that travel
+    through KV rather than as messages."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
 async def finish_future(bus: Bus, pending: FutureRecord, result: Result) -> None:
-    await kv_put(bus.kv[s.FUTURES_BUCKET], pending.request_id,
-                 pending.model_copy(update={"status": "done", "result": result}))
+    await kv_put(bus.kv[s.FUTURES_BUCKET], pending.request_id, pending.model_copy(
+        update={"status": "done", "result": result, "trace": trace_carrier()}))
 
 
 async def fail_future(bus: Bus, pending: FutureRecord, error: str, category: str) -> None:
-    await kv_put(bus.kv[s.FUTURES_BUCKET], pending.request_id,
-                 pending.model_copy(update={"status": "failed", "error": error, "category": category}))
+    await kv_put(bus.kv[s.FUTURES_BUCKET], pending.request_id, pending.model_copy(update={
+        "status": "failed", "error": error, "category": category, "trace": trace_carrier()}))
 
 
 async def future_record(bus: Bus, request_id: str) -> FutureRecord | None:
     return await kv_get(bus.kv[s.FUTURES_BUCKET], request_id, FutureRecord)
 
 
+def work_headers(message: Message) -> dict[str, str]:
+    """Headers naming the work a message carries, read by the fate wrapper and the logs even
+    when the body cannot be decoded."""
+    headers: dict[str, str] = {"content-type": "application/json"}
+    for attr, header in (("request_id", s.REQUEST_ID_HEADER), ("tenant", s.TENANT_HEADER),
+                         ("run_id", s.RUN_HEADER), ("base_model", s.MODEL_HEADER)):
+        value = getattr(message, attr, None)
+        if isinstance(value, str):
+            headers[header] = value
+    command = getattr(message, "command", None)
+    op = getattr(command, "op", None) or getattr(message, "op", None)
+    if isinstance(op, str):
+        headers[s.OP_HEADER] = op
+    return headers
+
+
 async def publish(bus: Bus, subject: str, message: Message, msg_id: str | None = None) -> None:
-    """Publish durably (JetStream) and wait for the stream's acknowledgement."""
-    headers = {s.MSG_ID_HEADER: msg_id} if msg_id else None
-    await bus.js.publish(subject, message.encode(), headers=headers)
+    """Publish durably (JetStream) through the broker (so the trace context travels in the
+    headers) and wait for the stream's acknowledgement. ``msg_id`` de-duplicates within the
+    stream's window. A body over ``OFFLOAD_BYTES`` goes to the object store."""
+    data = message.encode()
+    headers = work_headers(message)
+    if msg_id:
+        headers[s.MSG_ID_HEADER] = msg_id
+    if len(data) > OFFLOAD_BYTES:
+        name = f"{s.token(msg_id) if msg_id else uuid.uuid4().hex}"
+        await bus.payloads.put(name, data)
+        headers[s.PAYLOAD_REF_HEADER] = name
+        data = b""
+    await bus.broker.publish(data, subject, headers=headers, stream=stream_of(subject),
+                             timeout=PUBLISH_TIMEOUT_S)
+
+
+async def load_payload(bus: Bus, headers: Mapping[str, Any]) -> bytes | None:
+    """The offloaded body a message refers to, or None when it carries its body inline."""
+    name = headers.get(s.PAYLOAD_REF_HEADER) if headers else None
+    if not name:
+        return None
+    buffer = io.BytesIO()
+    try:
+        await bus.payloads.get(str(name), writeinto=buffer)
+    except ObjectNotFoundError:
+        raise LookupError(f"offloaded payload {name!r} is missing") from None
+    return buffer.getvalue()
 
 
 async def publish_usage(bus: Bus, events: Sequence[UsageEvent]) -> None:
@@ -172,21 +305,17 @@ async def set_queue_state(bus: Bus, request_id: str, state: str) -> None:
     if record.final or record.queue_state == state:
         return
     try:
-        await kv.update(request_id, record.model_copy(update={"queue_state": state}).encode(), last=entry.revision)
+        await kv.update(request_id, record.model_copy(update={"queue_state": state}).encode(),
+                        last=entry.revision)
     except KeyWrongLastSequenceError:
         pass
 
 
-async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout_s: float, log=None) -> list:
-    """Pull up to ``batch`` messages, waiting at most ``timeout_s`` for the first; [] when none
-    came (nats-py raises either its own or asyncio's TimeoutError for that) or the connection is
-    down (a pull loop simply tries again)."""
+async def consumer_depth(bus: Bus, stream: str, consumer: str) -> int | None:
+    """Messages waiting for ``consumer`` (pending plus delivered-unacknowledged), or None when
+    the consumer does not exist (yet)."""
     try:
-        return await sub.fetch(batch, timeout=timeout_s)
-    except (nats.errors.TimeoutError, asyncio.TimeoutError):
-        return []
-    except nats.errors.Error as exc:
-        if log is not None:
-            log.warning("fetch failed", error=str(exc))
-        await asyncio.sleep(0.5)
-        return []
+        info = await bus.js.consumer_info(stream, consumer)
+    except (NotFoundError, nats.errors.Error):
+        return None
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)

@@ -17,6 +17,9 @@ TRAIN_STREAM = "WS_TRAIN"
 SAMPLE_STREAM = "WS_SAMPLE"
 USAGE_STREAM = "WS_USAGE"
 CONTROL_STREAM = "WS_CONTROL"
+# Dead letters (limits retention: kept for inspection and replay, see ``deadletter.py``).
+DEADLETTER_STREAM = "WS_DEADLETTER"
+DEADLETTER_PREFIX = "ws.dlq"  # ws.dlq.<original subject>
 
 # Subjects.
 TRAIN_PREFIX = "ws.train"  # ws.train.<run token>: the durable queue of one training run
@@ -41,9 +44,20 @@ SAMPLERS_BUCKET = "ws_samplers"  # sampler token -> SamplingSessionRecord
 CHECKPOINTS_BUCKET = "ws_checkpoints"  # <run token>.<kind>.<name token> -> CheckpointRecord
 PLACEMENTS_BUCKET = "ws_placements"  # run token -> worker id
 
+# Object store: payloads over the bus limit (the message carries the object's name).
+PAYLOADS_BUCKET = "ws_payloads"
+
 # Headers.
 MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream de-duplication within the stream's window
 TENANT_HEADER = "Ws-Tenant"
+REQUEST_ID_HEADER = "Ws-Request-Id"  # lets the fate wrapper fail a future it cannot decode
+OP_HEADER = "Ws-Op"
+MODEL_HEADER = "Ws-Model"  # the base model a message's work runs on (metrics labels)
+RUN_HEADER = "Ws-Run"
+PAYLOAD_REF_HEADER = "Ws-Payload-Ref"  # the body lies in the object store under this name
+DLQ_SUBJECT_HEADER = "Ws-Dlq-Subject"  # dead letters: where the message was published
+DLQ_ERROR_HEADER = "Ws-Dlq-Error"
+DLQ_DELIVERIES_HEADER = "Ws-Dlq-Deliveries"
 
 
 def token(name: str) -> str:
@@ -82,3 +96,7 @@ def heartbeat_subject(role: str, worker_id: str) -> str:
 
 def assign_subject(worker_id: str) -> str:
     return f"{ASSIGN_PREFIX}.{token(worker_id)}"
+
+
+def deadletter_subject(subject: str) -> str:
+    return f"{DEADLETTER_PREFIX}.{subject}"

@@ -10,6 +10,7 @@ from services.billing.prices import DEFAULT_PRICE_TABLE, PriceTable
 from services.billing.settings import BillingSettings
 from whetstone import bus as b
 from whetstone.observability import configure_logging
+from whetstone.service import serve
 
 
 async def main() -> None:
@@ -17,9 +18,10 @@ async def main() -> None:
     log = configure_logging("billing", settings.log_level)
     prices = PriceTable.from_json(settings.prices_file) if settings.prices_file else DEFAULT_PRICE_TABLE
     ledger = Ledger.connect(settings.dsn())
-    bus = await b.connect(settings.nats_url, "billing")
-    await BillingService(settings, bus, ledger, prices, log).start()
-    await asyncio.Event().wait()
+    bus = await b.connect(settings.nats_url, "billing", service="billing")
+    billing = BillingService(settings, bus, ledger, prices, log)
+    await billing.declare()
+    await serve(bus, settings.metrics_port, log, on_start=billing.start, on_stop=billing.stop)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from services.sampler.handlers import SamplerWorker
 from services.sampler.settings import SamplerSettings
 from whetstone import bus as b
 from whetstone.observability import configure_logging
+from whetstone.service import serve
 
 
 async def main() -> None:
@@ -22,10 +23,12 @@ async def main() -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     spec = settings.registry().resolve(settings.base_model)
-    engine = SamplerEngine(spec.path, device=settings.device, max_adapters=settings.max_adapters)
-    bus = await b.connect(settings.nats_url, settings.worker_id)
-    await SamplerWorker(settings, bus, engine, settings.checkpoint_store(), log).start()
-    await asyncio.Event().wait()
+    engine = SamplerEngine.from_spec(spec, device=settings.device or None,
+                                     max_adapters=settings.max_adapters)
+    bus = await b.connect(settings.nats_url, settings.worker_id, service="sampler")
+    worker = SamplerWorker(settings, bus, engine, settings.checkpoint_store(), log)
+    await worker.declare()
+    await serve(bus, settings.metrics_port, log, on_start=worker.start)
 
 
 if __name__ == "__main__":

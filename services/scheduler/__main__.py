@@ -8,14 +8,16 @@ from services.scheduler.handlers import Scheduler
 from services.scheduler.settings import SchedulerSettings
 from whetstone import bus as b
 from whetstone.observability import configure_logging
+from whetstone.service import serve
 
 
 async def main() -> None:
     settings = SchedulerSettings()
     log = configure_logging("scheduler", settings.log_level)
-    bus = await b.connect(settings.nats_url, "scheduler")
-    await Scheduler(settings, bus, log).start()
-    await asyncio.Event().wait()
+    bus = await b.connect(settings.nats_url, "scheduler", service="scheduler")
+    scheduler = Scheduler(settings, bus, log)
+    await scheduler.declare()
+    await serve(bus, settings.metrics_port, log, on_start=scheduler.start, on_stop=scheduler.stop)
 
 
 if __name__ == "__main__":

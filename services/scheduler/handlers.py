@@ -1,10 +1,13 @@
 """The scheduler's bus side.
 
-Consumes worker heartbeats (``ws.ctl.heartbeat.>``) and the durable placement queue
-``ws.ctl.place`` (consumer ``scheduler``). For each new run it picks a live trainer worker that
-serves the run's base model, records the placement in KV ``ws_placements`` and asks the worker
-to take the run (``ws.ctl.assign.<worker>``). While no worker has room the request stays in the
-queue and its future reports ``paused_capacity``; a heartbeat that brings room wakes it.
+Consumes worker heartbeats (``ws.ctl.heartbeat.trainer.*``, core NATS) and the durable placement
+queue ``ws.ctl.place`` (consumer ``scheduler``). For each new run it picks a live trainer worker
+that serves the run's base model, records the placement in KV ``ws_placements`` and asks the
+worker to take the run (``ws.ctl.assign.<worker>``, request/reply).
+
+While no worker has room, the request is held unacknowledged (``fate.hold``, kept alive with
+in-progress acks) and its future reports ``paused_capacity``; a heartbeat that brings room wakes
+the retry loop at once, and a timer retries now and then anyway (a worker that did not answer).
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import asyncio
 import time
 
 import nats.errors
-from nats.aio.msg import Msg
-from nats.js import api
+from faststream import AckPolicy
+from faststream.nats import JStream, NatsMessage, PullSub
 
 from services.scheduler.placement import Placement
 from services.scheduler.settings import SchedulerSettings
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.tasks import spawn
+from whetstone.fate import consumer_config, decoder_for, hold
 from whetstone.messages import AssignReply, AssignRun, PlaceRun, WorkerHeartbeat
+from whetstone.tasks import spawn
+
+PLACE_ACK_WAIT_S = 120.0
 
 
 class Scheduler:
@@ -31,43 +37,51 @@ class Scheduler:
         self.log = log
         self.placement = Placement(settings.worker_timeout_s)
         self._capacity = asyncio.Event()  # set when a heartbeat brings room for waiting runs
+        self._waiting: dict[str, tuple[PlaceRun, NatsMessage]] = {}
+
+    async def declare(self) -> None:
+        await b.subscribe(self.bus, self.handle_heartbeat, f"{s.HEARTBEAT_PREFIX}.trainer.*",
+                          decoder=decoder_for(WorkerHeartbeat), title="trainer heartbeats")
+        await b.subscribe(
+            self.bus, self.handle_place, s.PLACE_SUBJECT,
+            stream=JStream(s.CONTROL_STREAM, declare=False), durable=s.SCHEDULER_CONSUMER,
+            pull_sub=PullSub(batch_size=16, timeout=1.0), config=consumer_config(PLACE_ACK_WAIT_S),
+            ack_policy=AckPolicy.MANUAL, decoder=decoder_for(PlaceRun), title="run placement",
+        )
 
     async def start(self) -> None:
-        await self.bus.nc.subscribe(f"{s.HEARTBEAT_PREFIX}.trainer.*", cb=self.handle_heartbeat)
-        spawn(self._place_loop(), self.log, "placement")
+        spawn(self._retry_loop(), self.log, "placement retries")
         self.log.info("scheduler ready")
 
-    async def handle_heartbeat(self, msg: Msg) -> None:
-        if self.placement.observe(WorkerHeartbeat.decode(msg.data)):
+    async def handle_heartbeat(self, beat: WorkerHeartbeat) -> None:
+        if self.placement.observe(beat):
             self._capacity.set()
 
-    async def _place_loop(self) -> None:
-        """Runs that cannot be placed wait here, unacknowledged (kept alive with in-progress
-        acks), and are tried again as soon as a heartbeat brings capacity, not on a timer."""
-        ack_wait_s = 120.0
-        config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait_s)
-        sub = await self.bus.js.pull_subscribe(
-            s.PLACE_SUBJECT, durable=s.SCHEDULER_CONSUMER, stream=s.CONTROL_STREAM, config=config
-        )
-        waiting: dict[str, tuple[PlaceRun, Msg]] = {}
-        last_keepalive = last_retry = time.monotonic()
+    async def handle_place(self, request: PlaceRun, msg: NatsMessage) -> None:
+        if not await self.place(request):
+            hold(msg)  # waits for capacity, unacknowledged: a restart of ours loses nothing
+            self._waiting[request.request_id] = (request, msg)
+
+    async def _retry_loop(self) -> None:
+        last_keepalive = time.monotonic()
         while True:
-            fresh = await b.fetch(sub, 16, self.settings.poll_interval_s if waiting else 1.0, self.log)
-            # Retry on new capacity, and now and then anyway (a worker that did not answer).
-            retry = self._capacity.is_set() or time.monotonic() - last_retry > self.settings.retry_interval_s
+            try:
+                await asyncio.wait_for(self._capacity.wait(), self.settings.retry_interval_s)
+            except asyncio.TimeoutError:
+                pass
             self._capacity.clear()
-            if retry:
-                last_retry = time.monotonic()
-            todo = [(PlaceRun.decode(m.data), m) for m in fresh] + (list(waiting.values()) if retry else [])
-            for request, msg in todo:
+            for request_id, (request, msg) in list(self._waiting.items()):
                 if await self.place(request):
-                    await msg.ack()
-                    waiting.pop(request.request_id, None)
-                else:
-                    waiting[request.request_id] = (request, msg)
-            if waiting and time.monotonic() - last_keepalive > ack_wait_s / 4:
-                await asyncio.gather(*(m.in_progress() for _, m in waiting.values()))
+                    self._waiting.pop(request_id, None)
+                    await self.bus.fate.settle(msg, None)
+            if self._waiting and time.monotonic() - last_keepalive > PLACE_ACK_WAIT_S / 4:
+                await asyncio.gather(*(m.in_progress() for _, m in self._waiting.values()))
                 last_keepalive = time.monotonic()
+
+    async def stop(self) -> None:
+        """Hand waiting requests back to the stream at once (a standby scheduler takes them)."""
+        waiting, self._waiting = self._waiting, {}
+        await asyncio.gather(*(m.nack() for _, m in waiting.values()), return_exceptions=True)
 
     async def place(self, request: PlaceRun) -> bool:
         """Place one run; False when it must wait (no capacity, or the worker did not answer)."""
@@ -84,7 +98,8 @@ class Scheduler:
         self.placement.reserve(worker_id, run.run_id)
         try:
             reply_msg = await self.bus.nc.request(
-                s.assign_subject(worker_id), AssignRun(request_id=request.request_id, run=run).encode(),
+                s.assign_subject(worker_id),
+                AssignRun(request_id=request.request_id, run=run).encode(),
                 timeout=self.settings.assign_timeout_s,
             )
             reply = AssignReply.decode(reply_msg.data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 
 import torch
@@ -13,21 +12,22 @@ from services.trainer.handlers import TrainerWorker
 from services.trainer.settings import TrainerSettings
 from whetstone import bus as b
 from whetstone.observability import configure_logging
+from whetstone.service import serve
 
 
 async def main() -> None:
     settings = TrainerSettings()
-    settings.worker_id = settings.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
+    # A stable id: a restarted trainer is the same worker and takes its runs back.
+    settings.worker_id = settings.worker_id or f"trainer-{socket.gethostname()}"
     log = configure_logging("trainer", settings.log_level)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     spec = settings.registry().resolve(settings.base_model)
-    engine = TrainerEngine(spec.path, device=settings.device, max_lora_rank=spec.max_lora_rank,
-                           context_length=spec.context_length)
-    bus = await b.connect(settings.nats_url, settings.worker_id)
+    engine = TrainerEngine.from_spec(spec, device=settings.device or None)
+    bus = await b.connect(settings.nats_url, settings.worker_id, service="trainer")
     worker = TrainerWorker(settings, bus, engine, settings.checkpoint_store(), log)
-    await worker.start()
-    await asyncio.Event().wait()
+    await worker.declare()
+    await serve(bus, settings.metrics_port, log, on_start=worker.start, on_stop=worker.stop)
 
 
 if __name__ == "__main__":

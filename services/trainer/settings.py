@@ -14,3 +14,6 @@ class TrainerSettings(ServiceSettings):
     heartbeat_interval_s: float = 1.0
     ack_wait_s: float = 600.0  # a request held in the reorder buffer stays unacknowledged this long
     fetch_batch: int = 64
+    # A missing seq_id that holds later requests back this long fails them (the client spent
+    # it on a call that never reached the run's queue).
+    gap_timeout_s: float = 120.0

@@ -19,8 +19,8 @@ from services.trainer.settings import TrainerSettings
 from whetstone import bus as b
 from whetstone import tasks
 from whetstone.checkpoints import LocalCheckpointStore
-from whetstone.models.builtin import ensure_builtin_model
 from whetstone.observability import configure_logging
+from whetstone_ml.builtin import ensure_builtin_model
 
 StartTrainer = Callable[..., Awaitable[TrainerWorker]]
 
@@ -51,9 +51,17 @@ async def spawned(bus: b.Bus) -> AsyncIterator[None]:
         _, pending = await asyncio.wait(pending, timeout=0.5)
     # A pull subscription whose last fetch timed out keeps an unconsumed status message, and
     # drain (``Bus.close``) then waits its full 30 s timeout for it: unsubscribe them first.
+    for subscriber in list(bus.broker.subscribers):  # the services' FastStream consumers
+        try:
+            await subscriber.stop()
+        except Exception:  # noqa: BLE001 - already stopped
+            pass
     for sid, sub in list(bus.nc._subs.items()):
         if sid not in subs_before:
-            await sub.unsubscribe()
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - already gone (a FastStream subscriber stopped)
+                pass
 
 
 @pytest.fixture
@@ -68,6 +76,7 @@ async def start_trainer(bus: b.Bus, spawned: None, nats_url: str, tmp_path: Path
         engine = TrainerEngine(builtin_model)
         store = LocalCheckpointStore(tmp_path / "checkpoints")
         worker = TrainerWorker(settings, bus, engine, store, log)
+        await worker.declare()
         await worker.start()
         workers.append(worker)
         return worker

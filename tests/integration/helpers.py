@@ -7,9 +7,19 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import nats.errors
+
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.messages import FutureRecord
+
+
+async def fetch(sub, batch: int, timeout_s: float) -> list:
+    """Pull up to ``batch`` messages from a raw pull subscription; [] when none came in time."""
+    try:
+        return await sub.fetch(batch, timeout=timeout_s)
+    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        return []
 
 
 async def put_pending(bus: b.Bus, request_id: str, tenant: str, op: str) -> FutureRecord:

@@ -28,7 +28,9 @@ TENANT = "tenant-a"
 async def test_a_run_waits_for_capacity_then_lands_on_the_first_worker(
         bus: b.Bus, spawned: None, start_trainer, nats_url: str, tmp_path: Path, log) -> None:
     settings = SchedulerSettings(nats_url=nats_url, state_dir=tmp_path)
-    await Scheduler(settings, bus, log).start()
+    scheduler = Scheduler(settings, bus, log)
+    await scheduler.declare()
+    await scheduler.start()
 
     run_id = "sess-1:train:0"
     run = TrainingRunRecord(run_id=run_id, tenant=TENANT, session_id="sess-1", base_model=BUILTIN_MODEL_NAME,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from services.trainer.engine import TrainerEngine
-from tests.integration.helpers import eventually, put_pending, wait_final
+from tests.integration.helpers import eventually, fetch, put_pending, wait_final
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.messages import (
@@ -92,10 +92,10 @@ async def usage_events(bus: b.Bus, count: int, timeout_s: float = 10.0) -> list[
     deadline = loop.time() + timeout_s
     try:
         while len(got) < count and loop.time() < deadline:
-            for msg in await b.fetch(sub, count, 0.5):
+            for msg in await fetch(sub, count, 0.5):
                 got.append((UsageEvent.decode(msg.data), (msg.headers or {}).get(s.MSG_ID_HEADER, "")))
                 await msg.ack()
-        assert not await b.fetch(sub, 10, 0.3), "more usage events than expected"
+        assert not await fetch(sub, 10, 0.3), "more usage events than expected"
     finally:
         await sub.unsubscribe()  # a pull subscription left behind can stall the bus's drain
     return got
@@ -169,12 +169,15 @@ async def test_skip_fills_a_gap_and_a_user_error_fails_only_its_future(bus: b.Bu
     assert "target_tokens" in (r3.error or "")
     assert r4.status == "done" and isinstance(r4.result, ForwardBackwardResult)
 
-    # A second copy of seq 4 (another publish, another request id) is acknowledged, not run again.
+    # A second copy of seq 4 (another publish, another request id) is acknowledged, not run
+    # again, and its future says why instead of hanging.
     dup = TrainRequest(request_id="req-dup", tenant=TENANT, run_id=run_id, seq_id=4, command=good)
     await put_pending(bus, "req-dup", TENANT, "forward_backward")
     await b.publish(bus, s.train_subject(run_id), dup, msg_id="another-msg-id")
     await eventually(lambda: nothing_left_unacked(bus, run_id), what="every request acknowledged")
-    assert (await b.future_record(bus, "req-dup")).status == "pending"
+    dup_record = await b.future_record(bus, "req-dup")
+    assert (dup_record.status, dup_record.category, dup_record.result) == ("failed", "user", None)
+    assert "moved past it" in (dup_record.error or "")
 
     events = await usage_events(bus, 2)  # the failed request and the Skip bill nothing
     assert {e.event_id for e, _ in events} == {f"{rid2}:prefill_tokens", f"{rid4}:train_tokens"}

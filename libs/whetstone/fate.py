@@ -1,0 +1,265 @@
+"""Message fate, decided once (architecture.md §3.1): every consumer of every service runs under
+this FastStream middleware, and handlers only return or raise.
+
+| what happened                        | fate                                                  |
+|--------------------------------------|-------------------------------------------------------|
+| body does not decode / validate      | ``term``; counted; logged with subject and size only  |
+| handler raised ``UserError``         | the future fails with ``category: "user"``; ``ack``   |
+| handler raised anything else         | ``nak`` with back-off, up to ``MAX_DELIVER`` tries;   |
+|                                      | then the dead-letter stream, the future fails with    |
+|                                      | ``category: "server"``, and ``term``                  |
+| handler returned                     | ``ack``, unless it held the message (``hold``)        |
+
+Core NATS messages (heartbeats, request/reply) have no acknowledgement: a failure is counted and
+logged, and the service carries on. No exception leaves this wrapper, so no message can stop a
+service.
+
+The one place that keeps a message unacknowledged after its handler returns is the trainer's
+``seq_id`` reorder buffer (a request waiting for an earlier one): its handler calls ``hold(msg)``
+and settles the message itself later, through ``MessageFate.settle``, with the same rules.
+
+The futures a failing message belongs to are found from its headers (``Ws-Request-Id``,
+``Ws-Tenant``, ``Ws-Op``, set by ``bus.publish``), so even an undecodable request fails its
+future instead of leaving the client waiting.
+
+Dead letters (``ws.dlq.<subject>`` in stream ``WS_DEADLETTER``) keep the original headers and
+body plus the error, the delivery count and the original subject; ``deadletter.py`` lists and
+replays them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+import structlog
+from faststream import BaseMiddleware
+from faststream.nats import NatsMessage
+from nats.js import api
+from opentelemetry import propagate, trace
+
+from whetstone import metrics
+from whetstone import subjects as s
+from whetstone.errors import UserError, WhetstoneError
+from whetstone.messages import FutureRecord
+from whetstone.observability import bind_work, tracer_provider
+
+if TYPE_CHECKING:
+    from whetstone.bus import Bus
+
+MAX_DELIVER = 5  # tries of a message whose handler fails with a server error
+BACKOFF_S = (0.5, 2.0, 5.0, 15.0, 30.0)  # nak delay after the n-th failed try
+
+log = structlog.get_logger("fate")
+
+Undecodable = (pydantic.ValidationError, json.JSONDecodeError, UnicodeDecodeError, LookupError)
+
+
+def consumer_config(ack_wait_s: float, **extra: Any) -> api.ConsumerConfig:
+    """A durable pull consumer's configuration: explicit acks, and the server's own give-up
+    count one past ours, so the wrapper always sees the last try and dead-letters it."""
+    return api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
+                              max_deliver=MAX_DELIVER + 1, **extra)
+
+
+def decoder_for(model: type[pydantic.BaseModel]) -> Callable[[NatsMessage], Awaitable[Any]]:
+    """A FastStream decoder that validates the raw JSON body as ``model`` (pydantic's JSON mode,
+    so tensors' base64 bytes decode as bytes)."""
+
+    async def decode(msg: NatsMessage) -> Any:
+        return model.model_validate_json(msg.body)
+
+    return decode
+
+
+def hold(msg: NatsMessage) -> None:
+    """Leave ``msg`` unacknowledged when its handler returns; its holder settles it later."""
+    msg.ws_held = True  # type: ignore[attr-defined]
+
+
+def _held(msg: NatsMessage) -> bool:
+    return bool(getattr(msg, "ws_held", False))
+
+
+def queue_label(subject: str) -> str:
+    """A bounded label for a subject (per-run subjects would explode metric cardinality)."""
+    parts = subject.split(".")
+    return ".".join(parts[:3] if parts[:2] == ["ws", "ctl"] else parts[:2])
+
+
+def _deliveries(msg: NatsMessage) -> int:
+    try:
+        return int(msg.raw_message.metadata.num_delivered)
+    except Exception:  # noqa: BLE001 - not a JetStream message
+        return 1
+
+
+def _is_jetstream(msg: NatsMessage) -> bool:
+    return bool(msg.raw_message.reply and msg.raw_message.reply.startswith("$JS.ACK"))
+
+
+class MessageFate:
+    """The broker middleware (a factory: FastStream makes one scope per message)."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.bus: Bus | None = None  # set by ``bus.connect`` once the connection exists
+
+    def __call__(self, msg: Any, /, *, context: Any) -> _FateScope:
+        return _FateScope(msg, context=context, fate=self)
+
+    # ------------------------------------------------------------ the rules
+
+    async def settle(self, msg: NatsMessage, exc: BaseException | None, *, final: bool = False) -> None:
+        """Give ``msg`` its fate after its handling ended with ``exc`` (None: success).
+        ``final``: no retry is possible (the trainer retried in place already)."""
+        subject = msg.raw_message.subject
+        label = queue_label(subject)
+        headers = msg.headers or {}
+        op = str(headers.get(s.OP_HEADER, label))
+        if exc is None:
+            if not msg.committed:
+                await msg.ack()
+            metrics.MESSAGES.labels(self.service, label, "ack").inc()
+            return
+        if isinstance(exc, Undecodable):
+            log.warning("message undecodable; terminated", subject=subject,
+                        size=len(msg.raw_message.data or b""), error_type=type(exc).__name__)
+            metrics.MESSAGES.labels(self.service, label, "term").inc()
+            metrics.ERRORS.labels(self.service, op, "decode").inc()
+            await self.fail_from_headers(headers, "the request could not be decoded", "server")
+            await msg.reject()
+            return
+        if isinstance(exc, UserError):
+            metrics.MESSAGES.labels(self.service, label, "ack").inc()
+            metrics.ERRORS.labels(self.service, op, "user").inc()
+            await self.fail_from_headers(headers, exc.message, "user")
+            await msg.ack()
+            return
+        deliveries = _deliveries(msg)
+        metrics.ERRORS.labels(self.service, op, "server").inc()
+        if final or deliveries >= MAX_DELIVER:
+            log.error("message failed for good; dead-lettered", subject=subject,
+                      deliveries=deliveries, exc_info=exc)
+            await self.dead_letter(msg, exc, deliveries)
+            message = exc.message if isinstance(exc, WhetstoneError) else f"internal error: {exc}"
+            await self.fail_from_headers(headers, message, "server")
+            metrics.MESSAGES.labels(self.service, label, "dead_letter").inc()
+            await msg.reject()
+            return
+        delay = BACKOFF_S[min(deliveries, len(BACKOFF_S)) - 1]
+        log.warning("message failed; redelivering", subject=subject, deliveries=deliveries,
+                    delay_s=delay, exc_info=exc)
+        metrics.MESSAGES.labels(self.service, label, "nak").inc()
+        await msg.nack(delay=delay)
+
+    async def fail_from_headers(self, headers: Mapping[str, Any], error: str, category: str) -> None:
+        """Fail the future a message belongs to, if its headers name one that is still pending."""
+        from whetstone import bus as b
+
+        request_id, tenant = headers.get(s.REQUEST_ID_HEADER), headers.get(s.TENANT_HEADER)
+        if self.bus is None or not request_id or not tenant:
+            return
+        record = await b.future_record(self.bus, str(request_id))
+        if record is not None and (record.final or record.tenant != tenant):
+            return
+        pending = record or FutureRecord(request_id=str(request_id), tenant=str(tenant),
+                                         op=str(headers.get(s.OP_HEADER, "unknown")))
+        await b.fail_future(self.bus, pending, error, category)
+
+    async def dead_letter(self, msg: NatsMessage, exc: BaseException, deliveries: int) -> None:
+        """Keep the message (headers and body as published) in ``WS_DEADLETTER``."""
+        if self.bus is None:
+            return
+        raw = msg.raw_message
+        headers = {k: str(v) for k, v in (raw.headers or {}).items()
+                   if not k.startswith("Nats-")}
+        headers.update({s.DLQ_SUBJECT_HEADER: raw.subject, s.DLQ_DELIVERIES_HEADER: str(deliveries),
+                        s.DLQ_ERROR_HEADER: f"{type(exc).__name__}: {exc}"[:512]})
+        await self.bus.js.publish(s.deadletter_subject(raw.subject), raw.data or b"",
+                                  headers=headers, stream=s.DEADLETTER_STREAM)
+        metrics.DEAD_LETTERS.labels(self.service, queue_label(raw.subject)).inc()
+
+
+class _FateScope(BaseMiddleware):
+    def __init__(self, msg: Any, /, *, context: Any, fate: MessageFate) -> None:
+        super().__init__(msg, context=context)
+        self.fate = fate
+
+    async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: Any) -> Any:
+        headers = msg.headers or {}
+        subject = msg.raw_message.subject
+        bind_work(request_id=headers.get(s.REQUEST_ID_HEADER), run_id=headers.get(s.RUN_HEADER),
+                  tenant=headers.get(s.TENANT_HEADER), subject=subject)
+        jetstream = _is_jetstream(msg)
+        if jetstream:
+            self._record_queue_wait(msg)
+        started = time.perf_counter()
+        op = str(headers.get(s.OP_HEADER, queue_label(subject)))
+        metrics.IN_FLIGHT.labels(self.fate.service, op).inc()
+        try:
+            if jetstream and self.fate.bus is not None:
+                from whetstone import bus as b
+
+                body = await b.load_payload(self.fate.bus, headers)
+                if body is not None:
+                    msg.body = body
+            result = await call_next(msg)
+        except Exception as exc:  # noqa: BLE001 - the wrapper decides every failure's fate
+            if jetstream:
+                await self._safely(self.fate.settle(msg, exc))
+            else:
+                self._core_failure(msg, exc)
+            return None
+        finally:
+            metrics.IN_FLIGHT.labels(self.fate.service, op).dec()
+        if jetstream and not _held(msg):
+            await self._safely(self.fate.settle(msg, None))
+        if not jetstream:
+            metrics.MESSAGES.labels(self.fate.service, queue_label(subject), "ok").inc()
+        metrics.REQUEST_LATENCY.labels(self.fate.service, op, str(headers.get(s.MODEL_HEADER, ""))
+                                       ).observe(time.perf_counter() - started)
+        return result
+
+    def _core_failure(self, msg: Any, exc: BaseException) -> None:
+        subject = msg.raw_message.subject
+        kind = "decode" if isinstance(exc, Undecodable) else "server"
+        metrics.MESSAGES.labels(self.fate.service, queue_label(subject), kind).inc()
+        metrics.ERRORS.labels(self.fate.service, queue_label(subject), kind).inc()
+        if kind == "decode":
+            log.warning("message undecodable; dropped", subject=subject,
+                        size=len(msg.raw_message.data or b""), error_type=type(exc).__name__)
+        else:
+            log.error("handler failed", subject=subject, exc_info=exc)
+
+    async def _safely(self, settling: Awaitable[None]) -> None:
+        try:
+            await settling
+        except Exception:  # noqa: BLE001 - the bus is down: the message will be redelivered
+            log.exception("could not settle a message; it will be redelivered")
+
+    def _record_queue_wait(self, msg: Any) -> None:
+        """The time the message waited in its stream, as a span of the request's trace and as
+        a histogram per queue."""
+        try:
+            published: datetime = msg.raw_message.metadata.timestamp
+        except Exception:  # noqa: BLE001 - no metadata: nothing to record
+            return
+        now = datetime.now(timezone.utc)
+        wait_s = max(0.0, (now - published).total_seconds())
+        subject = msg.raw_message.subject
+        headers = msg.headers or {}
+        metrics.QUEUE_WAIT.labels(self.fate.service, queue_label(subject),
+                                  str(headers.get(s.MODEL_HEADER, ""))).observe(wait_s)
+        parent = propagate.extract(dict(headers))
+        tracer = tracer_provider(self.fate.service).get_tracer("whetstone.bus")
+        span = tracer.start_span(f"queued {queue_label(subject)}", context=parent,
+                                 start_time=int(published.timestamp() * 1e9),
+                                 kind=trace.SpanKind.INTERNAL,
+                                 attributes={"messaging.destination.name": subject,
+                                             "whetstone.queue_wait_s": wait_s})
+        span.end(end_time=int(now.timestamp() * 1e9))
