@@ -49,7 +49,8 @@ from tinker import types  # noqa: E402
 
 from services.trainer.engine import TrainerEngine  # noqa: E402
 from whetstone.messages import Datum, ForwardBackward, LoraConfig  # noqa: E402
-from whetstone.models.builtin import BUILTIN_MODEL_NAME, VOCAB_SIZE, ensure_builtin_model  # noqa: E402
+from whetstone.models.builtin import BUILTIN_MODEL_NAME, VOCAB_SIZE  # noqa: E402
+from whetstone_ml.builtin import ensure_builtin_model  # noqa: E402
 from whetstone.platform import start_platform  # noqa: E402
 from whetstone.tensors import Tensor  # noqa: E402
 

@@ -17,6 +17,10 @@ JSON layout (all numbers are USD per 1,000,000 tokens)::
 
 ``default`` prices every base model that ``models`` does not list, so a model added to the
 registry is billed (not silently free) before anyone remembers to price it.
+
+The model registry (``whetstone.models.registry``, the operator's models file) may also price
+each base model; :meth:`PriceTable.from_registry` lays those prices over this table (the JSON
+file's, or the built-in default), so one file can configure a model's serving and its price.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Mapping, get_args
 
 from whetstone.messages import Meter
+from whetstone.models.registry import ModelRegistry
 
 TOKENS_PER_PRICE_UNIT = 1_000_000
 METERS: tuple[Meter, ...] = get_args(Meter)
@@ -100,6 +105,20 @@ class PriceTable:
     @classmethod
     def from_json(cls, path: str | Path) -> PriceTable:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_registry(cls, registry: ModelRegistry, base: PriceTable | None = None) -> PriceTable:
+        """``base`` (default: the built-in table) with every registry entry's own prices on top.
+
+        A model the registry prices is billed at the registry's price, even where ``base`` lists
+        it too; a model without prices keeps ``base``'s price for it, or ``base.default``.
+        """
+        base = base or DEFAULT_PRICE_TABLE
+        models = dict(base.models)
+        for spec in registry.specs():
+            if spec.prices is not None:
+                models[spec.name] = Price.from_dict(spec.prices)
+        return cls(default=base.default, models=models)
 
     def to_dict(self) -> dict[str, object]:
         return {

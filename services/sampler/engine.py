@@ -27,10 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 
 from whetstone.errors import UserError, WhetstoneError
-from whetstone.lora import LoraAdapter, LoraModel, Segment
+from whetstone.models.registry import ModelSpec
+from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
+from whetstone_ml.lora import LoraAdapter, LoraModel, Segment
 from whetstone.messages import SampledSequence, SampleRequest, SampleResult
 from whetstone.tensors import Tensor
 
@@ -54,18 +56,25 @@ class SamplerEngine:
     ``max_adapters`` bounds how many adapters stay resident; the least recently used one is
     unloaded when a new one arrives, so a handler must call :meth:`ensure_adapter` for every
     adapter of a batch right before :meth:`generate`.
+
+    ``dtype`` (a torch dtype or its registry name) is the base weights' dtype; adapters are cast
+    to it when loaded, and sampling and logprobs run in float32 on the logits. ``context_length``
+    defaults to the config's ``max_position_embeddings``. :meth:`from_spec` builds one from a
+    registry entry.
     """
 
     def __init__(
         self,
         model_dir: Path,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype = torch.float32,
         max_adapters: int = 32,
+        context_length: int | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.dtype = torch_dtype(dtype)
         self.max_adapters = max_adapters
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to() wrongly
+        base = load_base_model(model_dir, self.dtype, self.device)
         self.lora = LoraModel(base)
         # Decoder and head are called separately: the prefill then only projects the positions
         # it needs onto the vocabulary (the last one, plus the prompt where logprobs are asked).
@@ -74,7 +83,7 @@ class SamplerEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.config = base.config
         self.vocab_size = int(base.config.vocab_size)
-        self.context_length = int(base.config.max_position_embeddings)
+        self.context_length = context_length or int(base.config.max_position_embeddings)
         vocab = self.tokenizer.get_vocab()
         eos = {vocab[t] for t in EOS_TOKENS if t in vocab}
         if self.tokenizer.eos_token_id is not None:
@@ -83,6 +92,23 @@ class SamplerEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self._adapters: OrderedDict[str, Path] = OrderedDict()
+
+    @classmethod
+    def from_spec(
+        cls, spec: ModelSpec, *, device: str | None = None, max_adapters: int = 32
+    ) -> SamplerEngine:
+        """The engine for a registry entry: its directory (the built-in model is generated there
+        if missing), dtype, device and context length. ``device`` overrides the registry's device
+        (see ``ModelSpec.on_device`` for what that does to the dtype)."""
+        if device:
+            spec = spec.on_device(device)
+        return cls(
+            local_model_dir(spec),
+            device=spec.device,
+            dtype=spec.dtype,
+            max_adapters=max_adapters,
+            context_length=spec.context_length,
+        )
 
     # ------------------------------------------------------------------------------ adapters
 
@@ -95,7 +121,7 @@ class SamplerEngine:
         if adapter_id in self._adapters:
             self._adapters.move_to_end(adapter_id)
             return
-        adapter = LoraAdapter.load_peft(Path(directory), device=self.device)
+        adapter = LoraAdapter.load_peft(Path(directory), device=self.device, dtype=self.dtype)
         for name, f in adapter.factors.items():
             layer = self.lora.layers.get(name)
             if layer is None:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
 from whetstone.errors import Conflict, NotFound, UserError
-from whetstone.lora import LoraAdapter, LoraModel, Segment
+from whetstone.models.registry import ModelSpec
+from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
+from whetstone_ml.lora import LoraAdapter, LoraModel, Segment
 from whetstone.messages import AdamParams, Datum, ForwardBackward, ForwardBackwardResult, LoraConfig, OptimStepResult
 from whetstone.tensors import Tensor
 
@@ -118,9 +119,12 @@ def _check_adam(adam: AdamParams) -> None:
 class TrainerEngine:
     """One base model (frozen, shared) and the LoRA runs trained on it.
 
-    ``model_dir`` is a Hugging Face directory. ``device``/``dtype`` place the base weights (the
-    adapters stay float32); ``context_length`` defaults to the config's ``max_position_embeddings``;
+    ``model_dir`` is a Hugging Face directory. ``device``/``dtype`` place the base weights
+    (``dtype`` a torch dtype or its registry name, ``"bfloat16"``); the adapters' factors and
+    their AdamW moments stay float32 master weights whatever the base dtype, and logprobs are
+    computed in float32. ``context_length`` defaults to the config's ``max_position_embeddings``;
     ``base_model_name`` is recorded in exported adapters (default: ``model_dir``).
+    :meth:`from_spec` builds one from a registry entry.
     """
 
     def __init__(
@@ -128,13 +132,14 @@ class TrainerEngine:
         model_dir: Path,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype = torch.float32,
         max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
         context_length: int | None = None,
         base_model_name: str | None = None,
     ) -> None:
         self.device = torch.device(device)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to() wrongly
+        self.dtype = torch_dtype(dtype)
+        model = load_base_model(model_dir, self.dtype, self.device)
         self.lora = LoraModel(model)
         config = model.config
         self.vocab_size: int = int(config.vocab_size)
@@ -144,6 +149,21 @@ class TrainerEngine:
         self.pad_id = 0  # any valid id: padded positions are masked and never read
         self.runs: dict[str, RunState] = {}
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, *, device: str | None = None) -> TrainerEngine:
+        """The engine for a registry entry: its directory (the built-in model is generated there
+        if missing), dtype, device, LoRA rank limit and context length. ``device`` overrides the
+        registry's device (see ``ModelSpec.on_device`` for what that does to the dtype)."""
+        if device:
+            spec = spec.on_device(device)
+        return cls(
+            local_model_dir(spec),
+            device=spec.device,
+            dtype=spec.dtype,
+            max_lora_rank=spec.max_lora_rank,
+            context_length=spec.context_length,
+        )
 
     # ------------------------------------------------------------ runs
 

@@ -14,8 +14,8 @@ import torch
 from services.sampler.engine import SamplerEngine
 from services.trainer.engine import TrainerEngine
 from whetstone.messages import AdamParams, Datum, ForwardBackward, LoraConfig, SampleRequest, SamplingParams
-from whetstone.models.builtin import ensure_builtin_model
 from whetstone.tensors import Tensor
+from whetstone_ml.builtin import ensure_builtin_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

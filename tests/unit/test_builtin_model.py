@@ -12,14 +12,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from whetstone.errors import UnknownModel, UserError
-from whetstone.models import builtin
 from whetstone.models.builtin import (
     BUILTIN_MODEL_DIRNAME,
     BUILTIN_MODEL_NAME,
+    CONTEXT_LENGTH,
     SPECIAL_TOKENS,
-    ensure_builtin_model,
+    VOCAB_SIZE,
+    ensure_builtin_model_in_subprocess,
 )
-from whetstone.models.registry import ModelRegistry, ModelSpec, default_registry, load_registry
+from whetstone.models.registry import ModelRegistry, ModelSpec, builtin_spec, default_registry
+from whetstone_ml import builtin
+from whetstone_ml.builtin import ensure_builtin_model
 
 
 def _hashes(model_dir: Path) -> dict[str, str]:
@@ -123,12 +126,32 @@ def test_registry_rejects_unknown_models(model_dir: Path, tmp_path: Path) -> Non
         assert info.value.message == f"unknown base model {name!r}; served: {BUILTIN_MODEL_NAME}"
 
 
-def test_load_registry_adds_extra_models(model_dir: Path) -> None:
-    registry = load_registry(model_dir.parent, {"local/copy": model_dir})
+def test_registry_registers_more_models_once(model_dir: Path) -> None:
+    registry = default_registry(model_dir.parent)
+    registry.register(ModelSpec.from_dir("local/copy", model_dir))
     assert registry.names() == ["local/copy", BUILTIN_MODEL_NAME]
     assert registry.resolve("local/copy").vocab_size == 2048
     with pytest.raises(ValueError):
         ModelRegistry([registry.resolve("local/copy")] * 2)
+
+
+def test_builtin_spec_needs_no_generated_model(model_dir: Path, tmp_path: Path) -> None:
+    """The constants the control plane uses match what generation writes to config.json."""
+    before = builtin_spec(tmp_path)
+    assert not before.path.exists()
+    assert (before.context_length, before.vocab_size) == (CONTEXT_LENGTH, VOCAB_SIZE)
+    assert builtin_spec(model_dir.parent) == ModelSpec(
+        BUILTIN_MODEL_NAME, model_dir, CONTEXT_LENGTH, VOCAB_SIZE
+    )
+
+
+def test_subprocess_generation_only_runs_when_missing(model_dir: Path, tmp_path: Path) -> None:
+    assert ensure_builtin_model_in_subprocess(model_dir.parent) == model_dir
+    fake = tmp_path / "fake"
+    # A directory that exists is trusted as it is: no child process rebuilds it.
+    (fake / BUILTIN_MODEL_DIRNAME).mkdir(parents=True)
+    assert ensure_builtin_model_in_subprocess(fake) == fake / BUILTIN_MODEL_DIRNAME
+    assert list((fake / BUILTIN_MODEL_DIRNAME).iterdir()) == []
 
 
 def test_losing_the_rename_race_uses_the_winner(
@@ -153,7 +176,7 @@ def test_concurrent_processes_end_with_one_valid_directory(
 ) -> None:
     code = (
         "import sys; from pathlib import Path; "
-        "from whetstone.models.builtin import ensure_builtin_model; "
+        "from whetstone_ml.builtin import ensure_builtin_model; "
         "print(ensure_builtin_model(Path(sys.argv[1])))"
     )
     procs = [

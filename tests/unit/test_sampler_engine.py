@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from services.sampler.engine import SamplerEngine
 from whetstone.errors import UserError
-from whetstone.lora import LoraAdapter
 from whetstone.messages import LoraConfig, SampleRequest, SamplingParams
-from whetstone.models.builtin import ensure_builtin_model
 from whetstone.tensors import Tensor
+from whetstone_ml.builtin import ensure_builtin_model
+from whetstone_ml.lora import LoraAdapter
 
 PROMPTS = [
     "Q: What is the capital of France?\nA:",

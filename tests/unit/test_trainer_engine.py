@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from services.trainer.engine import TrainerEngine, build_batch, num_tokens
 from whetstone.errors import Conflict, NotFound, UserError
-from whetstone.lora import LoraAdapter
 from whetstone.messages import AdamParams, Datum, ForwardBackward, LoraConfig
 from whetstone.tensors import Tensor
+from whetstone_ml.lora import LoraAdapter
 
 VOCAB = 300
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import math
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -117,11 +117,14 @@ class LoraModel:
                     setattr(module, child_name, wrapped)
                     self.layers[f"{name}.{child_name}" if name else child_name] = wrapped
 
-    def add(self, adapter_id: str, adapter: "LoraAdapter") -> None:
+    def add(self, adapter_id: str, adapter: LoraAdapter) -> None:
         for name, factors in adapter.factors.items():
             layer = self.layers.get(name)
-            if layer is None or factors.a.shape[1] != layer.base.in_features \
-                    or factors.b.shape[0] != layer.base.out_features:
+            if (
+                layer is None
+                or factors.a.shape[1] != layer.base.in_features
+                or factors.b.shape[0] != layer.base.out_features
+            ):
                 raise UserError(f"adapter does not fit this base model (module {name!r})")
         for name, factors in adapter.factors.items():
             self.layers[name].adapters[adapter_id] = factors
@@ -142,11 +145,15 @@ class LoraAdapter:
     factors: dict[str, LoraFactors]
 
     @classmethod
-    def init(cls, model: LoraModel, config: LoraConfig, device: torch.device | None = None) -> "LoraAdapter":
+    def init(
+        cls, model: LoraModel, config: LoraConfig, device: torch.device | None = None
+    ) -> LoraAdapter:
         """A fresh adapter: A from PEFT's Kaiming-uniform init drawn from ``config.seed``, B zero,
-        so a new adapter leaves the base model's outputs unchanged."""
+        so a new adapter leaves the base model's outputs unchanged. The factors are float32
+        whatever the base model's dtype: they are the master weights the optimizer updates."""
         # A private generator: never reseed the process's global one (other code relies on it).
-        gen = torch.Generator().manual_seed(config.seed if config.seed is not None else secrets.randbits(63))
+        seed = config.seed if config.seed is not None else secrets.randbits(63)
+        gen = torch.Generator().manual_seed(seed)
         wanted = target_modules(config)
         scale = LORA_ALPHA / config.rank
         factors: dict[str, LoraFactors] = {}
@@ -158,7 +165,9 @@ class LoraAdapter:
             a = (torch.rand(config.rank, base.in_features, generator=gen) * 2 - 1) * bound
             b = torch.zeros(base.out_features, config.rank)
             dev = device or base.weight.device
-            factors[name] = LoraFactors(a.to(dev).requires_grad_(), b.to(dev).requires_grad_(), scale)
+            factors[name] = LoraFactors(
+                a.to(dev).requires_grad_(), b.to(dev).requires_grad_(), scale
+            )
         return cls(config, factors)
 
     def parameters(self) -> list[torch.Tensor]:
@@ -195,15 +204,32 @@ class LoraAdapter:
         return sum((directory / f).stat().st_size for f in files)
 
     @classmethod
-    def load_peft(cls, directory: Path, device: torch.device | str = "cpu", trainable: bool = False) -> "LoraAdapter":
-        """Load a plain-LoRA PEFT adapter; PEFT variants this layer cannot apply are refused."""
+    def load_peft(
+        cls,
+        directory: Path,
+        device: torch.device | str = "cpu",
+        trainable: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> LoraAdapter:
+        """Load a plain-LoRA PEFT adapter; PEFT variants this layer cannot apply are refused.
+
+        ``dtype`` casts the factors (a sampler keeps them in the base model's dtype); ``None``
+        keeps the file's (float32 for Whetstone's own adapters, the trainer's master weights).
+        """
         peft_config = json.loads((directory / "adapter_config.json").read_text())
-        for option in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "fan_in_fan_out"):
+        unsupported = (
+            "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
+            "fan_in_fan_out",
+        )
+        for option in unsupported:
             if peft_config.get(option):
                 raise UserError(f"unsupported PEFT adapter option {option!r}")
         ours = directory / WHETSTONE_CONFIG
-        config = (LoraConfig.model_validate_json(ours.read_text()) if ours.exists()
-                  else LoraConfig(rank=peft_config["r"]))
+        config = (
+            LoraConfig.model_validate_json(ours.read_text())
+            if ours.exists()
+            else LoraConfig(rank=peft_config["r"])
+        )
         r, alpha = peft_config["r"], peft_config["lora_alpha"]
         scale = alpha / math.sqrt(r) if peft_config.get("use_rslora") else alpha / r
         tensors = load_file(str(directory / "adapter_model.safetensors"), device=str(device))
@@ -215,5 +241,9 @@ class LoraAdapter:
                 raise UserError(f"unsupported tensor {key!r} in PEFT adapter")
             name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             b = tensors[key.replace("lora_A", "lora_B")]
-            factors[name] = LoraFactors(a.requires_grad_(trainable), b.requires_grad_(trainable), scale)
+            if dtype is not None:
+                a, b = a.to(dtype), b.to(dtype)
+            factors[name] = LoraFactors(
+                a.requires_grad_(trainable), b.requires_grad_(trainable), scale
+            )
         return cls(config, factors)
