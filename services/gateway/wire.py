@@ -23,7 +23,6 @@ from typing import TypeGuard
 import numpy as np
 import zstandard
 from google.protobuf.message import DecodeError
-from tinker.proto import tinker_public_pb2 as pb
 
 from whetstone.errors import UserError
 from whetstone.messages import (
@@ -34,6 +33,8 @@ from whetstone.messages import (
     SamplingParams,
 )
 from whetstone.tensors import DType, Tensor
+
+from services.gateway.tinker_schema import pb
 
 JsonObject = Mapping[str, object]
 
