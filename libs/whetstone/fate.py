@@ -3,7 +3,8 @@ this FastStream middleware, and handlers only return or raise.
 
 | what happened                        | fate                                                  |
 |--------------------------------------|-------------------------------------------------------|
-| body does not decode / validate      | ``term``; counted; logged with subject and size only  |
+| body does not decode / validate      | ``term``; a copy in the dead-letter stream; counted;  |
+|                                      | logged with subject and size, never the payload       |
 | handler raised ``UserError``         | the future fails with ``category: "user"``; ``ack``   |
 | handler raised anything else         | ``nak`` with back-off, up to ``MAX_DELIVER`` tries;   |
 |                                      | then the dead-letter stream, the future fails with    |
@@ -11,7 +12,7 @@ this FastStream middleware, and handlers only return or raise.
 | handler returned                     | ``ack``, unless it held the message (``hold``)        |
 
 Core NATS messages (heartbeats, request/reply) have no acknowledgement: a failure is counted and
-logged, and the service carries on. No exception leaves this wrapper, so no message can stop a
+logged (an undecodable one also copied to the dead-letter stream), and the service carries on. No exception leaves this wrapper, so no message can stop a
 service.
 
 The one place that keeps a message unacknowledged after its handler returns is the trainer's
@@ -132,6 +133,7 @@ class MessageFate:
             metrics.MESSAGES.labels(self.service, label, "term").inc()
             metrics.ERRORS.labels(self.service, op, "decode").inc()
             await self.fail_from_headers(headers, "the request could not be decoded", "server")
+            await self.dead_letter(msg, exc, _deliveries(msg))
             await msg.reject()
             return
         if isinstance(exc, UserError):
@@ -213,7 +215,7 @@ class _FateScope(BaseMiddleware):
             if jetstream:
                 await self._safely(self.fate.settle(msg, exc))
             else:
-                self._core_failure(msg, exc)
+                await self._safely(self._core_failure(msg, exc))
             return None
         finally:
             metrics.IN_FLIGHT.labels(self.fate.service, op).dec()
@@ -225,14 +227,15 @@ class _FateScope(BaseMiddleware):
                                        ).observe(time.perf_counter() - started)
         return result
 
-    def _core_failure(self, msg: Any, exc: BaseException) -> None:
+    async def _core_failure(self, msg: Any, exc: BaseException) -> None:
         subject = msg.raw_message.subject
         kind = "decode" if isinstance(exc, Undecodable) else "server"
         metrics.MESSAGES.labels(self.fate.service, queue_label(subject), kind).inc()
         metrics.ERRORS.labels(self.fate.service, queue_label(subject), kind).inc()
         if kind == "decode":
-            log.warning("message undecodable; dropped", subject=subject,
+            log.warning("message undecodable; dead-lettered", subject=subject,
                         size=len(msg.raw_message.data or b""), error_type=type(exc).__name__)
+            await self.fate.dead_letter(msg, exc, 1)
         else:
             log.error("handler failed", subject=subject, exc_info=exc)
 
