@@ -22,7 +22,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from whetstone.tensors import Tensor
 
@@ -45,21 +45,35 @@ class Message(BaseModel):
 # ---------------------------------------------------------------- configuration carried by runs
 
 
+# The rules on these models are the only definition of what a valid request is: the gateway
+# refuses a body that breaks them (HTTP 400) and a worker can never decode one. Limits that
+# depend on the base model (largest LoRA rank, context length, vocabulary) are checked against
+# its ``ModelSpec`` instead, where the spec is known.
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class LoraConfig(Message):
-    rank: int = 32
+    rank: int = Field(32, ge=1)
     seed: int | None = None
     train_attn: bool = True
     train_mlp: bool = True
     train_unembed: bool = True
 
+    @model_validator(mode="after")
+    def _trains_something(self) -> "LoraConfig":
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise ValueError("LoRA config must train at least one of attn, mlp, unembed")
+        return self
+
 
 class AdamParams(Message):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
+    learning_rate: FiniteFloat = Field(1e-4, ge=0)
+    beta1: FiniteFloat = Field(0.9, ge=0, lt=1)
+    beta2: FiniteFloat = Field(0.95, ge=0, lt=1)
+    eps: FiniteFloat = Field(1e-12, gt=0)
+    weight_decay: FiniteFloat = Field(0.0, ge=0)
+    grad_clip_norm: FiniteFloat = Field(0.0, ge=0)  # 0: no clipping
 
 
 # ---------------------------------------------------------------- training
@@ -122,17 +136,35 @@ class TrainRequest(Message):
 # ---------------------------------------------------------------- sampling
 
 
+MAX_STOP_SEQUENCES = 64  # stop strings or stop token ids in one request
+MAX_STOP_STRING_CHARS = 1024
+
+
 class SamplingParams(Message):
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
+    max_tokens: int = Field(16, ge=1)
+    temperature: FiniteFloat = Field(1.0, ge=0)
+    top_p: FiniteFloat = Field(1.0, gt=0, le=1)
+    top_k: int = -1  # -1: off
     seed: int | None = None
     # ``stop`` as the client sent it, split by kind. ``stop_on_eos`` is False when the client
     # gave any explicit stop list (an empty list disables every stop, EOS included).
-    stop_strings: list[str] = []
-    stop_token_ids: list[int] = []
+    stop_strings: list[str] = Field([], max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field([], max_length=MAX_STOP_SEQUENCES)
     stop_on_eos: bool = True
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off_or_positive(cls, top_k: int) -> int:
+        if top_k != -1 and top_k < 1:
+            raise ValueError("top_k must be -1 (off) or >= 1")
+        return top_k
+
+    @field_validator("stop_strings")
+    @classmethod
+    def _stop_strings_not_empty(cls, stops: list[str]) -> list[str]:
+        if any(not stop or len(stop) > MAX_STOP_STRING_CHARS for stop in stops):
+            raise ValueError(f"stop strings must hold 1..{MAX_STOP_STRING_CHARS} characters")
+        return stops
 
 
 class AdapterRef(Message):
@@ -148,10 +180,10 @@ class SampleRequest(Message):
     base_model: str
     adapter: AdapterRef | None = None
     prompt: Tensor  # int64 token ids
-    num_samples: int = 1
+    num_samples: int = Field(1, ge=1)  # the most a gateway accepts is its own setting
     params: SamplingParams
     prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = 0
+    topk_prompt_logprobs: int = Field(0, ge=0)
 
 
 # ---------------------------------------------------------------- results and futures
@@ -213,6 +245,9 @@ class FutureRecord(Message):
     error: str | None = None
     category: Literal["user", "server", "unknown"] | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    # W3C trace context of the work that wrote the record: the gateway continues the request's
+    # trace from it when it hands the result back.
+    trace: dict[str, str] = {}
 
     @property
     def final(self) -> bool:

@@ -3,22 +3,37 @@
 This module holds the app factory, the error mapping (the one place where Whetstone's exceptions
 become HTTP statuses and Tinker error bodies), the bootstrap and session endpoints, and
 ``retrieve_future``. Training and sampling endpoints live in ``training.py`` and ``sampling.py``.
+
+Around the routes: the body limit (``limits.py``, 413), HTTP metrics (``metrics.py``, served at
+``/metrics``), OpenTelemetry spans per request, and the probes ``/livez`` (the process answers)
+and ``/readyz`` (connected to NATS). None of these need an API key; no header is ever logged.
+An unrouted ``/api/v1/*`` POST is answered 404 after filling the seq_id it may have spent.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import nats.errors
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
+from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.trace import TracerProvider
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException
+from structlog.stdlib import BoundLogger
 
-from services.gateway import sampling, training
+from services.gateway import metrics, sampling, training
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
+from services.gateway.limits import BodyLimit
 from services.gateway.settings import GatewaySettings
+from services.gateway.validation import describe
 from services.gateway.wire import (
     encode_forward_backward_output,
     encode_sample_response,
@@ -26,8 +41,9 @@ from services.gateway.wire import (
     sample_response_json,
 )
 from whetstone import bus as b
+from whetstone import observability
 from whetstone import subjects as s
-from whetstone.errors import WhetstoneError
+from whetstone.errors import NotFound, Unavailable, WhetstoneError
 from whetstone.messages import (
     CreateModelResult,
     ForwardBackwardResult,
@@ -43,9 +59,13 @@ PROTOBUF = "application/x-protobuf"
 router = APIRouter(prefix="/api/v1")
 
 
-def create_app(settings: GatewaySettings, log) -> FastAPI:
+# Paths that answer without an API key and are left out of metrics and traces.
+PROBE_PATHS = frozenset({"/metrics", "/livez", "/readyz", "/api/v1/healthz"})
+
+
+def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bus = await b.connect(settings.nats_url, "gateway")
         waiters = FutureWaiters(bus)
         await waiters.start()
@@ -55,56 +75,167 @@ def create_app(settings: GatewaySettings, log) -> FastAPI:
         await bus.close()
 
     app = FastAPI(title="Whetstone", lifespan=lifespan)
+    app.include_router(probes)
     app.include_router(router)
     app.include_router(training.router)
     app.include_router(sampling.router)
+    app.include_router(unrouted)  # last: it matches every POST that no route above matched
+    # Added last, runs first: metrics see every answer, the 413s of the body limit included.
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(metrics.HttpMetrics, skip_paths=PROBE_PATHS)
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=_tracer_provider(),
+        excluded_urls=",".join(sorted(PROBE_PATHS)),
+        http_capture_headers_sanitize_fields=["x-api-key", "authorization", "cookie"],
+    )
+
+    def refusal(status: int, error: str, category: str, reason: str) -> JSONResponse:
+        # Every 4xx carries a body: the SDK treats an empty 400 as a proxy rejection and retries.
+        metrics.REFUSALS.labels(reason, category).inc()
+        return JSONResponse(
+            {"error": error, "category": category, "detail": error}, status_code=status
+        )
+
+    async def fill_gap_of(request: Request, body: object, reason: str) -> JSONResponse | None:
+        """Fill the seq_id a refused JSON body spent; a 503 when the bus cannot take the Skip."""
+        try:
+            await training.fill_gap_of(
+                gateway(request), request.headers.get("x-api-key"), body, reason
+            )
+        except Unavailable as exc:
+            return refusal(exc.http_status, exc.message, exc.category, type(exc).__name__)
+        return None
 
     @app.exception_handler(WhetstoneError)
     async def whetstone_error(request: Request, exc: WhetstoneError) -> JSONResponse:
-        # Every 4xx carries a body: the SDK treats an empty 400 as a proxy rejection and retries.
-        return JSONResponse({"error": exc.message, "category": exc.category, "detail": exc.message},
-                            status_code=exc.http_status)
+        if exc.http_status >= 500:
+            log.warning(
+                "request failed", path=request.url.path, status=exc.http_status, error=exc.message
+            )
+        return refusal(exc.http_status, exc.message, exc.category, type(exc).__name__)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request: {detail}", "category": "user", "detail": detail},
-                            status_code=400)
+        error = f"invalid request: {describe(exc.errors())}"
+        return await fill_gap_of(request, exc.body, error) or refusal(
+            400, error, "user", "RequestValidationError"
+        )
+
+    @app.exception_handler(ValidationError)
+    async def invalid_value(request: Request, exc: ValidationError) -> JSONResponse:
+        return refusal(400, f"invalid request: {describe(exc.errors())}", "user", "ValidationError")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        category = "user" if exc.status_code < 500 else "server"
+        return refusal(exc.status_code, str(exc.detail), category, f"http_{exc.status_code}")
+
+    @app.exception_handler(nats.errors.Error)
+    async def bus_unavailable(request: Request, exc: nats.errors.Error) -> JSONResponse:
+        log.warning("bus unavailable", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+        return refusal(503, "the bus is unavailable; retry", "server", "bus_unavailable")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error(
+            "unhandled error",
+            path=request.url.path,
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=exc,
+        )
+        return refusal(500, "internal server error", "server", "internal")
 
     return app
 
 
+def _tracer_provider() -> TracerProvider:
+    """The gateway's tracer provider from ``whetstone.observability``, or the global one."""
+    factory = getattr(observability, "tracer_provider", None)
+    return factory("gateway") if factory is not None else trace.get_tracer_provider()
+
+
+# ---------------------------------------------------------------- probes and metrics
+
+probes = APIRouter()
+
+
+@probes.get("/livez")
+async def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@probes.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    gw: Gateway | None = getattr(request.app.state, "gateway", None)
+    if gw is None or not gw.bus.nc.is_connected:
+        return JSONResponse({"status": "not ready", "nats": "disconnected"}, status_code=503)
+    return JSONResponse({"status": "ready", "nats": "connected"})
+
+
+@probes.get("/metrics")
+async def prometheus_metrics() -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+# ---------------------------------------------------------------- endpoints not served
+
+unrouted = APIRouter()
+
+
+@unrouted.post("/api/v1/{path:path}", include_in_schema=False)
+async def unsupported(path: str, request: Request, gw: Gateway = Depends(gateway)) -> Response:
+    """A Tinker endpoint this server does not serve (``load_weights``, ...). A training call
+    spent a seq_id all the same: fill it, so that the run's later requests still run."""
+    endpoint = f"/api/v1/{path}"
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = None
+    await training.fill_gap_of(
+        gw, request.headers.get("x-api-key"), body, f"unsupported endpoint {endpoint}"
+    )
+    raise NotFound(f"endpoint {endpoint} is not supported by this server")
 
 
 # ---------------------------------------------------------------- bootstrap and service
 
 
 @router.post("/client/config")
-async def client_config() -> dict:
+async def client_config() -> dict[str, object]:
     return {}
 
 
 @router.post("/client/dynamic_config")
-async def client_dynamic_config() -> dict:
+async def client_dynamic_config() -> dict[str, object]:
     return {}
 
 
 @router.post("/telemetry")
-async def telemetry() -> dict:
+async def telemetry() -> dict[str, str]:
     return {"status": "accepted"}
 
 
 @router.get("/healthz")
-async def healthz() -> dict:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/get_server_capabilities")
-async def get_server_capabilities(gw: Gateway = Depends(gateway)) -> dict:
-    return {"supported_models": [
-        {"model_name": spec.name, "max_context_length": spec.context_length, "trainable": True, "sampleable": True}
-        for spec in gw.registry.specs()
-    ]}
+async def get_server_capabilities(gw: Gateway = Depends(gateway)) -> dict[str, object]:
+    return {
+        "supported_models": [
+            {
+                "model_name": spec.name,
+                "max_context_length": spec.context_length,
+                "trainable": True,
+                "sampleable": True,
+            }
+            for spec in gw.registry.specs()
+        ]
+    }
 
 
 # ---------------------------------------------------------------- sessions
@@ -122,27 +253,42 @@ class SessionIdBody(BaseModel):
 
 
 @router.post("/create_session")
-async def create_session(body: CreateSessionBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+async def create_session(
+    body: CreateSessionBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> dict[str, object]:
     session_id = f"sess-{uuid.uuid4().hex[:16]}"
-    record = SessionRecord(session_id=session_id, tenant=t, tags=body.tags, user_metadata=body.user_metadata)
+    record = SessionRecord(
+        session_id=session_id, tenant=t, tags=body.tags, user_metadata=body.user_metadata
+    )
     await b.kv_put(gw.bus.kv[s.SESSIONS_BUCKET], s.token(session_id), record)
     return {"type": "create_session", "session_id": session_id}
 
 
 @router.post("/session_heartbeat")
-async def session_heartbeat(body: SessionIdBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> Response:
+async def session_heartbeat(
+    body: SessionIdBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> Response:
     record = await gw.session(t, body.session_id)
     if record.finished:  # 410 tells the SDK to stop heartbeating for good
         return JSONResponse({"error": "session finished", "category": "user"}, status_code=410)
-    await b.kv_put(gw.bus.kv[s.SESSIONS_BUCKET], s.token(record.session_id),
-                   record.model_copy(update={"last_heartbeat_at": utcnow()}))
+    await b.kv_put(
+        gw.bus.kv[s.SESSIONS_BUCKET],
+        s.token(record.session_id),
+        record.model_copy(update={"last_heartbeat_at": utcnow()}),
+    )
     return JSONResponse({"type": "session_heartbeat"})
 
 
 @router.post("/sessions/{session_id}/finish")
-async def finish_session(session_id: str, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+async def finish_session(
+    session_id: str, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> dict[str, object]:
     record = await gw.session(t, session_id)
-    await b.kv_put(gw.bus.kv[s.SESSIONS_BUCKET], s.token(session_id), record.model_copy(update={"finished": True}))
+    await b.kv_put(
+        gw.bus.kv[s.SESSIONS_BUCKET],
+        s.token(session_id),
+        record.model_copy(update={"finished": True}),
+    )
     return {}
 
 
@@ -156,9 +302,15 @@ class RetrieveFutureBody(BaseModel):
 
 
 @router.post("/retrieve_future")
-async def retrieve_future(body: RetrieveFutureBody, request: Request, t: str = Depends(tenant),
-                          gw: Gateway = Depends(gateway)) -> Response:
+async def retrieve_future(
+    body: RetrieveFutureBody,
+    request: Request,
+    t: str = Depends(tenant),
+    gw: Gateway = Depends(gateway),
+) -> Response:
     record = await gw.waiters.wait(body.request_id, t, gw.settings.long_poll_s)
+    if record.final:
+        metrics.FUTURES_COMPLETED.labels(record.op, record.status).inc()
     wants_proto = PROTOBUF in request.headers.get("accept", "")
     return future_response(record, wants_proto)
 
@@ -167,8 +319,14 @@ def future_response(record: FutureRecord, wants_proto: bool) -> Response:
     """A future as the SDK expects it: try_again while pending, ``{"error","category"}`` on
     failure, protobuf for forward_backward and sample results, JSON for the rest."""
     if record.status == "pending":
-        return JSONResponse({"type": "try_again", "request_id": record.request_id,
-                             "queue_state": record.queue_state, "queue_state_reason": None})
+        return JSONResponse(
+            {
+                "type": "try_again",
+                "request_id": record.request_id,
+                "queue_state": record.queue_state,
+                "queue_state_reason": None,
+            }
+        )
     if record.status == "failed":
         return JSONResponse({"error": record.error, "category": record.category or "unknown"})
     result = record.result

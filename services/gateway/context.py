@@ -2,6 +2,12 @@
 tenant, and tenant-checked access to the state records (sessions, runs, samplers).
 
 Another tenant's objects are reported as missing (404), never as forbidden.
+
+Submissions (``submit_once``) and refusals (``fill_gap``) share KV ``ws_dedup``: one record per
+dedup key (run + seq_id, sampler + seq_id, ...) holding the request id, or ``refused``, and a
+``published`` mark once the stream has acknowledged the message. A retry finds the record and
+publishes again until the mark is there; the stream drops the copies (``Nats-Msg-Id`` is the
+dedup key), so a message is never lost to a failed publish and never queued twice.
 """
 
 from __future__ import annotations
@@ -9,18 +15,23 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from nats.aio.msg import Msg
+from structlog.stdlib import BoundLogger
 
+from services.gateway import metrics
 from services.gateway.futures import FutureWaiters
 from services.gateway.settings import GatewaySettings
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.errors import NotFound, Unauthorized, UserError
-from whetstone.keys import lookup_key
+from whetstone.errors import NotFound, Unauthorized, Unavailable, UserError, WhetstoneError
+from whetstone.keys import key_hash, lookup_key
 from whetstone.messages import (
     FutureRecord,
+    Message,
     SamplingSessionRecord,
     SessionRecord,
     Skip,
@@ -36,21 +47,32 @@ class Gateway:
     bus: b.Bus
     registry: ModelRegistry
     waiters: FutureWaiters
-    log: object
-    _tenants: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (tenant, expiry)
+    log: BoundLogger
+    # sha256(key) -> (tenant, expiry); an entry goes as soon as its key's record changes
+    _tenants: dict[str, tuple[str, float]] = field(default_factory=dict)
+    _key_watch: asyncio.Future[object] | None = None
     _runs: dict[str, TrainingRunRecord] = field(default_factory=dict)
 
     async def tenant_of(self, key: str | None) -> str:
         if not key:
             raise Unauthorized("missing X-API-Key header")
-        cached = self._tenants.get(key)
+        if self._key_watch is None:  # once, before anything is cached
+            self._key_watch = asyncio.ensure_future(self.bus.nc.subscribe(
+                f"$KV.{s.KEYS_BUCKET}.>", cb=self._on_key_update))
+        await self._key_watch
+        digest = key_hash(key)
+        cached = self._tenants.get(digest)
         if cached and cached[1] > time.monotonic():
             return cached[0]
         record = await lookup_key(self.bus, key)
         if record is None:
             raise Unauthorized("invalid API key")
-        self._tenants[key] = (record.tenant, time.monotonic() + self.settings.key_cache_s)
+        self._tenants[digest] = (record.tenant, time.monotonic() + self.settings.key_cache_s)
         return record.tenant
+
+    async def _on_key_update(self, msg: Msg) -> None:
+        """A key record changed (revoked, replaced, deleted): forget its cached tenant."""
+        self._tenants.pop(msg.subject.rsplit(".", 1)[-1], None)
 
     # ---------------------------------------------------------------- tenant-checked records
 
@@ -71,44 +93,85 @@ class Gateway:
         return record
 
     async def sampler(self, tenant: str, sampler_id: str) -> SamplingSessionRecord:
-        record = await b.kv_get(self.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id), SamplingSessionRecord)
+        record = await b.kv_get(self.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id),
+                                SamplingSessionRecord)
         if record is None or record.tenant != tenant:
             raise NotFound(f"unknown sampling session {sampler_id!r}")
         return record
 
     # ---------------------------------------------------------------- submissions
 
-    async def submit_once(self, dedup_key: str, tenant: str, op: str, subject: str, message_for) -> str:
+    async def submit_once(self, dedup_key: str, tenant: str, op: str, subject: str,
+                          message_for: Callable[[str], Message]) -> str:
         """Accept a request exactly once per ``dedup_key`` (e.g. run + seq_id): a retried
-        submission gets the first one's request id back and publishes nothing new.
+        submission gets the first one's request id back.
 
-        ``message_for(request_id)`` builds the bus message.
+        ``message_for(request_id)`` builds the bus message. It is published until the stream
+        has acknowledged it once: a failed publish answers ``Unavailable`` (503, which the SDK
+        retries) and the retry publishes again under the same ``Nats-Msg-Id``.
         """
+        dedup = self.bus.kv[s.DEDUP_BUCKET]
         request_id = f"req-{uuid.uuid4().hex}"
-        existing = await b.kv_create(self.bus.kv[s.DEDUP_BUCKET], dedup_key, request_id.encode())
-        if existing == b"refused":
-            raise UserError(f"this request ({dedup_key}) was refused before; resubmit with a new seq_id")
+        existing = await b.kv_create(dedup, dedup_key, request_id.encode())
         if existing is not None:
-            request_id = existing.decode()
-            if await b.future_record(self.bus, request_id) is not None:
+            request_id, published = parse_dedup(existing)
+            if request_id == REFUSED:
+                raise UserError(f"this request ({dedup_key}) was refused before; resubmit with a "
+                                "new seq_id")
+            if published:
                 return request_id  # accepted before; the first submission's future stands
         # The pending record is *created*, never overwritten, so it may race the publish: a worker
         # that finishes first has already written the final record and the create is a no-op.
         pending = FutureRecord(request_id=request_id, tenant=tenant, op=op)
-        await asyncio.gather(
+        await self._publish_then_mark(
+            dedup_key, request_id, subject, message_for(request_id),
             b.kv_create(self.bus.kv[s.FUTURES_BUCKET], request_id, pending.encode()),
-            b.publish(self.bus, subject, message_for(request_id), msg_id=dedup_key),
         )
+        metrics.SUBMISSIONS.labels(op).inc()
         return request_id
 
     async def fill_gap(self, tenant: str, run_id: str, seq_id: int, reason: str) -> None:
         """Publish a ``Skip`` in place of a refused training request, unless that seq_id was
-        already accepted: the client has used the seq_id, and the trainer runs in seq_id order."""
+        already accepted: the client has used the seq_id, and the trainer runs in seq_id order.
+        A refusal whose Skip was not acknowledged publishes it again."""
         dedup_key = train_dedup_key(run_id, seq_id)
-        if await b.kv_create(self.bus.kv[s.DEDUP_BUCKET], dedup_key, b"refused") is None:
-            skip = TrainRequest(request_id=f"skip-{uuid.uuid4().hex}", tenant=tenant, run_id=run_id,
-                                seq_id=seq_id, command=Skip(reason=reason))
-            await b.publish(self.bus, s.train_subject(run_id), skip, msg_id=dedup_key)
+        existing = await b.kv_create(self.bus.kv[s.DEDUP_BUCKET], dedup_key, REFUSED.encode())
+        if existing is not None and parse_dedup(existing) != (REFUSED, False):
+            return  # accepted (its own message fills the seq_id), or refused and filled
+        skip = TrainRequest(request_id=f"skip-{uuid.uuid4().hex}", tenant=tenant, run_id=run_id,
+                            seq_id=seq_id, command=Skip(reason=reason))
+        await self._publish_then_mark(dedup_key, REFUSED, s.train_subject(run_id), skip)
+
+    async def _publish_then_mark(self, dedup_key: str, value: str, subject: str,
+                                 message: Message, *alongside: Awaitable[object]) -> None:
+        """Publish (with ``alongside`` KV writes, concurrently) and, once every one succeeded,
+        mark the dedup record published. Any failure of the bus is a 503: the client retries."""
+        results = await asyncio.gather(
+            b.publish(self.bus, subject, message, msg_id=dedup_key), *alongside,
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, WhetstoneError):
+                raise result  # e.g. a payload the bus layer refuses: the caller's to report
+            if isinstance(result, BaseException):
+                self.log.warning("publish failed", subject=subject, dedup_key=dedup_key,
+                                 error=f"{type(result).__name__}: {result}")
+                raise Unavailable("could not queue the request (the bus is unavailable); "
+                                  "retry") from result
+        try:
+            await self.bus.kv[s.DEDUP_BUCKET].put(dedup_key, f"{value}{_PUBLISHED}".encode())
+        except Exception as exc:  # published, not marked: a retry publishes a dropped copy
+            raise Unavailable("could not record the request; retry") from exc
+
+
+REFUSED = "refused"
+_PUBLISHED = " published"
+
+
+def parse_dedup(value: bytes) -> tuple[str, bool]:
+    """A ``ws_dedup`` value as ``(request id or "refused", published)``."""
+    text = value.decode()
+    return (text.removesuffix(_PUBLISHED), True) if text.endswith(_PUBLISHED) else (text, False)
 
 
 def train_dedup_key(run_id: str, seq_id: int) -> str:
@@ -117,7 +180,8 @@ def train_dedup_key(run_id: str, seq_id: int) -> str:
 
 
 def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+    gw: Gateway = request.app.state.gateway
+    return gw
 
 
 async def tenant(request: Request) -> str:

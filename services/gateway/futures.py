@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from nats.aio.msg import Msg
 
+from services.gateway import metrics
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.errors import NotFound
@@ -39,7 +40,8 @@ class FutureWaiters:
                     fut.set_result(record)
 
     async def wait(self, request_id: str, tenant: str, timeout_s: float) -> FutureRecord:
-        """The future's record: final as soon as it is, else the pending record after ``timeout_s``."""
+        """The future's record: final as soon as it is, else the pending record after
+        ``timeout_s``."""
         fut: asyncio.Future[FutureRecord] = asyncio.get_running_loop().create_future()
         self._waiters[request_id].append(fut)  # before reading, so no update slips between
         try:
@@ -48,10 +50,13 @@ class FutureWaiters:
                 raise NotFound(f"unknown request_id {request_id!r}")
             if record.final:
                 return record
+            metrics.LONG_POLLS.inc()
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return await b.future_record(self.bus, request_id) or record
+            finally:
+                metrics.LONG_POLLS.dec()
         finally:
             waiters = self._waiters.get(request_id)
             if waiters and fut in waiters:

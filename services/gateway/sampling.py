@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 
 from services.gateway.context import Gateway, gateway, tenant
-from services.gateway.validation import check_vocab
+from services.gateway.validation import check_sample
 from services.gateway.wire import model_input_from_json, sampling_params_from_json
 from whetstone import bus as b
 from whetstone import subjects as s
@@ -35,24 +35,29 @@ class SampleBody(BaseModel):
     sampling_session_id: str
     seq_id: int
     num_samples: int = 1
-    prompt: dict
-    sampling_params: dict
+    prompt: dict[str, object]
+    sampling_params: dict[str, object]
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
 
 
 @router.post("/create_sampling_session")
-async def create_sampling_session(body: CreateSamplingSessionBody, t: str = Depends(tenant),
-                                  gw: Gateway = Depends(gateway)) -> dict:
+async def create_sampling_session(
+    body: CreateSamplingSessionBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> dict[str, object]:
     await gw.session(t, body.session_id)
     adapter: AdapterRef | None = None
     if body.model_path:
         path = TinkerPath.parse(body.model_path)
         if path.kind != "sampler":
-            raise UserError(f"{body.model_path} is a training checkpoint; sample from sampler_weights")
+            raise UserError(
+                f"{body.model_path} is a training checkpoint; sample from sampler_weights"
+            )
         run = await gw.run(t, path.run_id)
-        checkpoint = await b.kv_get(gw.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), CheckpointRecord)
+        checkpoint = await b.kv_get(
+            gw.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), CheckpointRecord
+        )
         if checkpoint is None or checkpoint.tenant != t:
             raise NotFound(f"unknown checkpoint {body.model_path}")
         adapter = AdapterRef(tinker_path=checkpoint.tinker_path, store_key=checkpoint.store_key)
@@ -64,42 +69,60 @@ async def create_sampling_session(body: CreateSamplingSessionBody, t: str = Depe
     else:
         raise UserError("create_sampling_session needs model_path or base_model")
     sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
-    record = SamplingSessionRecord(sampler_id=sampler_id, tenant=t, session_id=body.session_id,
-                                   base_model=base_model, adapter=adapter)
+    record = SamplingSessionRecord(
+        sampler_id=sampler_id,
+        tenant=t,
+        session_id=body.session_id,
+        base_model=base_model,
+        adapter=adapter,
+    )
     await b.kv_put(gw.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id), record)
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
 
 @router.get("/samplers/{sampler_id}")
-async def get_sampler(sampler_id: str, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+async def get_sampler(
+    sampler_id: str, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> dict[str, object]:
     record = await gw.sampler(t, sampler_id)
-    return {"sampler_id": record.sampler_id, "base_model": record.base_model,
-            "model_path": record.adapter.tinker_path if record.adapter else None}
+    return {
+        "sampler_id": record.sampler_id,
+        "base_model": record.base_model,
+        "model_path": record.adapter.tinker_path if record.adapter else None,
+    }
 
 
 @router.post("/asample")
-async def asample(body: SampleBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)) -> dict:
+async def asample(
+    body: SampleBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> dict[str, object]:
     sampler = await gw.sampler(t, body.sampling_session_id)
     spec = gw.registry.resolve(sampler.base_model)
     prompt = model_input_from_json(body.prompt)
     params = sampling_params_from_json(body.sampling_params)
-    tokens = prompt.to_numpy()
-    if tokens.size == 0:
-        raise UserError("empty prompt")
-    check_vocab("prompt", tokens, spec)
-    if tokens.size + params.max_tokens > spec.context_length:
-        raise UserError(f"prompt ({tokens.size} tokens) + max_tokens ({params.max_tokens}) exceed the "
-                        f"context length {spec.context_length} of {spec.name}")
-    if not 1 <= body.num_samples <= gw.settings.max_num_samples:
+    check_sample(prompt.to_numpy(), params, spec)
+    if body.num_samples > gw.settings.max_num_samples:
         raise UserError(f"num_samples must be in 1..{gw.settings.max_num_samples}")
-    if params.stop_token_ids and max(params.stop_token_ids) >= spec.vocab_size:
-        raise UserError("a stop token id is outside the vocabulary")
-    request_id = await gw.submit_once(
-        f"{s.token(sampler.sampler_id)}.{body.seq_id}", t, "sample", s.sample_subject(spec.name),
-        lambda rid: SampleRequest(request_id=rid, tenant=t, base_model=spec.name, adapter=sampler.adapter,
-                                  prompt=prompt, num_samples=body.num_samples, params=params,
-                                  prompt_logprobs=body.prompt_logprobs,
-                                  topk_prompt_logprobs=body.topk_prompt_logprobs),
+    # Built (and so validated by SampleRequest's rules) before anything is recorded.
+    request = SampleRequest(
+        request_id="",
+        tenant=t,
+        base_model=spec.name,
+        adapter=sampler.adapter,
+        prompt=prompt,
+        num_samples=body.num_samples,
+        params=params,
+        prompt_logprobs=body.prompt_logprobs,
+        topk_prompt_logprobs=body.topk_prompt_logprobs,
     )
-    return {"request_id": request_id,
-            "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)]}
+    request_id = await gw.submit_once(
+        f"{s.token(sampler.sampler_id)}.{body.seq_id}",
+        t,
+        "sample",
+        s.sample_subject(spec.name),
+        lambda rid: request.model_copy(update={"request_id": rid}),
+    )
+    return {
+        "request_id": request_id,
+        "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
+    }

@@ -23,7 +23,7 @@ from typing import TypeGuard
 import numpy as np
 import zstandard
 from google.protobuf.message import DecodeError
-
+from pydantic import ValidationError
 from whetstone.errors import UserError
 from whetstone.messages import (
     Datum,
@@ -35,6 +35,7 @@ from whetstone.messages import (
 from whetstone.tensors import DType, Tensor
 
 from services.gateway.tinker_schema import pb
+from services.gateway.validation import user_error
 
 JsonObject = Mapping[str, object]
 
@@ -66,7 +67,14 @@ _STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 def decode_forward_backward(
     body: bytes, content_encoding: str | None
 ) -> tuple[str, int, ForwardBackward]:
-    """Parse a ``ForwardBackwardRequest`` body into ``(model_id, seq_id, command)``.
+    """Parse a ``ForwardBackwardRequest`` body into ``(model_id, seq_id, command)``."""
+    request = parse_forward_backward(body, content_encoding)
+    return request.model_id, request.seq_id, forward_backward_command(request)
+
+
+def parse_forward_backward(body: bytes, content_encoding: str | None) -> pb.ForwardBackwardRequest:
+    """The protobuf of a forward_backward body, not yet translated: once this succeeds the
+    request's ``model_id`` and ``seq_id`` are known, so a later refusal can fill its seq_id.
 
     The SDK zstd-compresses the body only when client/config opts in (``proto_compress_fwdbwd``),
     and HTTP frameworks do not undo request encodings, so it is done here.
@@ -81,7 +89,11 @@ def decode_forward_backward(
         request.ParseFromString(body)
     except DecodeError as exc:
         raise UserError(f"malformed ForwardBackwardRequest protobuf: {exc}") from exc
+    return request
 
+
+def forward_backward_command(request: pb.ForwardBackwardRequest) -> ForwardBackward:
+    """A parsed ``ForwardBackwardRequest`` as the trainer's command, tensors normalised."""
     data = [_datum_from_proto(i, datum) for i, datum in enumerate(request.data)]
     # The SDK writes numbers to both maps and strings only to v2; v2 is authoritative.
     config: dict[str, float | str] = {k: float(v) for k, v in request.loss_fn_config.items()}
@@ -91,13 +103,12 @@ def decode_forward_backward(
             config[key] = float(value.number)
         elif kind == "text":
             config[key] = value.text
-    command = ForwardBackward(
+    return ForwardBackward(
         data=data,
         loss_fn=request.loss_fn,
         loss_fn_config=config,
         forward_only=request.forward_only,
     )
-    return request.model_id, request.seq_id, command
 
 
 def _zstd_decompress(body: bytes) -> bytes:
@@ -282,21 +293,20 @@ def model_input_from_json(model_input: JsonObject) -> Tensor:
 
 
 def sampling_params_from_json(params: JsonObject) -> SamplingParams:
-    """asample's ``sampling_params``, validated; ``stop`` is split by kind (protocol.md 5.8)."""
+    """asample's ``sampling_params``, validated; ``stop`` is split by kind (protocol.md 5.8).
+
+    JSON types are checked here (no string or bool passes for a number); the ranges are the
+    rules of ``SamplingParams`` itself."""
     fields: dict[str, object] = {}
     max_tokens = params.get("max_tokens")
     if max_tokens is not None:  # absent: the model default
-        if not _is_int(max_tokens) or max_tokens < 1:
+        if not _is_int(max_tokens):
             raise UserError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         fields["max_tokens"] = max_tokens
     temperature = _number(params, "temperature", 1.0)
-    if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
     top_p = _number(params, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     top_k = _get(params, "top_k", -1)
-    if not _is_int(top_k) or (top_k != -1 and top_k < 1):
+    if not _is_int(top_k):
         raise UserError(f"top_k must be -1 (off) or an integer >= 1, got {top_k!r}")
     seed = params.get("seed")
     if seed is not None and not _is_int(seed):
@@ -312,14 +322,15 @@ def sampling_params_from_json(params: JsonObject) -> SamplingParams:
         if not isinstance(stop, list):
             raise UserError(f"stop must be a string or a list, got {type(stop).__name__}")
         if all(isinstance(s, str) for s in stop):
-            if "" in stop:
-                raise UserError("stop strings must not be empty")
             fields["stop_strings"] = stop
         elif all(map(_is_int, stop)):
             fields["stop_token_ids"] = stop
         else:
             raise UserError("stop must list only strings or only token ids")
-    return SamplingParams.model_validate(fields)
+    try:
+        return SamplingParams.model_validate(fields)
+    except ValidationError as exc:
+        raise user_error(exc, "sampling_params") from exc
 
 
 def tensor_from_json(td: JsonObject) -> Tensor:
