@@ -8,7 +8,7 @@ from whetstone.settings import ServiceSettings
 
 class SamplerSettings(ServiceSettings):
     base_model: str = BUILTIN_MODEL_NAME
-    device: str = "cpu"
+    device: str = ""  # empty: the registry entry's device
     torch_threads: int = 0  # intra-op threads for torch on CPU (0: torch's default)
     max_batch_requests: int = 32  # sample requests decoded together in one batch
     max_adapters: int = 32  # LoRA adapters kept loaded (least recently used evicted)

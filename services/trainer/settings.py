@@ -8,7 +8,7 @@ from whetstone.settings import ServiceSettings
 
 class TrainerSettings(ServiceSettings):
     base_model: str = BUILTIN_MODEL_NAME  # the one base model this worker holds
-    device: str = "cpu"
+    device: str = ""  # empty: the registry entry's device
     torch_threads: int = 0  # intra-op threads for torch on CPU (0: torch's default)
     max_runs: int = 64  # LoRA adapters (with optimizer state) held at once
     heartbeat_interval_s: float = 1.0

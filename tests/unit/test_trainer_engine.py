@@ -353,15 +353,15 @@ def test_bad_requests_raise_user_errors(model_dir: Path) -> None:
 
     for rank in (0, 65):
         with pytest.raises(UserError, match="LoRA rank must be between 1 and 64"):
-            engine.create_run("bad", LoraConfig(rank=rank))
+            engine.create_run("bad", LoraConfig.model_construct(rank=rank))
     with pytest.raises(Conflict):
         engine.create_run("r", LoraConfig(rank=4))
     with pytest.raises(NotFound):
         engine.forward_backward("nope", ce([good]))
     with pytest.raises(UserError, match="betas"):
-        engine.optim_step("r", AdamParams(beta1=1.0))
+        engine.optim_step("r", AdamParams.model_construct(beta1=1.0))
     with pytest.raises(UserError, match=">= 0"):
-        engine.optim_step("r", AdamParams(learning_rate=-1.0))
+        engine.optim_step("r", AdamParams.model_construct(learning_rate=-1.0))
 
 
 def test_unknown_input_keys_are_ignored(engine: TrainerEngine) -> None:
