@@ -21,7 +21,7 @@ import nats.errors
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import TracerProvider
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -66,9 +66,10 @@ PROBE_PATHS = frozenset({"/metrics", "/livez", "/readyz", "/api/v1/healthz"})
 def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bus = await b.connect(settings.nats_url, "gateway")
+        bus = await b.connect(settings.nats_url, "gateway", service="gateway")
         waiters = FutureWaiters(bus)
         await waiters.start()
+        await bus.broker.start()  # the gateway's one consumer: the futures bucket's updates
         app.state.gateway = Gateway(settings, bus, settings.registry(), waiters, log)
         log.info("gateway ready", url=f"http://{settings.host}:{settings.port}")
         yield
@@ -150,9 +151,8 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
 
 
 def _tracer_provider() -> TracerProvider:
-    """The gateway's tracer provider from ``whetstone.observability``, or the global one."""
-    factory = getattr(observability, "tracer_provider", None)
-    return factory("gateway") if factory is not None else trace.get_tracer_provider()
+    """The gateway's tracer provider (``service.name`` whetstone-gateway)."""
+    return observability.tracer_provider("gateway")
 
 
 # ---------------------------------------------------------------- probes and metrics
@@ -309,10 +309,19 @@ async def retrieve_future(
     gw: Gateway = Depends(gateway),
 ) -> Response:
     record = await gw.waiters.wait(body.request_id, t, gw.settings.long_poll_s)
-    if record.final:
-        metrics.FUTURES_COMPLETED.labels(record.op, record.status).inc()
     wants_proto = PROTOBUF in request.headers.get("accept", "")
-    return future_response(record, wants_proto)
+    if not record.final:
+        return future_response(record, wants_proto)
+    metrics.FUTURES_COMPLETED.labels(record.op, record.status).inc()
+    # The result's way back belongs to the request's trace (the worker's span wrote ``trace``);
+    # this poll's own HTTP span is linked to it.
+    here = trace.get_current_span().get_span_context()
+    with _tracer_provider().get_tracer("whetstone.gateway").start_as_current_span(
+        f"deliver {record.op}", context=propagate.extract(record.trace),
+        links=[trace.Link(here)] if here.is_valid else None,
+        attributes={"whetstone.request_id": record.request_id, "whetstone.status": record.status},
+    ):
+        return future_response(record, wants_proto)
 
 
 def future_response(record: FutureRecord, wants_proto: bool) -> Response:

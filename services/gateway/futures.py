@@ -1,9 +1,10 @@
 """Futures as clients see them: long-polling on KV ``ws_futures``.
 
-One subscription to the bucket's subject (``$KV.ws_futures.>``) serves every waiting
-``retrieve_future`` of this gateway: a poller registers for its request id, checks the current
-record, and sleeps until a worker writes the final record or the poll window ends. No polling
-of the KV store, no per-request watcher.
+One subscription to the bucket's subject (``$KV.ws_futures.>``, a FastStream subscriber of the
+gateway's broker) serves every waiting ``retrieve_future`` of this gateway: a poller registers
+for its request id, checks the current record, and sleeps until a worker writes the final
+record or the poll window ends. No polling of the KV store, no per-request watcher. An update
+that does not decode is the fate wrapper's to count and dead-letter; waiters are untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
-from nats.aio.msg import Msg
+from faststream.nats import NatsMessage
 
 from services.gateway import metrics
 from whetstone import bus as b
@@ -20,20 +21,25 @@ from whetstone.errors import NotFound
 from whetstone.messages import FutureRecord
 
 
+async def _raw_body(msg: NatsMessage) -> bytes:
+    return bytes(msg.body)
+
+
 class FutureWaiters:
     def __init__(self, bus: b.Bus) -> None:
         self.bus = bus
         self._waiters: dict[str, list[asyncio.Future[FutureRecord]]] = defaultdict(list)
 
     async def start(self) -> None:
-        await self.bus.nc.subscribe(f"$KV.{s.FUTURES_BUCKET}.>", cb=self._on_update)
+        await b.subscribe(self.bus, self._on_update, f"$KV.{s.FUTURES_BUCKET}.>",
+                          decoder=_raw_body, title="future updates")
 
-    async def _on_update(self, msg: Msg) -> None:
-        request_id = msg.subject.rsplit(".", 1)[-1]
+    async def _on_update(self, data: bytes, msg: NatsMessage) -> None:
+        request_id = msg.raw_message.subject.rsplit(".", 1)[-1]
         waiters = self._waiters.get(request_id)
-        if not waiters or not msg.data:
+        if not waiters or not data:
             return
-        record = FutureRecord.decode(msg.data)
+        record = FutureRecord.decode(data)
         if record.final:
             for fut in self._waiters.pop(request_id, []):
                 if not fut.done():
