@@ -18,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,8 +28,8 @@ from services.billing.prices import DEFAULT_PRICE_TABLE  # noqa: E402
 from whetstone.messages import Meter, UsageEvent, UsageReportQuery  # noqa: E402
 
 BATCH = 10_000
-MONTH_START = datetime(2025, 3, 1, tzinfo=timezone.utc)
-MONTH_END = datetime(2025, 4, 1, tzinfo=timezone.utc)
+MONTH_START = datetime(2025, 3, 1, tzinfo=UTC)
+MONTH_END = datetime(2025, 4, 1, tzinfo=UTC)
 METERS: tuple[Meter, ...] = ("train_tokens", "prefill_tokens", "sample_tokens")
 MODELS = ("whetstone/tiny-qwen3", "Qwen/Qwen3-8B", "Qwen/Qwen3-32B")
 
@@ -56,7 +56,9 @@ def make_events(n: int, seed: int = 0) -> list[UsageEvent]:
     return events
 
 
-def time_report(ledger: Ledger, query: UsageReportQuery, repeats: int = 5) -> tuple[float, float, int]:
+def time_report(
+    ledger: Ledger, query: UsageReportQuery, repeats: int = 5
+) -> tuple[float, float, int]:
     """Median and max latency in ms over ``repeats`` runs, and the row count."""
     times, rows = [], 0
     for _ in range(repeats):
@@ -67,7 +69,9 @@ def time_report(ledger: Ledger, query: UsageReportQuery, repeats: int = 5) -> tu
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("n", nargs="?", type=int, default=200_000, help="events to insert")
     ap.add_argument("--dir", default=None, help="chdb data directory (default: a fresh temp dir)")
     args = ap.parse_args()
@@ -103,7 +107,9 @@ def main() -> None:
 
     ingest_s = sum(batch_s)
     rate = len(events) / ingest_s if ingest_s else float("nan")
-    per_batch = [len(events[i : i + BATCH]) / s for i, s in zip(range(0, len(events), BATCH), batch_s)]
+    per_batch = [
+        len(events[i : i + BATCH]) / s for i, s in zip(range(0, len(events), BATCH), batch_s)
+    ]
     print(f"\nbilling ledger bench: {args.n} events, batches of {BATCH}, chdb at {data_dir}")
     print(f"(building the UsageEvent objects took {build_s:.2f} s, not counted below)\n")
     print(f"{'measure':<48}{'value':>20}")
@@ -114,10 +120,22 @@ def main() -> None:
         ("ingest: rate, median batch", f"{statistics.median(per_batch):,.0f} ev/s"),
         ("ingest: rate, slowest batch", f"{min(per_batch):,.0f} ev/s"),
         ("re-insert of one duplicate batch", f"{dup_s * 1000:.0f} ms"),
-        ("month report, all tenants, unmerged (p50/max)", f"{all_unmerged[0]:.1f}/{all_unmerged[1]:.1f} ms"),
-        ("month report, one tenant, unmerged (p50/max)", f"{one_unmerged[0]:.1f}/{one_unmerged[1]:.1f} ms"),
-        ("month report, all tenants, merged (p50/max)", f"{all_merged[0]:.1f}/{all_merged[1]:.1f} ms"),
-        ("month report, one tenant, merged (p50/max)", f"{one_merged[0]:.1f}/{one_merged[1]:.1f} ms"),
+        (
+            "month report, all tenants, unmerged (p50/max)",
+            f"{all_unmerged[0]:.1f}/{all_unmerged[1]:.1f} ms",
+        ),
+        (
+            "month report, one tenant, unmerged (p50/max)",
+            f"{one_unmerged[0]:.1f}/{one_unmerged[1]:.1f} ms",
+        ),
+        (
+            "month report, all tenants, merged (p50/max)",
+            f"{all_merged[0]:.1f}/{all_merged[1]:.1f} ms",
+        ),
+        (
+            "month report, one tenant, merged (p50/max)",
+            f"{one_merged[0]:.1f}/{one_merged[1]:.1f} ms",
+        ),
         ("report rows (all tenants / one tenant)", f"{all_merged[2]} / {one_merged[2]}"),
         ("tokens reported == tokens sent (dups once)", str(total == expected)),
     ]

@@ -50,9 +50,9 @@ from tinker import types  # noqa: E402
 from services.trainer.engine import TrainerEngine  # noqa: E402
 from whetstone.messages import Datum, ForwardBackward, LoraConfig  # noqa: E402
 from whetstone.models.builtin import BUILTIN_MODEL_NAME, VOCAB_SIZE  # noqa: E402
-from whetstone_ml.builtin import ensure_builtin_model  # noqa: E402
 from whetstone.platform import start_platform  # noqa: E402
 from whetstone.tensors import Tensor  # noqa: E402
+from whetstone_ml.builtin import ensure_builtin_model  # noqa: E402
 
 SEQ_TOKENS = 32
 LORA_RANK = 16
@@ -75,8 +75,10 @@ def in_process_call(models_dir: Path, tokens: list[int]):
     engine.create_run("bench", LoraConfig(rank=LORA_RANK, seed=0))
     datum = Datum(
         model_input=Tensor.from_list(tokens[:-1], "int64"),
-        loss_fn_inputs={"target_tokens": Tensor.from_list(tokens[1:], "int64"),
-                        "weights": Tensor.from_list([1.0] * SEQ_TOKENS, "float32")},
+        loss_fn_inputs={
+            "target_tokens": Tensor.from_list(tokens[1:], "int64"),
+            "weights": Tensor.from_list([1.0] * SEQ_TOKENS, "float32"),
+        },
     )
     cmd = ForwardBackward(data=[datum], loss_fn="cross_entropy", forward_only=True)
     return lambda: engine.forward_backward("bench", cmd)
@@ -95,7 +97,9 @@ def sdk_call(training: tinker.TrainingClient, tokens: list[int]):
     return lambda: training.forward([datum], "cross_entropy").result()
 
 
-def interleaved(calls: dict[str, object], n: int, warmup: int, block: int = 20) -> dict[str, list[float]]:
+def interleaved(
+    calls: dict[str, object], n: int, warmup: int, block: int = 20
+) -> dict[str, list[float]]:
     """Time each call ``n`` times, alternating blocks of ``block``, so that both see the same
     noise on a shared machine (a fixed order would give one of them the quiet minute)."""
     for call in calls.values():
@@ -126,11 +130,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="sequential repetitions for (a) and (b)")
     parser.add_argument("--m", type=int, default=500, help="futures in flight for (c)")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run: N=10, M=20, 2 warm-ups")
-    parser.add_argument("--dir", type=Path, help="state directory for the platform (default: a temp dir)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads here and in the trainer service (default: torch's own choice)")
-    parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "whetstone" / "models")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny smoke run: N=10, M=20, 2 warm-ups"
+    )
+    parser.add_argument(
+        "--dir", type=Path, help="state directory for the platform (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads here and in the trainer service (default: torch's own choice)",
+    )
+    parser.add_argument(
+        "--models-dir", type=Path, default=Path.home() / ".cache" / "whetstone" / "models"
+    )
     args = parser.parse_args()
     if args.quick:
         args.n, args.m, args.warmup = 10, 20, 2
@@ -149,9 +163,16 @@ def main() -> None:
         local_call = in_process_call(args.models_dir, tokens)
         service = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
         try:
-            training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=LORA_RANK).result()
-            print(f"(a)+(b) in-process engine and tinker SDK, {args.n} forwards each, interleaved ...", flush=True)
-            samples = interleaved({"local": local_call, "remote": sdk_call(training, tokens)}, args.n, args.warmup)
+            training = service.create_lora_training_client(
+                base_model=BUILTIN_MODEL_NAME, rank=LORA_RANK
+            ).result()
+            print(
+                f"(a)+(b) in-process engine and tinker SDK, {args.n} forwards each, interleaved ...",
+                flush=True,
+            )
+            samples = interleaved(
+                {"local": local_call, "remote": sdk_call(training, tokens)}, args.n, args.warmup
+            )
             local, remote = samples["local"], samples["remote"]
             print(f"(c) tinker SDK via the platform: {args.m} futures in flight ...", flush=True)
             elapsed_s = bench_sdk_throughput(training, tokens, args.m)
@@ -170,17 +191,27 @@ def main() -> None:
     ok = lambda good: "meets" if good else "MISSES"  # noqa: E731
 
     print()
-    print(f"forward, 1 datum x {SEQ_TOKENS} tokens, cross_entropy, LoRA rank {LORA_RANK}, "
-          f"N={args.n}, M={args.m}, warm-up {args.warmup}, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"forward, 1 datum x {SEQ_TOKENS} tokens, cross_entropy, LoRA rank {LORA_RANK}, "
+        f"N={args.n}, M={args.m}, warm-up {args.warmup}, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print("| measurement | p50 | p90 | mean | target |")
     print("|---|---|---|---|---|")
-    print(f"| (a) in-process engine | {a50:.2f} ms | {a90:.2f} ms | {statistics.mean(local) * 1000:.2f} ms | – |")
-    print(f"| (b) tinker SDK via platform | {b50:.2f} ms | {b90:.2f} ms | {statistics.mean(remote) * 1000:.2f} ms | – |")
-    print(f"| (b) - (a) platform overhead | {overhead:.2f} ms | {b90 - a90:.2f} ms | – | "
-          f"<= {TARGET_OVERHEAD_MS:.0f} ms at p50: {ok(overhead <= TARGET_OVERHEAD_MS)} |")
-    print(f"| (c) futures/s, {args.m} in flight | {rate:.0f}/s ({elapsed_s:.2f} s) | – | – | "
-          f">= {TARGET_FUTURES_PER_S:.0f}/s: {ok(rate >= TARGET_FUTURES_PER_S)} |")
+    print(
+        f"| (a) in-process engine | {a50:.2f} ms | {a90:.2f} ms | {statistics.mean(local) * 1000:.2f} ms | – |"
+    )
+    print(
+        f"| (b) tinker SDK via platform | {b50:.2f} ms | {b90:.2f} ms | {statistics.mean(remote) * 1000:.2f} ms | – |"
+    )
+    print(
+        f"| (b) - (a) platform overhead | {overhead:.2f} ms | {b90 - a90:.2f} ms | – | "
+        f"<= {TARGET_OVERHEAD_MS:.0f} ms at p50: {ok(overhead <= TARGET_OVERHEAD_MS)} |"
+    )
+    print(
+        f"| (c) futures/s, {args.m} in flight | {rate:.0f}/s ({elapsed_s:.2f} s) | – | – | "
+        f">= {TARGET_FUTURES_PER_S:.0f}/s: {ok(rate >= TARGET_FUTURES_PER_S)} |"
+    )
     print(f"| compute ceiling for (c), 1000 / (a) p50 | {ceiling:.0f}/s | – | – | – |")
 
 

@@ -22,34 +22,63 @@ from tinker import types
 BASE_MODEL = "whetstone/tiny-qwen3"
 
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Peru": "Lima", "Egypt": "Cairo", "Canada": "Ottawa",
-    "Italy": "Rome", "Kenya": "Nairobi", "Norway": "Oslo", "India": "New Delhi", "Chile": "Santiago",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Peru": "Lima",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Italy": "Rome",
+    "Kenya": "Nairobi",
+    "Norway": "Oslo",
+    "India": "New Delhi",
+    "Chile": "Santiago",
 }
 PREFIXES = ["", "Hi! ", "Quick question: ", "Please help me. "]
 QUESTIONS = [
-    "What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?",
-    "Tell me the capital of {c}.", "{c}: what is its capital?", "What city serves as the capital of {c}?",
-    "Capital of {c}?", "Do you know the capital of {c}?", "Where is the seat of government of {c}?",
-    "Which city is {c}'s capital?", "I need the capital of {c}.", "What's the capital of {c}?",
-    "Give the capital of {c}.", "The capital of {c} is which city?", "Please name {c}'s capital.",
-    "In {c}, which city is the capital?", "Quick question: capital of {c}?", "What is {c}'s capital city?",
-    "Can you tell me the capital of {c}?", "Identify the capital of {c}.", "Which is the capital of {c}?",
-    "What do we call the capital of {c}?", "Say the capital of {c}.", "Recall the capital of {c}.",
+    "What is the capital of {c}?",
+    "Name the capital city of {c}.",
+    "Which city is the capital of {c}?",
+    "Tell me the capital of {c}.",
+    "{c}: what is its capital?",
+    "What city serves as the capital of {c}?",
+    "Capital of {c}?",
+    "Do you know the capital of {c}?",
+    "Where is the seat of government of {c}?",
+    "Which city is {c}'s capital?",
+    "I need the capital of {c}.",
+    "What's the capital of {c}?",
+    "Give the capital of {c}.",
+    "The capital of {c} is which city?",
+    "Please name {c}'s capital.",
+    "In {c}, which city is the capital?",
+    "Quick question: capital of {c}?",
+    "What is {c}'s capital city?",
+    "Can you tell me the capital of {c}?",
+    "Identify the capital of {c}.",
+    "Which is the capital of {c}?",
+    "What do we call the capital of {c}?",
+    "Say the capital of {c}.",
+    "Recall the capital of {c}.",
     "Answer with the capital of {c}.",
 ]
 
 
 def make_examples() -> list[tuple[str, str]]:
-    examples = [(p + q.format(c=c), f"The capital of {c} is {city}.")
-                for c, city in CAPITALS.items() for q in QUESTIONS for p in PREFIXES]
+    examples = [
+        (p + q.format(c=c), f"The capital of {c} is {city}.")
+        for c, city in CAPITALS.items()
+        for q in QUESTIONS
+        for p in PREFIXES
+    ]
     random.Random(0).shuffle(examples)
     return examples  # 10 countries x 25 questions x 4 openings = 1,000
 
 
 def make_datum(tokenizer, question: str, answer: str) -> types.Datum:
     """Chat-format the pair; train only on the assistant's answer (and its end-of-turn token)."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     prompt_tokens = tokenizer.encode(prompt, add_special_tokens=False)
     answer_tokens = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
     tokens = prompt_tokens + answer_tokens
@@ -74,10 +103,14 @@ def main() -> None:
 
 
 def train_and_sample(service: tinker.ServiceClient, args: argparse.Namespace) -> None:
-    training = service.create_lora_training_client(base_model=BASE_MODEL, rank=args.rank, seed=0).result()
+    training = service.create_lora_training_client(
+        base_model=BASE_MODEL, rank=args.rank, seed=0
+    ).result()
     tokenizer = training.get_tokenizer()
     data = [make_datum(tokenizer, q, a) for q, a in make_examples()]
-    print(f"training run {training.model_id}: {len(data)} examples, batch {args.batch_size}, {args.epochs} epochs")
+    print(
+        f"training run {training.model_id}: {len(data)} examples, batch {args.batch_size}, {args.epochs} epochs"
+    )
 
     adam = types.AdamParams(learning_rate=args.learning_rate)
     step, start = 0, time.monotonic()
@@ -92,21 +125,33 @@ def train_and_sample(service: tinker.ServiceClient, args: argparse.Namespace) ->
             n_target = sum(sum(d.loss_fn_inputs["weights"].data) for d in batch)
             step += 1
             if step % 5 == 1:
-                print(f"epoch {epoch} step {step:3d}  loss/token {result.metrics['loss:sum'] / n_target:.4f}"
-                      f"  ({time.monotonic() - start:.1f} s)", flush=True)
+                print(
+                    f"epoch {epoch} step {step:3d}  loss/token {result.metrics['loss:sum'] / n_target:.4f}"
+                    f"  ({time.monotonic() - start:.1f} s)",
+                    flush=True,
+                )
 
     sampler = training.save_weights_and_get_sampling_client().result()
     params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=["<|im_end|>"])
     print("\nsamples from the fine-tuned model:")
     for country in ("France", "Japan", "Peru"):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"What is the capital of {country}?"}],
-                                               tokenize=False, add_generation_prompt=True)
-        prompt_input = types.ModelInput.from_ints(tokenizer.encode(prompt, add_special_tokens=False))
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is the capital of {country}?"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        prompt_input = types.ModelInput.from_ints(
+            tokenizer.encode(prompt, add_special_tokens=False)
+        )
         out = sampler.sample(prompt_input, num_samples=1, sampling_params=params).result()
-        print(f"  {country}: {tokenizer.decode(out.sequences[0].tokens, skip_special_tokens=True)!r}")
+        print(
+            f"  {country}: {tokenizer.decode(out.sequences[0].tokens, skip_special_tokens=True)!r}"
+        )
     scored = tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
     logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(scored)).result()
-    print(f"\nlog p('The capital of France is Paris.') = {sum(lp for lp in logprobs if lp is not None):.2f}")
+    print(
+        f"\nlog p('The capital of France is Paris.') = {sum(lp for lp in logprobs if lp is not None):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def nats_url(tmp_path: Path):
 @pytest.fixture
 async def bus(nats_url: str):
     connection = await b.connect(nats_url, "test")
-    await connection.broker.start()  # subscribers declared later (services in-process) start at once
+    await (
+        connection.broker.start()
+    )  # subscribers declared later (services in-process) start at once
     yield connection
     await connection.close()
 

@@ -11,7 +11,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def run_bench(*args: str) -> str:
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=BENCH.parent
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -22,6 +24,12 @@ def test_billing_bench_smoke(tmp_path: Path) -> None:
 
 
 def test_overhead_bench_smoke(tmp_path: Path, models_dir: Path) -> None:
-    out = run_bench(str(BENCH / "bench_overhead.py"), "--quick", "--dir", str(tmp_path / "state"),
-                    "--models-dir", str(models_dir))
+    out = run_bench(
+        str(BENCH / "bench_overhead.py"),
+        "--quick",
+        "--dir",
+        str(tmp_path / "state"),
+        "--models-dir",
+        str(models_dir),
+    )
     assert "platform overhead" in out

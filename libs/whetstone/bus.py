@@ -146,17 +146,30 @@ async def connect(url: str, name: str, replicas: int = 1, service: str | None = 
     return bus
 
 
-async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> tuple[dict[str, KeyValue], ObjectStore]:
+async def ensure_topology(
+    js: JetStreamContext, replicas: int = 1
+) -> tuple[dict[str, KeyValue], ObjectStore]:
     configs = [
-        api.StreamConfig(name=name, subjects=subs, retention=api.RetentionPolicy.WORK_QUEUE,
-                         storage=api.StorageType.FILE, num_replicas=replicas, duplicate_window=120.0)
+        api.StreamConfig(
+            name=name,
+            subjects=subs,
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=120.0,
+        )
         for name, subs in _STREAMS.items()
     ]
-    configs.append(api.StreamConfig(
-        name=s.DEADLETTER_STREAM, subjects=[f"{s.DEADLETTER_PREFIX}.>"],
-        retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE, num_replicas=replicas,
-        max_age=DEADLETTER_MAX_AGE_S,
-    ))
+    configs.append(
+        api.StreamConfig(
+            name=s.DEADLETTER_STREAM,
+            subjects=[f"{s.DEADLETTER_PREFIX}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            max_age=DEADLETTER_MAX_AGE_S,
+        )
+    )
     for config in configs:
         try:
             await js.add_stream(config)
@@ -168,12 +181,18 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> tuple[dict
     try:
         payloads = await js.object_store(s.PAYLOADS_BUCKET)
     except Exception:  # BucketNotFoundError; racing creators are fine, creation is idempotent
-        payloads = await js.create_object_store(s.PAYLOADS_BUCKET, config=api.ObjectStoreConfig(
-            ttl=PAYLOAD_TTL_S, storage=api.StorageType.FILE, replicas=replicas))
+        payloads = await js.create_object_store(
+            s.PAYLOADS_BUCKET,
+            config=api.ObjectStoreConfig(
+                ttl=PAYLOAD_TTL_S, storage=api.StorageType.FILE, replicas=replicas
+            ),
+        )
     return buckets, payloads
 
 
-async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float | None, replicas: int) -> KeyValue:
+async def _ensure_bucket(
+    js: JetStreamContext, bucket: str, ttl: float | None, replicas: int
+) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except Exception:  # BucketNotFoundError; racing creators are fine, creation is idempotent
@@ -221,13 +240,26 @@ def trace_carrier() -> dict[str, str]:
 
 
 async def finish_future(bus: Bus, pending: FutureRecord, result: Result) -> None:
-    await kv_put(bus.kv[s.FUTURES_BUCKET], pending.request_id, pending.model_copy(
-        update={"status": "done", "result": result, "trace": trace_carrier()}))
+    await kv_put(
+        bus.kv[s.FUTURES_BUCKET],
+        pending.request_id,
+        pending.model_copy(update={"status": "done", "result": result, "trace": trace_carrier()}),
+    )
 
 
 async def fail_future(bus: Bus, pending: FutureRecord, error: str, category: str) -> None:
-    await kv_put(bus.kv[s.FUTURES_BUCKET], pending.request_id, pending.model_copy(update={
-        "status": "failed", "error": error, "category": category, "trace": trace_carrier()}))
+    await kv_put(
+        bus.kv[s.FUTURES_BUCKET],
+        pending.request_id,
+        pending.model_copy(
+            update={
+                "status": "failed",
+                "error": error,
+                "category": category,
+                "trace": trace_carrier(),
+            }
+        ),
+    )
 
 
 async def future_record(bus: Bus, request_id: str) -> FutureRecord | None:
@@ -238,8 +270,12 @@ def work_headers(message: Message) -> dict[str, str]:
     """Headers naming the work a message carries, read by the fate wrapper and the logs even
     when the body cannot be decoded."""
     headers: dict[str, str] = {"content-type": "application/json"}
-    for attr, header in (("request_id", s.REQUEST_ID_HEADER), ("tenant", s.TENANT_HEADER),
-                         ("run_id", s.RUN_HEADER), ("base_model", s.MODEL_HEADER)):
+    for attr, header in (
+        ("request_id", s.REQUEST_ID_HEADER),
+        ("tenant", s.TENANT_HEADER),
+        ("run_id", s.RUN_HEADER),
+        ("base_model", s.MODEL_HEADER),
+    ):
         value = getattr(message, attr, None)
         if isinstance(value, str):
             headers[header] = value
@@ -263,8 +299,9 @@ async def publish(bus: Bus, subject: str, message: Message, msg_id: str | None =
         await bus.payloads.put(name, data)
         headers[s.PAYLOAD_REF_HEADER] = name
         data = b""
-    await bus.broker.publish(data, subject, headers=headers, stream=stream_of(subject),
-                             timeout=PUBLISH_TIMEOUT_S)
+    await bus.broker.publish(
+        data, subject, headers=headers, stream=stream_of(subject), timeout=PUBLISH_TIMEOUT_S
+    )
 
 
 async def load_payload(bus: Bus, headers: Mapping[str, Any]) -> bytes | None:
@@ -305,8 +342,11 @@ async def set_queue_state(bus: Bus, request_id: str, state: str) -> None:
     if record.final or record.queue_state == state:
         return
     try:
-        await kv.update(request_id, record.model_copy(update={"queue_state": state}).encode(),
-                        last=entry.revision)
+        await kv.update(
+            request_id,
+            record.model_copy(update={"queue_state": state}).encode(),
+            last=entry.revision,
+        )
     except KeyWrongLastSequenceError:
         pass
 

@@ -37,18 +37,22 @@ class TinkerPath:
         return f"{_KIND_PATH[self.kind]}/{self.name}"
 
     @classmethod
-    def parse(cls, path: str) -> "TinkerPath":
+    def parse(cls, path: str) -> TinkerPath:
         for scheme in ("tinker://", "hpcai://"):
             if path.startswith(scheme):
-                parts = path[len(scheme):].split("/")
+                parts = path[len(scheme) :].split("/")
                 if len(parts) == 3 and parts[1] in _PATH_KIND and parts[0] and parts[2]:
                     return cls(parts[0], _PATH_KIND[parts[1]], parts[2])
-        raise UserError(f"malformed checkpoint path {path!r}; expected tinker://<run>/<weights|sampler_weights>/<name>")
+        raise UserError(
+            f"malformed checkpoint path {path!r}; expected tinker://<run>/<weights|sampler_weights>/<name>"
+        )
 
 
 def check_name(name: str) -> str:
     if not _NAME.match(name):
-        raise UserError(f"invalid checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
+        raise UserError(
+            f"invalid checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-'"
+        )
     return name
 
 

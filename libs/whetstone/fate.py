@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pydantic
@@ -63,8 +63,9 @@ Undecodable = (pydantic.ValidationError, json.JSONDecodeError, UnicodeDecodeErro
 def consumer_config(ack_wait_s: float, **extra: Any) -> api.ConsumerConfig:
     """A durable pull consumer's configuration: explicit acks, and the server's own give-up
     count one past ours, so the wrapper always sees the last try and dead-letters it."""
-    return api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
-                              max_deliver=MAX_DELIVER + 1, **extra)
+    return api.ConsumerConfig(
+        ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=MAX_DELIVER + 1, **extra
+    )
 
 
 def decoder_for(model: type[pydantic.BaseModel]) -> Callable[[NatsMessage], Awaitable[Any]]:
@@ -115,7 +116,9 @@ class MessageFate:
 
     # ------------------------------------------------------------ the rules
 
-    async def settle(self, msg: NatsMessage, exc: BaseException | None, *, final: bool = False) -> None:
+    async def settle(
+        self, msg: NatsMessage, exc: BaseException | None, *, final: bool = False
+    ) -> None:
         """Give ``msg`` its fate after its handling ended with ``exc`` (None: success).
         ``final``: no retry is possible (the trainer retried in place already)."""
         subject = msg.raw_message.subject
@@ -128,8 +131,12 @@ class MessageFate:
             metrics.MESSAGES.labels(self.service, label, "ack").inc()
             return
         if isinstance(exc, Undecodable):
-            log.warning("message undecodable; terminated", subject=subject,
-                        size=len(msg.raw_message.data or b""), error_type=type(exc).__name__)
+            log.warning(
+                "message undecodable; terminated",
+                subject=subject,
+                size=len(msg.raw_message.data or b""),
+                error_type=type(exc).__name__,
+            )
             metrics.MESSAGES.labels(self.service, label, "term").inc()
             metrics.ERRORS.labels(self.service, op, "decode").inc()
             await self.fail_from_headers(headers, "the request could not be decoded", "server")
@@ -145,8 +152,12 @@ class MessageFate:
         deliveries = _deliveries(msg)
         metrics.ERRORS.labels(self.service, op, "server").inc()
         if final or deliveries >= MAX_DELIVER:
-            log.error("message failed for good; dead-lettered", subject=subject,
-                      deliveries=deliveries, exc_info=exc)
+            log.error(
+                "message failed for good; dead-lettered",
+                subject=subject,
+                deliveries=deliveries,
+                exc_info=exc,
+            )
             await self.dead_letter(msg, exc, deliveries)
             message = exc.message if isinstance(exc, WhetstoneError) else f"internal error: {exc}"
             await self.fail_from_headers(headers, message, "server")
@@ -154,12 +165,19 @@ class MessageFate:
             await msg.reject()
             return
         delay = BACKOFF_S[min(deliveries, len(BACKOFF_S)) - 1]
-        log.warning("message failed; redelivering", subject=subject, deliveries=deliveries,
-                    delay_s=delay, exc_info=exc)
+        log.warning(
+            "message failed; redelivering",
+            subject=subject,
+            deliveries=deliveries,
+            delay_s=delay,
+            exc_info=exc,
+        )
         metrics.MESSAGES.labels(self.service, label, "nak").inc()
         await msg.nack(delay=delay)
 
-    async def fail_from_headers(self, headers: Mapping[str, Any], error: str, category: str) -> None:
+    async def fail_from_headers(
+        self, headers: Mapping[str, Any], error: str, category: str
+    ) -> None:
         """Fail the future a message belongs to, if its headers name one that is still pending."""
         from whetstone import bus as b
 
@@ -169,8 +187,11 @@ class MessageFate:
         record = await b.future_record(self.bus, str(request_id))
         if record is not None and (record.final or record.tenant != tenant):
             return
-        pending = record or FutureRecord(request_id=str(request_id), tenant=str(tenant),
-                                         op=str(headers.get(s.OP_HEADER, "unknown")))
+        pending = record or FutureRecord(
+            request_id=str(request_id),
+            tenant=str(tenant),
+            op=str(headers.get(s.OP_HEADER, "unknown")),
+        )
         await b.fail_future(self.bus, pending, error, category)
 
     async def dead_letter(self, msg: NatsMessage, exc: BaseException, deliveries: int) -> None:
@@ -178,12 +199,20 @@ class MessageFate:
         if self.bus is None:
             return
         raw = msg.raw_message
-        headers = {k: str(v) for k, v in (raw.headers or {}).items()
-                   if not k.startswith("Nats-")}
-        headers.update({s.DLQ_SUBJECT_HEADER: raw.subject, s.DLQ_DELIVERIES_HEADER: str(deliveries),
-                        s.DLQ_ERROR_HEADER: f"{type(exc).__name__}: {exc}"[:512]})
-        await self.bus.js.publish(s.deadletter_subject(raw.subject), raw.data or b"",
-                                  headers=headers, stream=s.DEADLETTER_STREAM)
+        headers = {k: str(v) for k, v in (raw.headers or {}).items() if not k.startswith("Nats-")}
+        headers.update(
+            {
+                s.DLQ_SUBJECT_HEADER: raw.subject,
+                s.DLQ_DELIVERIES_HEADER: str(deliveries),
+                s.DLQ_ERROR_HEADER: f"{type(exc).__name__}: {exc}"[:512],
+            }
+        )
+        await self.bus.js.publish(
+            s.deadletter_subject(raw.subject),
+            raw.data or b"",
+            headers=headers,
+            stream=s.DEADLETTER_STREAM,
+        )
         metrics.DEAD_LETTERS.labels(self.service, queue_label(raw.subject)).inc()
 
 
@@ -195,8 +224,12 @@ class _FateScope(BaseMiddleware):
     async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: Any) -> Any:
         headers = msg.headers or {}
         subject = msg.raw_message.subject
-        bind_work(request_id=headers.get(s.REQUEST_ID_HEADER), run_id=headers.get(s.RUN_HEADER),
-                  tenant=headers.get(s.TENANT_HEADER), subject=subject)
+        bind_work(
+            request_id=headers.get(s.REQUEST_ID_HEADER),
+            run_id=headers.get(s.RUN_HEADER),
+            tenant=headers.get(s.TENANT_HEADER),
+            subject=subject,
+        )
         jetstream = _is_jetstream(msg)
         if jetstream:
             self._record_queue_wait(msg)
@@ -223,8 +256,9 @@ class _FateScope(BaseMiddleware):
             await self._safely(self.fate.settle(msg, None))
         if not jetstream:
             metrics.MESSAGES.labels(self.fate.service, queue_label(subject), "ok").inc()
-        metrics.REQUEST_LATENCY.labels(self.fate.service, op, str(headers.get(s.MODEL_HEADER, ""))
-                                       ).observe(time.perf_counter() - started)
+        metrics.REQUEST_LATENCY.labels(
+            self.fate.service, op, str(headers.get(s.MODEL_HEADER, ""))
+        ).observe(time.perf_counter() - started)
         return result
 
     async def _core_failure(self, msg: Any, exc: BaseException) -> None:
@@ -233,8 +267,12 @@ class _FateScope(BaseMiddleware):
         metrics.MESSAGES.labels(self.fate.service, queue_label(subject), kind).inc()
         metrics.ERRORS.labels(self.fate.service, queue_label(subject), kind).inc()
         if kind == "decode":
-            log.warning("message undecodable; dead-lettered", subject=subject,
-                        size=len(msg.raw_message.data or b""), error_type=type(exc).__name__)
+            log.warning(
+                "message undecodable; dead-lettered",
+                subject=subject,
+                size=len(msg.raw_message.data or b""),
+                error_type=type(exc).__name__,
+            )
             await self.fate.dead_letter(msg, exc, 1)
         else:
             log.error("handler failed", subject=subject, exc_info=exc)
@@ -252,17 +290,20 @@ class _FateScope(BaseMiddleware):
             published: datetime = msg.raw_message.metadata.timestamp
         except Exception:  # noqa: BLE001 - no metadata: nothing to record
             return
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         wait_s = max(0.0, (now - published).total_seconds())
         subject = msg.raw_message.subject
         headers = msg.headers or {}
-        metrics.QUEUE_WAIT.labels(self.fate.service, queue_label(subject),
-                                  str(headers.get(s.MODEL_HEADER, ""))).observe(wait_s)
+        metrics.QUEUE_WAIT.labels(
+            self.fate.service, queue_label(subject), str(headers.get(s.MODEL_HEADER, ""))
+        ).observe(wait_s)
         parent = propagate.extract(dict(headers))
         tracer = tracer_provider(self.fate.service).get_tracer("whetstone.bus")
-        span = tracer.start_span(f"queued {queue_label(subject)}", context=parent,
-                                 start_time=int(published.timestamp() * 1e9),
-                                 kind=trace.SpanKind.INTERNAL,
-                                 attributes={"messaging.destination.name": subject,
-                                             "whetstone.queue_wait_s": wait_s})
+        span = tracer.start_span(
+            f"queued {queue_label(subject)}",
+            context=parent,
+            start_time=int(published.timestamp() * 1e9),
+            kind=trace.SpanKind.INTERNAL,
+            attributes={"messaging.destination.name": subject, "whetstone.queue_wait_s": wait_s},
+        )
         span.end(end_time=int(now.timestamp() * 1e9))

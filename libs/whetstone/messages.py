@@ -19,8 +19,8 @@ Which subject carries what (``subjects.py`` has the names):
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Annotated, Literal, Union
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -28,7 +28,7 @@ from whetstone.tensors import Tensor
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Message(BaseModel):
@@ -61,7 +61,7 @@ class LoraConfig(Message):
     train_unembed: bool = True
 
     @model_validator(mode="after")
-    def _trains_something(self) -> "LoraConfig":
+    def _trains_something(self) -> LoraConfig:
         if not (self.train_attn or self.train_mlp or self.train_unembed):
             raise ValueError("LoRA config must train at least one of attn, mlp, unembed")
         return self
@@ -120,7 +120,9 @@ class Skip(Message):
     reason: str
 
 
-TrainCommand = Annotated[Union[ForwardBackward, OptimStep, SaveWeights, Skip], Field(discriminator="op")]
+TrainCommand = Annotated[
+    ForwardBackward | OptimStep | SaveWeights | Skip, Field(discriminator="op")
+]
 
 
 class TrainRequest(Message):
@@ -225,7 +227,7 @@ class SampleResult(Message):
 
 
 Result = Annotated[
-    Union[CreateModelResult, ForwardBackwardResult, OptimStepResult, SaveWeightsResult, SampleResult],
+    CreateModelResult | ForwardBackwardResult | OptimStepResult | SaveWeightsResult | SampleResult,
     Field(discriminator="op"),
 ]
 
@@ -352,11 +354,25 @@ class UsageEvent(Message):
     occurred_at: datetime = Field(default_factory=utcnow)
 
     @classmethod
-    def of(cls, request_id: str, tenant: str, base_model: str, meter: Meter, tokens: int,
-           run_id: str | None = None) -> "UsageEvent":
+    def of(
+        cls,
+        request_id: str,
+        tenant: str,
+        base_model: str,
+        meter: Meter,
+        tokens: int,
+        run_id: str | None = None,
+    ) -> UsageEvent:
         """The event of one meter of one completed request, with its deterministic id."""
-        return cls(event_id=f"{request_id}:{meter}", request_id=request_id, tenant=tenant,
-                   base_model=base_model, meter=meter, tokens=tokens, run_id=run_id)
+        return cls(
+            event_id=f"{request_id}:{meter}",
+            request_id=request_id,
+            tenant=tenant,
+            base_model=base_model,
+            meter=meter,
+            tokens=tokens,
+            run_id=run_id,
+        )
 
 
 class UsageReportQuery(Message):

@@ -11,47 +11,89 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                     60, 120, 300)
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
 
 MESSAGES = Counter(
-    "whetstone_messages_total", "Bus messages by the fate the message-fate wrapper gave them",
+    "whetstone_messages_total",
+    "Bus messages by the fate the message-fate wrapper gave them",
     ["service", "subject", "fate"],
 )
 ERRORS = Counter(
-    "whetstone_errors_total", "Failed requests and messages by category (user, server, decode)",
+    "whetstone_errors_total",
+    "Failed requests and messages by category (user, server, decode)",
     ["service", "op", "category"],
 )
 REQUESTS = Counter(
-    "whetstone_requests_total", "Completed requests per operation", ["service", "op", "model"],
+    "whetstone_requests_total",
+    "Completed requests per operation",
+    ["service", "op", "model"],
 )
 REQUEST_LATENCY = Histogram(
-    "whetstone_request_duration_seconds", "Execution time of a request on a worker",
-    ["service", "op", "model"], buckets=LATENCY_BUCKETS_S,
+    "whetstone_request_duration_seconds",
+    "Execution time of a request on a worker",
+    ["service", "op", "model"],
+    buckets=LATENCY_BUCKETS_S,
 )
 QUEUE_WAIT = Histogram(
-    "whetstone_queue_wait_seconds", "Time a request waited on the bus before a worker took it",
-    ["service", "queue", "model"], buckets=LATENCY_BUCKETS_S,
+    "whetstone_queue_wait_seconds",
+    "Time a request waited on the bus before a worker took it",
+    ["service", "queue", "model"],
+    buckets=LATENCY_BUCKETS_S,
 )
 QUEUE_DEPTH = Gauge(
-    "whetstone_queue_depth", "Messages waiting (pending + unacknowledged) per queue",
+    "whetstone_queue_depth",
+    "Messages waiting (pending + unacknowledged) per queue",
     ["service", "queue", "model"],
 )
 IN_FLIGHT = Gauge("whetstone_in_flight", "Requests being worked on now", ["service", "op"])
 TOKENS = Counter(
-    "whetstone_tokens_total", "Tokens processed per meter (rate() gives tokens per second)",
+    "whetstone_tokens_total",
+    "Tokens processed per meter (rate() gives tokens per second)",
     ["service", "meter", "model"],
 )
-ADAPTERS = Gauge("whetstone_adapters_resident", "LoRA adapters held in memory", ["service", "model"])
+ADAPTERS = Gauge(
+    "whetstone_adapters_resident", "LoRA adapters held in memory", ["service", "model"]
+)
 DEAD_LETTERS = Counter(
-    "whetstone_dead_letters_total", "Messages moved to the dead-letter stream", ["service", "subject"],
+    "whetstone_dead_letters_total",
+    "Messages moved to the dead-letter stream",
+    ["service", "subject"],
 )
 GPU_MEMORY = Gauge(
-    "whetstone_gpu_memory_bytes", "GPU memory allocated by this process (when a GPU is present)",
+    "whetstone_gpu_memory_bytes",
+    "GPU memory allocated by this process (when a GPU is present)",
     ["service", "device"],
 )
 
 __all__ = [
-    "ADAPTERS", "DEAD_LETTERS", "ERRORS", "GPU_MEMORY", "IN_FLIGHT", "MESSAGES", "QUEUE_DEPTH",
-    "QUEUE_WAIT", "REGISTRY", "REQUESTS", "REQUEST_LATENCY", "TOKENS",
+    "ADAPTERS",
+    "DEAD_LETTERS",
+    "ERRORS",
+    "GPU_MEMORY",
+    "IN_FLIGHT",
+    "MESSAGES",
+    "QUEUE_DEPTH",
+    "QUEUE_WAIT",
+    "REGISTRY",
+    "REQUESTS",
+    "REQUEST_LATENCY",
+    "TOKENS",
 ]

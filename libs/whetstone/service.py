@@ -55,8 +55,9 @@ def _gpu_memory(service: str) -> None:
         metrics.GPU_MEMORY.labels(service, f"cuda:{index}").set(torch.cuda.memory_allocated(index))
 
 
-def build_app(bus: Bus, readiness: Readiness, on_start: Hook | None = None,
-              on_stop: Hook | None = None) -> AsgiFastStream:
+def build_app(
+    bus: Bus, readiness: Readiness, on_start: Hook | None = None, on_stop: Hook | None = None
+) -> AsgiFastStream:
     prometheus = make_asgi_app(metrics.REGISTRY)
 
     async def scrape(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
@@ -90,8 +91,15 @@ def build_app(bus: Bus, readiness: Readiness, on_start: Hook | None = None,
     )
 
 
-async def serve(bus: Bus, port: int, log: structlog.stdlib.BoundLogger, *, host: str = "127.0.0.1",
-                on_start: Hook | None = None, on_stop: Hook | None = None) -> None:
+async def serve(
+    bus: Bus,
+    port: int,
+    log: structlog.stdlib.BoundLogger,
+    *,
+    host: str = "127.0.0.1",
+    on_start: Hook | None = None,
+    on_stop: Hook | None = None,
+) -> None:
     """Run the service until SIGTERM/SIGINT. ``port`` 0 takes any free port (logged)."""
     readiness = Readiness(bus)
     app = build_app(bus, readiness, on_start, on_stop)
@@ -100,10 +108,15 @@ async def serve(bus: Bus, port: int, log: structlog.stdlib.BoundLogger, *, host:
     try:
         sock.bind((host, port))
     except OSError as exc:
-        raise SystemExit(f"{bus.service}: cannot listen on {host}:{port} ({exc.strerror})") from None
+        raise SystemExit(
+            f"{bus.service}: cannot listen on {host}:{port} ({exc.strerror})"
+        ) from None
     bound = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=5, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="on"
+        )
+    )
     log.info("metrics and health", url=f"http://{host}:{bound}/metrics")
     try:
         await server.serve(sockets=[sock])

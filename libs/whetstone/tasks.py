@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Coroutine, TypeVar
+from typing import TypeVar
 
 import nats.errors
 
@@ -53,7 +54,9 @@ class Offload:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
 
-async def heartbeats(bus: Bus, subject: str, beat: Callable[[], WorkerHeartbeat], interval_s: float, log) -> None:
+async def heartbeats(
+    bus: Bus, subject: str, beat: Callable[[], WorkerHeartbeat], interval_s: float, log
+) -> None:
     """Publish ``beat()`` every ``interval_s`` on core NATS (liveness, not worth persisting)."""
     while True:
         try:

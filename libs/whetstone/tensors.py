@@ -31,7 +31,7 @@ class Tensor(BaseModel):
     data: bytes
 
     @classmethod
-    def from_numpy(cls, array: np.ndarray) -> "Tensor":
+    def from_numpy(cls, array: np.ndarray) -> Tensor:
         kind = array.dtype.kind
         if kind == "f":
             dtype: DType = "float32"
@@ -43,7 +43,7 @@ class Tensor(BaseModel):
         return cls(dtype=dtype, shape=tuple(int(d) for d in array.shape), data=buf.tobytes())
 
     @classmethod
-    def from_list(cls, values: list[int] | list[float], dtype: DType) -> "Tensor":
+    def from_list(cls, values: list[int] | list[float], dtype: DType) -> Tensor:
         return cls.from_numpy(np.asarray(values, dtype=_NUMPY[dtype]))
 
     def to_numpy(self) -> np.ndarray:

@@ -56,18 +56,32 @@ _ANIMALS = (
     "duck fish whale dolphin shark frog snake turtle bee ant elephant monkey zebra"
 ).split()
 _PLACES = [  # (country, capital, another city)
-    ("France", "Paris", "Lyon"), ("Germany", "Berlin", "Munich"), ("Italy", "Rome", "Milan"),
-    ("Spain", "Madrid", "Barcelona"), ("England", "London", "Manchester"),
-    ("Japan", "Tokyo", "Osaka"), ("China", "Beijing", "Shanghai"), ("India", "Delhi", "Mumbai"),
-    ("Brazil", "Brasilia", "Rio"), ("Canada", "Ottawa", "Toronto"),
-    ("Australia", "Canberra", "Sydney"), ("Egypt", "Cairo", "Alexandria"),
-    ("Mexico", "Mexico City", "Monterrey"), ("Russia", "Moscow", "Kazan"),
-    ("Kenya", "Nairobi", "Mombasa"), ("Norway", "Oslo", "Bergen"),
-    ("Greece", "Athens", "Patras"), ("Peru", "Lima", "Cusco"),
-    ("Ireland", "Dublin", "Cork"), ("Poland", "Warsaw", "Krakow"),
-    ("Sweden", "Stockholm", "Gothenburg"), ("Portugal", "Lisbon", "Porto"),
-    ("Argentina", "Buenos Aires", "Cordoba"), ("Nigeria", "Abuja", "Lagos"),
-    ("Turkey", "Ankara", "Istanbul"), ("Korea", "Seoul", "Busan"),
+    ("France", "Paris", "Lyon"),
+    ("Germany", "Berlin", "Munich"),
+    ("Italy", "Rome", "Milan"),
+    ("Spain", "Madrid", "Barcelona"),
+    ("England", "London", "Manchester"),
+    ("Japan", "Tokyo", "Osaka"),
+    ("China", "Beijing", "Shanghai"),
+    ("India", "Delhi", "Mumbai"),
+    ("Brazil", "Brasilia", "Rio"),
+    ("Canada", "Ottawa", "Toronto"),
+    ("Australia", "Canberra", "Sydney"),
+    ("Egypt", "Cairo", "Alexandria"),
+    ("Mexico", "Mexico City", "Monterrey"),
+    ("Russia", "Moscow", "Kazan"),
+    ("Kenya", "Nairobi", "Mombasa"),
+    ("Norway", "Oslo", "Bergen"),
+    ("Greece", "Athens", "Patras"),
+    ("Peru", "Lima", "Cusco"),
+    ("Ireland", "Dublin", "Cork"),
+    ("Poland", "Warsaw", "Krakow"),
+    ("Sweden", "Stockholm", "Gothenburg"),
+    ("Portugal", "Lisbon", "Porto"),
+    ("Argentina", "Buenos Aires", "Cordoba"),
+    ("Nigeria", "Abuja", "Lagos"),
+    ("Turkey", "Ankara", "Istanbul"),
+    ("Korea", "Seoul", "Busan"),
 ]
 _NAMES = (
     "Alice Bob Carol David Emma Frank Grace Henry Iris Jack Kate Leo Maya Noah Olive Paul"
@@ -136,19 +150,23 @@ def _corpus() -> str:
         colour, animal = rng.choice(_COLOURS), rng.choice(_ANIMALS)
         name, other = rng.choice(_NAMES), rng.choice(_NAMES)
         adj, obj, verb = rng.choice(_ADJECTIVES), rng.choice(_OBJECTS), rng.choice(_VERBS)
-        parts.append(rng.choice([
-            f"Q: What is {a} plus {b}?\nA: {a} plus {b} is {a + b}.\n",
-            f"Q: What is the capital of {country}?\nA: The capital of {country} is {capital}.\n",
-            f"Q: What colour is the {animal}?\nA: The {animal} is {colour}.\n",
-            f"The {adj} {colour} {animal} lives in {city}, {country}.\n",
-            f"{name} {verb} {other} near the {obj} in {capital}.\n",
-            f"In {1900 + a} there were {a * 37 + b} {animal}s in {country}.\n",
-            f"{name} has {_DIGIT_WORDS[a % 11]} {colour} {obj}s and {b} {animal}s.\n",
-            f"User: Tell me about {city}.\nAssistant: {city} is a city in {country}.\n",
-            f"{a} {b} {a * b} {a - b} {a + b}. {a}.{b}% of {b * 10} is small.\n",
-            f"On {rng.choice(_DAYS)} {a % 28 + 1} {rng.choice(_MONTHS)} {name} went to {city}.\n",
-            f"Q: How many legs does a {animal} have?\nA: I think it has {_DIGIT_WORDS[a % 5]}.\n",
-        ]))
+        parts.append(
+            rng.choice(
+                [
+                    f"Q: What is {a} plus {b}?\nA: {a} plus {b} is {a + b}.\n",
+                    f"Q: What is the capital of {country}?\nA: The capital of {country} is {capital}.\n",
+                    f"Q: What colour is the {animal}?\nA: The {animal} is {colour}.\n",
+                    f"The {adj} {colour} {animal} lives in {city}, {country}.\n",
+                    f"{name} {verb} {other} near the {obj} in {capital}.\n",
+                    f"In {1900 + a} there were {a * 37 + b} {animal}s in {country}.\n",
+                    f"{name} has {_DIGIT_WORDS[a % 11]} {colour} {obj}s and {b} {animal}s.\n",
+                    f"User: Tell me about {city}.\nAssistant: {city} is a city in {country}.\n",
+                    f"{a} {b} {a * b} {a - b} {a + b}. {a}.{b}% of {b * 10} is small.\n",
+                    f"On {rng.choice(_DAYS)} {a % 28 + 1} {rng.choice(_MONTHS)} {name} went to {city}.\n",
+                    f"Q: How many legs does a {animal} have?\nA: I think it has {_DIGIT_WORDS[a % 5]}.\n",
+                ]
+            )
+        )
     return "".join(parts)
 
 
@@ -177,8 +195,12 @@ def _train_tokenizer(out_dir: Path) -> int:
     # transformers versions and carries the chat template inline (the cookbook reads it there).
     added = {
         str(tokenizer.token_to_id(tok)): {
-            "content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": tok,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for tok in SPECIAL_TOKENS
     }

@@ -218,7 +218,11 @@ class LoraAdapter:
         """
         peft_config = json.loads((directory / "adapter_config.json").read_text())
         unsupported = (
-            "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
+            "use_dora",
+            "rank_pattern",
+            "alpha_pattern",
+            "modules_to_save",
+            "lora_bias",
             "fan_in_fan_out",
         )
         for option in unsupported:

@@ -16,7 +16,9 @@ from whetstone.service import serve
 async def main() -> None:
     settings = BillingSettings()
     log = configure_logging("billing", settings.log_level)
-    base = PriceTable.from_json(settings.prices_file) if settings.prices_file else DEFAULT_PRICE_TABLE
+    base = (
+        PriceTable.from_json(settings.prices_file) if settings.prices_file else DEFAULT_PRICE_TABLE
+    )
     prices = PriceTable.from_registry(settings.registry(), base=base)
     ledger = Ledger.connect(settings.dsn())
     bus = await b.connect(settings.nats_url, "billing", service="billing")

@@ -30,8 +30,9 @@ USAGE_ACK_WAIT_S = 60.0
 
 
 class BillingService:
-    def __init__(self, settings: BillingSettings, bus: b.Bus, ledger: Ledger, prices: PriceTable,
-                 log) -> None:
+    def __init__(
+        self, settings: BillingSettings, bus: b.Bus, ledger: Ledger, prices: PriceTable, log
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.ledger = ledger
@@ -44,15 +45,27 @@ class BillingService:
 
     async def declare(self) -> None:
         await b.subscribe(
-            self.bus, self.handle_usage, f"{s.USAGE_PREFIX}.>",
-            stream=JStream(s.USAGE_STREAM, declare=False), durable=s.BILLING_CONSUMER,
-            pull_sub=PullSub(batch_size=min(self.settings.batch_size, 1000),
-                             timeout=self.settings.fetch_timeout_s),
+            self.bus,
+            self.handle_usage,
+            f"{s.USAGE_PREFIX}.>",
+            stream=JStream(s.USAGE_STREAM, declare=False),
+            durable=s.BILLING_CONSUMER,
+            pull_sub=PullSub(
+                batch_size=min(self.settings.batch_size, 1000),
+                timeout=self.settings.fetch_timeout_s,
+            ),
             config=consumer_config(USAGE_ACK_WAIT_S, max_ack_pending=50_000),
-            ack_policy=AckPolicy.MANUAL, decoder=decoder_for(UsageEvent), title="usage events",
+            ack_policy=AckPolicy.MANUAL,
+            decoder=decoder_for(UsageEvent),
+            title="usage events",
         )
-        await b.subscribe(self.bus, self.handle_report, s.USAGE_REPORT_SUBJECT,
-                          decoder=decoder_for(UsageReportQuery), title="usage reports")
+        await b.subscribe(
+            self.bus,
+            self.handle_report,
+            s.USAGE_REPORT_SUBJECT,
+            decoder=decoder_for(UsageReportQuery),
+            title="usage reports",
+        )
 
     async def start(self) -> None:
         await self._db(self.ledger.ensure_schema)
@@ -69,13 +82,16 @@ class BillingService:
         while True:
             try:
                 await asyncio.wait_for(self._full.wait(), self.settings.fetch_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._full.clear()
             await self.flush()
 
     async def flush(self) -> None:
-        batch, self._buffer = self._buffer[: self.settings.batch_size], self._buffer[self.settings.batch_size :]
+        batch, self._buffer = (
+            self._buffer[: self.settings.batch_size],
+            self._buffer[self.settings.batch_size :],
+        )
         if not batch:
             return
         try:

@@ -29,8 +29,8 @@ which would shift and truncate the window.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -85,7 +85,7 @@ ORDER BY tenant, base_model, meter
 
 def _utc(ts: datetime) -> datetime:
     """Aware UTC datetime; a naive one is taken to be UTC already (what every producer sends)."""
-    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def _epoch_ms(ts: datetime) -> int:
@@ -111,9 +111,13 @@ class Ledger:
         if dsn.startswith("chdb:"):
             path = dsn.removeprefix("chdb://")
             if not path.startswith("/"):
-                raise UserError(f"chdb DSN must name an absolute directory (chdb:///abs/path), got {dsn!r}")
+                raise UserError(
+                    f"chdb DSN must name an absolute directory (chdb:///abs/path), got {dsn!r}"
+                )
         elif not dsn.startswith(("http://", "https://")):
-            raise UserError(f"ledger DSN must be chdb:///abs/path or http(s)://host:port, got {dsn!r}")
+            raise UserError(
+                f"ledger DSN must be chdb:///abs/path or http(s)://host:port, got {dsn!r}"
+            )
         try:
             client = clickhouse_connect.get_client(dsn=dsn)
         except OperationalError as e:
@@ -164,7 +168,9 @@ class Ledger:
         ClickHouse has merged them away.
         """
         if query.since is not None and query.until is not None and query.since >= query.until:
-            raise UserError(f"empty time window: since {query.since} is not before until {query.until}")
+            raise UserError(
+                f"empty time window: since {query.since} is not before until {query.until}"
+            )
         # Only constant SQL fragments are chosen here; the values are bound parameters.
         filters: list[str] = []
         params: dict[str, str | int] = {}

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping, get_args
+from typing import get_args
 
 from whetstone.messages import Meter
 from whetstone.models.registry import ModelRegistry
@@ -63,7 +64,9 @@ class Price:
         unknown = set(d) - set(METERS)
         missing = set(METERS) - set(d)
         if unknown or missing:
-            raise ValueError(f"price needs exactly {sorted(METERS)}; unknown {sorted(unknown)}, missing {sorted(missing)}")
+            raise ValueError(
+                f"price needs exactly {sorted(METERS)}; unknown {sorted(unknown)}, missing {sorted(missing)}"
+            )
         return cls(**{m: float(d[m]) for m in METERS})
 
     def to_dict(self) -> dict[str, float]:
@@ -130,4 +133,6 @@ class PriceTable:
 # Prices for the built-in CPU model (``whetstone.models.builtin.BUILTIN_MODEL_NAME``); the name is
 # spelled out rather than imported so that loading prices never imports the model generator.
 BUILTIN_PRICE = Price(train_tokens=0.40, prefill_tokens=0.10, sample_tokens=0.30)
-DEFAULT_PRICE_TABLE = PriceTable(default=BUILTIN_PRICE, models={"whetstone/tiny-qwen3": BUILTIN_PRICE})
+DEFAULT_PRICE_TABLE = PriceTable(
+    default=BUILTIN_PRICE, models={"whetstone/tiny-qwen3": BUILTIN_PRICE}
+)

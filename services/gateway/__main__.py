@@ -14,8 +14,14 @@ def main() -> None:
     log = configure_logging("gateway", settings.log_level)
     app = create_app(settings, log)
     # Long polls are held open; do not let them delay a shutdown.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=2)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
 
 
 if __name__ == "__main__":

@@ -316,10 +316,18 @@ async def retrieve_future(
     # The result's way back belongs to the request's trace (the worker's span wrote ``trace``);
     # this poll's own HTTP span is linked to it.
     here = trace.get_current_span().get_span_context()
-    with _tracer_provider().get_tracer("whetstone.gateway").start_as_current_span(
-        f"deliver {record.op}", context=propagate.extract(record.trace),
-        links=[trace.Link(here)] if here.is_valid else None,
-        attributes={"whetstone.request_id": record.request_id, "whetstone.status": record.status},
+    with (
+        _tracer_provider()
+        .get_tracer("whetstone.gateway")
+        .start_as_current_span(
+            f"deliver {record.op}",
+            context=propagate.extract(record.trace),
+            links=[trace.Link(here)] if here.is_valid else None,
+            attributes={
+                "whetstone.request_id": record.request_id,
+                "whetstone.status": record.status,
+            },
+        )
     ):
         return future_response(record, wants_proto)
 

@@ -31,8 +31,13 @@ class FutureWaiters:
         self._waiters: dict[str, list[asyncio.Future[FutureRecord]]] = defaultdict(list)
 
     async def start(self) -> None:
-        await b.subscribe(self.bus, self._on_update, f"$KV.{s.FUTURES_BUCKET}.>",
-                          decoder=_raw_body, title="future updates")
+        await b.subscribe(
+            self.bus,
+            self._on_update,
+            f"$KV.{s.FUTURES_BUCKET}.>",
+            decoder=_raw_body,
+            title="future updates",
+        )
 
     async def _on_update(self, data: bytes, msg: NatsMessage) -> None:
         request_id = msg.raw_message.subject.rsplit(".", 1)[-1]

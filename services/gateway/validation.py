@@ -31,17 +31,21 @@ def validate_forward_backward(command: ForwardBackward, spec: ModelSpec) -> None
         if n == 0:
             raise UserError(f"datum {i}: empty model_input")
         if n > spec.context_length:
-            raise UserError(f"datum {i}: {n} tokens exceed the context length "
-                            f"{spec.context_length} of {spec.name}")
+            raise UserError(
+                f"datum {i}: {n} tokens exceed the context length "
+                f"{spec.context_length} of {spec.name}"
+            )
         check_vocab(f"datum {i}: model_input", tokens, spec)
         for key, tensor in datum.loss_fn_inputs.items():
             values = tensor.to_numpy()
             if key.startswith("clip_") and values.ndim == 0:
                 continue
             if values.ndim == 0 or values.shape[0] != n:
-                raise UserError(f"datum {i}: loss_fn_inputs[{key!r}] has shape "
-                                f"{list(values.shape)}; its first dimension must equal the {n} "
-                                "input tokens")
+                raise UserError(
+                    f"datum {i}: loss_fn_inputs[{key!r}] has shape "
+                    f"{list(values.shape)}; its first dimension must equal the {n} "
+                    "input tokens"
+                )
             if key == "target_tokens":
                 check_vocab(f"datum {i}: target_tokens", values, spec)
 
@@ -51,14 +55,17 @@ def check_vocab(where: str, tokens: np.ndarray, spec: ModelSpec) -> None:
     if bad.any():
         pos = int(np.argwhere(bad)[0][0])
         token = int(tokens.flat[np.argmax(bad)])
-        raise UserError(f"{where}: token id {token} at position {pos} is outside the vocabulary "
-                        f"of {spec.name} (0..{spec.vocab_size - 1})")
+        raise UserError(
+            f"{where}: token id {token} at position {pos} is outside the vocabulary "
+            f"of {spec.name} (0..{spec.vocab_size - 1})"
+        )
 
 
 def check_lora(lora: LoraConfig, spec: ModelSpec) -> None:
     if lora.rank > spec.max_lora_rank:
-        raise UserError(f"LoRA rank {lora.rank} out of range: {spec.name} supports "
-                        f"1..{spec.max_lora_rank}")
+        raise UserError(
+            f"LoRA rank {lora.rank} out of range: {spec.name} supports 1..{spec.max_lora_rank}"
+        )
 
 
 def check_sample(prompt: np.ndarray, params: SamplingParams, spec: ModelSpec) -> None:
@@ -67,8 +74,10 @@ def check_sample(prompt: np.ndarray, params: SamplingParams, spec: ModelSpec) ->
         raise UserError("empty prompt")
     check_vocab("prompt", prompt, spec)
     if prompt.size + params.max_tokens > spec.context_length:
-        raise UserError(f"prompt ({prompt.size} tokens) + max_tokens ({params.max_tokens}) exceed "
-                        f"the context length {spec.context_length} of {spec.name}")
+        raise UserError(
+            f"prompt ({prompt.size} tokens) + max_tokens ({params.max_tokens}) exceed "
+            f"the context length {spec.context_length} of {spec.name}"
+        )
     if params.stop_token_ids and max(params.stop_token_ids) >= spec.vocab_size:
         raise UserError("a stop token id is outside the vocabulary")
 

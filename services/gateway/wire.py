@@ -24,6 +24,9 @@ import numpy as np
 import zstandard
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
+
+from services.gateway.tinker_schema import pb
+from services.gateway.validation import user_error
 from whetstone.errors import UserError
 from whetstone.messages import (
     Datum,
@@ -33,9 +36,6 @@ from whetstone.messages import (
     SamplingParams,
 )
 from whetstone.tensors import DType, Tensor
-
-from services.gateway.tinker_schema import pb
-from services.gateway.validation import user_error
 
 JsonObject = Mapping[str, object]
 
@@ -55,8 +55,10 @@ _PROTO_DTYPES: dict[int, tuple[np.dtype, DType]] = {
     pb.DTYPE_BFLOAT16: (np.dtype("<u2"), "float32"),
 }
 _TO_PROTO_DTYPE: dict[DType, int] = {
-    "float32": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64,
-    "int32": pb.DTYPE_INT32, "bfloat16": pb.DTYPE_BFLOAT16,
+    "float32": pb.DTYPE_FLOAT32,
+    "int64": pb.DTYPE_INT64,
+    "int32": pb.DTYPE_INT32,
+    "bfloat16": pb.DTYPE_BFLOAT16,
 }
 _STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 
@@ -389,22 +391,36 @@ def _number(params: JsonObject, key: str, default: float) -> float:
 
 def _tensor_json(tensor: Tensor) -> dict:
     array = tensor.to_numpy()
-    return {"data": array.reshape(-1).tolist(), "dtype": "int64" if array.dtype.kind in "iu" else "float32",
-            "shape": list(array.shape)}
+    return {
+        "data": array.reshape(-1).tolist(),
+        "dtype": "int64" if array.dtype.kind in "iu" else "float32",
+        "shape": list(array.shape),
+    }
 
 
 def forward_backward_output_json(result: ForwardBackwardResult) -> dict:
     """The JSON form of ForwardBackwardOutput, for clients that do not take protobuf (hpcai)."""
-    return {"loss_fn_output_type": "ArrayRecord",
-            "loss_fn_outputs": [{k: _tensor_json(v) for k, v in out.items()} for out in result.outputs],
-            "metrics": result.metrics}
+    return {
+        "loss_fn_output_type": "ArrayRecord",
+        "loss_fn_outputs": [{k: _tensor_json(v) for k, v in out.items()} for out in result.outputs],
+        "metrics": result.metrics,
+    }
 
 
 def sample_response_json(result: SampleResult) -> dict:
-    body: dict = {"type": "sample", "sequences": [
-        {"stop_reason": seq.stop_reason, "tokens": seq.tokens.to_numpy().tolist(),
-         "logprobs": seq.logprobs.to_numpy().tolist()} for seq in result.sequences
-    ]}
+    body: dict = {
+        "type": "sample",
+        "sequences": [
+            {
+                "stop_reason": seq.stop_reason,
+                "tokens": seq.tokens.to_numpy().tolist(),
+                "logprobs": seq.logprobs.to_numpy().tolist(),
+            }
+            for seq in result.sequences
+        ],
+    }
     if result.prompt_logprobs is not None:
-        body["prompt_logprobs"] = [None if v != v else v for v in result.prompt_logprobs.to_numpy().tolist()]
+        body["prompt_logprobs"] = [
+            None if v != v else v for v in result.prompt_logprobs.to_numpy().tolist()
+        ]
     return body

@@ -23,8 +23,9 @@ async def main() -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     spec = settings.registry().resolve(settings.base_model)
-    engine = SamplerEngine.from_spec(spec, device=settings.device or None,
-                                     max_adapters=settings.max_adapters)
+    engine = SamplerEngine.from_spec(
+        spec, device=settings.device or None, max_adapters=settings.max_adapters
+    )
     bus = await b.connect(settings.nats_url, settings.worker_id, service="sampler")
     worker = SamplerWorker(settings, bus, engine, settings.checkpoint_store(), log)
     await worker.declare()

@@ -30,11 +30,11 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 
 from whetstone.errors import UserError, WhetstoneError
+from whetstone.messages import SampledSequence, SampleRequest, SampleResult
 from whetstone.models.registry import ModelSpec
+from whetstone.tensors import Tensor
 from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
 from whetstone_ml.lora import LoraAdapter, LoraModel, Segment
-from whetstone.messages import SampledSequence, SampleRequest, SampleResult
-from whetstone.tensors import Tensor
 
 # Tokens that end a turn in ChatML-style tokenizers, on top of the tokenizer's own eos token.
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -125,7 +125,9 @@ class SamplerEngine:
         for name, f in adapter.factors.items():
             layer = self.lora.layers.get(name)
             if layer is None:
-                raise UserError(f"adapter {adapter_id!r} targets {name!r}, absent from the base model")
+                raise UserError(
+                    f"adapter {adapter_id!r} targets {name!r}, absent from the base model"
+                )
             if f.a.shape[1] != layer.base.in_features or f.b.shape[0] != layer.base.out_features:
                 raise UserError(f"adapter {adapter_id!r} does not fit the shape of {name!r}")
         self.lora.add(adapter_id, adapter)
@@ -205,15 +207,23 @@ class SamplerEngine:
         max_tokens = per_row([p.max_tokens for p in params], torch.long)
         # Stop ids padded with -1 (never a token) into one [rows, width] table.
         width = max(1, max(len(job.stop_ids) for job in checked))
-        stop_table = [checked[j].stop_ids + [-1] * (width - len(checked[j].stop_ids)) for j in row_job]
+        stop_table = [
+            checked[j].stop_ids + [-1] * (width - len(checked[j].stop_ids)) for j in row_job
+        ]
         stop_ids = torch.tensor(stop_table, dtype=torch.long, device=dev)
         generators = [self._generator(job.request.params.seed) for job in checked]
         string_rows = [r for r, j in enumerate(row_job) if checked[j].request.params.stop_strings]
 
         # Left-padded prompts; positions count real tokens only, so padding never shifts RoPE.
         prompt_len = max(len(job.prompt) for job in checked)
-        padded = [[self.pad_id] * (prompt_len - len(checked[j].prompt)) + checked[j].prompt for j in row_job]
-        mask = [[0] * (prompt_len - len(checked[j].prompt)) + [1] * len(checked[j].prompt) for j in row_job]
+        padded = [
+            [self.pad_id] * (prompt_len - len(checked[j].prompt)) + checked[j].prompt
+            for j in row_job
+        ]
+        mask = [
+            [0] * (prompt_len - len(checked[j].prompt)) + [1] * len(checked[j].prompt)
+            for j in row_job
+        ]
         input_ids = torch.tensor(padded, dtype=torch.long, device=dev)
         attention = torch.tensor(mask, dtype=torch.long, device=dev)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -262,12 +272,18 @@ class SamplerEngine:
                 hidden = self._decode(token[:, None], attention, positions, cache)
                 logits = self.lm_head(hidden[:, -1]).float()
 
-        return self._results(checked, first_row, tokens, logprobs, lengths, stopped, prompt_logprobs)
+        return self._results(
+            checked, first_row, tokens, logprobs, lengths, stopped, prompt_logprobs
+        )
 
     # ------------------------------------------------------------------------------ pieces
 
     def _decode(
-        self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self,
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
     ) -> torch.Tensor:
         """Hidden states of the new columns; appends their keys and values to ``cache``."""
         out = self.decoder(

@@ -24,7 +24,14 @@ from whetstone import subjects as s
 from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.errors import UserError
 from whetstone.fate import consumer_config, decoder_for
-from whetstone.messages import FutureRecord, Meter, SampleRequest, SampleResult, UsageEvent, WorkerHeartbeat
+from whetstone.messages import (
+    FutureRecord,
+    Meter,
+    SampleRequest,
+    SampleResult,
+    UsageEvent,
+    WorkerHeartbeat,
+)
 from whetstone.tasks import Offload, heartbeats, spawn
 
 Job = tuple[SampleRequest, str | None, "asyncio.Future[SampleResult]"]
@@ -72,8 +79,14 @@ class Batcher:
 
 
 class SamplerWorker:
-    def __init__(self, settings: SamplerSettings, bus: b.Bus, engine: SamplerEngine,
-                 store: LocalCheckpointStore, log) -> None:
+    def __init__(
+        self,
+        settings: SamplerSettings,
+        bus: b.Bus,
+        engine: SamplerEngine,
+        store: LocalCheckpointStore,
+        log,
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.engine = engine
@@ -85,25 +98,37 @@ class SamplerWorker:
     async def declare(self) -> None:
         base = self.settings.base_model
         await b.subscribe(
-            self.bus, self.handle_sample, s.sample_subject(base),
-            stream=JStream(s.SAMPLE_STREAM, declare=False), durable=s.sample_consumer(base),
+            self.bus,
+            self.handle_sample,
+            s.sample_subject(base),
+            stream=JStream(s.SAMPLE_STREAM, declare=False),
+            durable=s.sample_consumer(base),
             pull_sub=PullSub(batch_size=self.settings.max_batch_requests, timeout=1.0),
             config=consumer_config(self.settings.ack_wait_s, max_ack_pending=10_000),
-            ack_policy=AckPolicy.MANUAL, decoder=decoder_for(SampleRequest),
+            ack_policy=AckPolicy.MANUAL,
+            decoder=decoder_for(SampleRequest),
             title=f"sample requests for {base}",
         )
 
     async def start(self) -> None:
         spawn(self.batcher.run(), self.log, "batcher")
         subject = s.heartbeat_subject("sampler", self.settings.worker_id)
-        spawn(heartbeats(self.bus, subject, self._beat, self.settings.heartbeat_interval_s, self.log),
-              self.log, "heartbeat")
-        self.log.info("sampler ready", worker=self.settings.worker_id, base_model=self.settings.base_model)
+        spawn(
+            heartbeats(self.bus, subject, self._beat, self.settings.heartbeat_interval_s, self.log),
+            self.log,
+            "heartbeat",
+        )
+        self.log.info(
+            "sampler ready", worker=self.settings.worker_id, base_model=self.settings.base_model
+        )
 
     def _beat(self) -> WorkerHeartbeat:
         metrics.ADAPTERS.labels("sampler", self.settings.base_model).set(len(self.engine._adapters))
-        return WorkerHeartbeat(worker_id=self.settings.worker_id, role="sampler",
-                               base_models=[self.settings.base_model])
+        return WorkerHeartbeat(
+            worker_id=self.settings.worker_id,
+            role="sampler",
+            base_models=[self.settings.base_model],
+        )
 
     async def handle_sample(self, req: SampleRequest, msg: NatsMessage) -> None:
         result = await self.batcher.generate(req, await self._adapter(req))
@@ -124,9 +149,13 @@ class SamplerWorker:
             "prefill_tokens": req.prompt.numel,
             "sample_tokens": sum(seq.tokens.numel for seq in result.sequences),
         }
-        events = [UsageEvent.of(req.request_id, req.tenant, req.base_model, meter, tokens)
-                  for meter, tokens in usage.items()]
+        events = [
+            UsageEvent.of(req.request_id, req.tenant, req.base_model, meter, tokens)
+            for meter, tokens in usage.items()
+        ]
         for meter, tokens in usage.items():
             metrics.TOKENS.labels("sampler", meter, req.base_model).inc(tokens)
         # Result and usage land together, before the wrapper acknowledges the request.
-        await asyncio.gather(b.finish_future(self.bus, pending, result), b.publish_usage(self.bus, events))
+        await asyncio.gather(
+            b.finish_future(self.bus, pending, result), b.publish_usage(self.bus, events)
+        )

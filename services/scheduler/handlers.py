@@ -40,13 +40,24 @@ class Scheduler:
         self._waiting: dict[str, tuple[PlaceRun, NatsMessage]] = {}
 
     async def declare(self) -> None:
-        await b.subscribe(self.bus, self.handle_heartbeat, f"{s.HEARTBEAT_PREFIX}.trainer.*",
-                          decoder=decoder_for(WorkerHeartbeat), title="trainer heartbeats")
         await b.subscribe(
-            self.bus, self.handle_place, s.PLACE_SUBJECT,
-            stream=JStream(s.CONTROL_STREAM, declare=False), durable=s.SCHEDULER_CONSUMER,
-            pull_sub=PullSub(batch_size=16, timeout=1.0), config=consumer_config(PLACE_ACK_WAIT_S),
-            ack_policy=AckPolicy.MANUAL, decoder=decoder_for(PlaceRun), title="run placement",
+            self.bus,
+            self.handle_heartbeat,
+            f"{s.HEARTBEAT_PREFIX}.trainer.*",
+            decoder=decoder_for(WorkerHeartbeat),
+            title="trainer heartbeats",
+        )
+        await b.subscribe(
+            self.bus,
+            self.handle_place,
+            s.PLACE_SUBJECT,
+            stream=JStream(s.CONTROL_STREAM, declare=False),
+            durable=s.SCHEDULER_CONSUMER,
+            pull_sub=PullSub(batch_size=16, timeout=1.0),
+            config=consumer_config(PLACE_ACK_WAIT_S),
+            ack_policy=AckPolicy.MANUAL,
+            decoder=decoder_for(PlaceRun),
+            title="run placement",
         )
 
     async def start(self) -> None:
@@ -67,7 +78,7 @@ class Scheduler:
         while True:
             try:
                 await asyncio.wait_for(self._capacity.wait(), self.settings.retry_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._capacity.clear()
             for request_id, (request, msg) in list(self._waiting.items()):
@@ -104,11 +115,15 @@ class Scheduler:
             )
             reply = AssignReply.decode(reply_msg.data)
         except nats.errors.Error as exc:
-            self.log.warning("assignment unanswered", run=run.run_id, worker=worker_id, error=str(exc))
+            self.log.warning(
+                "assignment unanswered", run=run.run_id, worker=worker_id, error=str(exc)
+            )
             self.placement.release(worker_id, run.run_id)
             return False
         if not reply.ok:
-            self.log.warning("assignment refused", run=run.run_id, worker=worker_id, error=reply.error)
+            self.log.warning(
+                "assignment refused", run=run.run_id, worker=worker_id, error=reply.error
+            )
             self.placement.release(worker_id, run.run_id)
         self.log.info("run placed", run=run.run_id, worker=worker_id, ok=reply.ok)
         return reply.ok

@@ -50,7 +50,8 @@ class Placement:
     def choose(self, base_model: str, now: float | None = None) -> str | None:
         """The least-loaded live worker that serves ``base_model`` and has room, or None."""
         candidates = [
-            w for w in self.live(now)
+            w
+            for w in self.live(now)
             if base_model in w.beat.base_models and w.load < w.beat.max_runs
         ]
         if not candidates:

@@ -25,14 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.trainer.losses import LossFn, get_loss, target_logprobs
 from whetstone.errors import Conflict, NotFound, UserError
+from whetstone.messages import (
+    AdamParams,
+    Datum,
+    ForwardBackward,
+    ForwardBackwardResult,
+    LoraConfig,
+    OptimStepResult,
+)
 from whetstone.models.registry import ModelSpec
+from whetstone.tensors import Tensor
 from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
 from whetstone_ml.lora import LoraAdapter, LoraModel, Segment
-from whetstone.messages import AdamParams, Datum, ForwardBackward, ForwardBackwardResult, LoraConfig, OptimStepResult
-from whetstone.tensors import Tensor
-
-from services.trainer.losses import LossFn, get_loss, target_logprobs
 
 DEFAULT_MAX_LORA_RANK = 64
 OPTIMIZER_FILE = "optimizer.pt"
@@ -66,7 +72,9 @@ class Batch:
     segments: list[Segment]
 
 
-def build_batch(requests: Sequence[tuple[str, Sequence[torch.Tensor]]], pad_id: int, device: torch.device) -> Batch:
+def build_batch(
+    requests: Sequence[tuple[str, Sequence[torch.Tensor]]], pad_id: int, device: torch.device
+) -> Batch:
     """Pack ``[(run_id, token rows)]`` into one batch, one ``Segment`` per run.
 
     Today each call carries one run; packing several runs' requests into one pass only needs a
@@ -173,7 +181,9 @@ class TrainerEngine:
             if run_id in self.runs:
                 raise Conflict(f"training run {run_id!r} already exists on this worker")
             if not 1 <= lora.rank <= self.max_lora_rank:
-                raise UserError(f"LoRA rank must be between 1 and {self.max_lora_rank}, got {lora.rank}")
+                raise UserError(
+                    f"LoRA rank must be between 1 and {self.max_lora_rank}, got {lora.rank}"
+                )
             if lora.seed is None:
                 # Record the seed drawn for the run: that makes it reproducible from its config.
                 lora = lora.model_copy(update={"seed": secrets.randbits(63)})
@@ -227,10 +237,14 @@ class TrainerEngine:
                     lp = target_logprobs(logits[row, :n], datum.inputs["target_tokens"])
                     elementwise = loss_fn(lp, datum.inputs, config)
                     total = total + elementwise.sum()
-                    outputs.append({"logprobs": _to_wire(lp), "elementwise_loss": _to_wire(elementwise)})
+                    outputs.append(
+                        {"logprobs": _to_wire(lp), "elementwise_loss": _to_wire(elementwise)}
+                    )
                 if not cmd.forward_only and total.requires_grad:
                     total.backward()  # accumulates into the adapter's .grad until optim_step
-            return ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": float(total.detach())})
+            return ForwardBackwardResult(
+                outputs=outputs, metrics={"loss:sum": float(total.detach())}
+            )
 
     def _parse_datum(self, index: int, datum: Datum, loss_fn: LossFn) -> ParsedDatum:
         """Check one datum against the model (vocab, context) and the loss (inputs, shapes)."""
@@ -251,7 +265,9 @@ class TrainerEngine:
         }
         inputs = loss_fn.check_inputs(raw, n, where)
         self._check_token_ids(inputs["target_tokens"], f"{where}: target_tokens")
-        return ParsedDatum(tokens.long().to(self.device), {k: v.to(self.device) for k, v in inputs.items()})
+        return ParsedDatum(
+            tokens.long().to(self.device), {k: v.to(self.device) for k, v in inputs.items()}
+        )
 
     def _check_token_ids(self, ids: torch.Tensor, what: str) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
@@ -274,12 +290,17 @@ class TrainerEngine:
             grads = [p.grad for p in state.adapter.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             if adam.grad_clip_norm > 0 and grads:
-                torch.nn.utils.clip_grads_with_norm_(state.adapter.parameters(), adam.grad_clip_norm, grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(
+                    state.adapter.parameters(), adam.grad_clip_norm, grad_norm
+                )
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
             state.step += 1
             return OptimStepResult(
-                metrics={"grad_norm:mean": float(grad_norm), "learning_rate:mean": adam.learning_rate}
+                metrics={
+                    "grad_norm:mean": float(grad_norm),
+                    "learning_rate:mean": adam.learning_rate,
+                }
             )
 
     # ------------------------------------------------------------ inspection
@@ -292,7 +313,9 @@ class TrainerEngine:
                 self._run(run_id)
             segments = [Segment(run_id, 0, int(input_ids.shape[0]))]
             with self.lora.route.use(segments):
-                return self.lora.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()
+                return self.lora.model(
+                    input_ids=input_ids.to(self.device), use_cache=False
+                ).logits.float()
 
     # ------------------------------------------------------------ checkpoints
 

@@ -25,7 +25,6 @@ from typing import Any
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from services.trainer.engine import TrainerEngine
 from services.trainer.reorder import ReorderBuffer
@@ -33,7 +32,13 @@ from services.trainer.settings import TrainerSettings
 from whetstone import bus as b
 from whetstone import metrics
 from whetstone import subjects as s
-from whetstone.checkpoints import LocalCheckpointStore, TinkerPath, check_name, record_key, store_key
+from whetstone.checkpoints import (
+    LocalCheckpointStore,
+    TinkerPath,
+    check_name,
+    record_key,
+    store_key,
+)
 from whetstone.errors import UserError
 from whetstone.fate import BACKOFF_S, MAX_DELIVER, consumer_config, decoder_for, hold
 from whetstone.messages import (
@@ -72,8 +77,14 @@ class RunQueue:
 
 
 class TrainerWorker:
-    def __init__(self, settings: TrainerSettings, bus: b.Bus, engine: TrainerEngine,
-                 store: LocalCheckpointStore, log) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        bus: b.Bus,
+        engine: TrainerEngine,
+        store: LocalCheckpointStore,
+        log,
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.engine = engine
@@ -91,22 +102,36 @@ class TrainerWorker:
         return self.runs
 
     async def declare(self) -> None:
-        await b.subscribe(self.bus, self.handle_assign, s.assign_subject(self.settings.worker_id),
-                          decoder=decoder_for(AssignRun), title="run assignments")
+        await b.subscribe(
+            self.bus,
+            self.handle_assign,
+            s.assign_subject(self.settings.worker_id),
+            decoder=decoder_for(AssignRun),
+            title="run assignments",
+        )
 
     async def start(self) -> None:
         await self._rebind_placed_runs()
         spawn(self._execute_loop(), self.log, "executor")
         subject = s.heartbeat_subject("trainer", self.settings.worker_id)
-        spawn(heartbeats(self.bus, subject, self._beat, self.settings.heartbeat_interval_s, self.log),
-              self.log, "heartbeat")
-        self.log.info("trainer ready", worker=self.settings.worker_id, base_model=self.settings.base_model)
+        spawn(
+            heartbeats(self.bus, subject, self._beat, self.settings.heartbeat_interval_s, self.log),
+            self.log,
+            "heartbeat",
+        )
+        self.log.info(
+            "trainer ready", worker=self.settings.worker_id, base_model=self.settings.base_model
+        )
 
     def _beat(self) -> WorkerHeartbeat:
         metrics.ADAPTERS.labels("trainer", self.settings.base_model).set(len(self.runs))
-        return WorkerHeartbeat(worker_id=self.settings.worker_id, role="trainer",
-                               base_models=[self.settings.base_model], runs=sorted(self.runs),
-                               max_runs=self.settings.max_runs)
+        return WorkerHeartbeat(
+            worker_id=self.settings.worker_id,
+            role="trainer",
+            base_models=[self.settings.base_model],
+            runs=sorted(self.runs),
+            max_runs=self.settings.max_runs,
+        )
 
     # ------------------------------------------------------------ assignment
 
@@ -135,11 +160,16 @@ class TrainerWorker:
             return
         queue = self.runs[run.run_id] = RunQueue(run, None)
         queue.subscriber = await b.subscribe(
-            self.bus, self.handle_train, s.train_subject(run.run_id),
-            stream=JStream(s.TRAIN_STREAM, declare=False), durable=s.train_consumer(run.run_id),
+            self.bus,
+            self.handle_train,
+            s.train_subject(run.run_id),
+            stream=JStream(s.TRAIN_STREAM, declare=False),
+            durable=s.train_consumer(run.run_id),
             pull_sub=PullSub(batch_size=self.settings.fetch_batch, timeout=1.0),
             config=consumer_config(self.settings.ack_wait_s, max_ack_pending=10_000),
-            ack_policy=AckPolicy.MANUAL, decoder=decoder_for(TrainRequest), persistent=False,
+            ack_policy=AckPolicy.MANUAL,
+            decoder=decoder_for(TrainRequest),
+            persistent=False,
         )
 
     async def _rebind_placed_runs(self) -> None:
@@ -182,15 +212,17 @@ class TrainerWorker:
     async def _late(self, req: TrainRequest) -> None:
         record = await b.future_record(self.bus, req.request_id)
         if record is not None and not record.final and not isinstance(req.command, Skip):
-            raise UserError(f"seq_id {req.seq_id} arrived after the run moved past it "
-                            f"(its gap timed out after {self.settings.gap_timeout_s:.0f} s)")
+            raise UserError(
+                f"seq_id {req.seq_id} arrived after the run moved past it "
+                f"(its gap timed out after {self.settings.gap_timeout_s:.0f} s)"
+            )
 
     async def _execute_loop(self) -> None:
         last_keepalive = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             now = time.monotonic()
@@ -216,7 +248,8 @@ class TrainerWorker:
         error = UserError(
             f"request seq_id {missing} of {queue.run.run_id} never reached the trainer within "
             f"{self.settings.gap_timeout_s:.0f} s, so the requests after it ({seqs}) cannot run "
-            "in order; resubmit them")
+            "in order; resubmit them"
+        )
         await asyncio.gather(*(self.bus.fate.settle(i.msg, error) for i in items))
 
     async def _run_one(self, item: Held) -> None:
@@ -225,8 +258,10 @@ class TrainerWorker:
         bind_work(request_id=req.request_id, run_id=req.run_id, tenant=req.tenant)
         op = _op(req)
         try:
-            with self._tracer.start_as_current_span(f"execute {op}", attributes={
-                    "whetstone.run_id": req.run_id, "whetstone.seq_id": req.seq_id}):
+            with self._tracer.start_as_current_span(
+                f"execute {op}",
+                attributes={"whetstone.run_id": req.run_id, "whetstone.seq_id": req.seq_id},
+            ):
                 outcome = await self._with_retries(req)
                 await self.bus.fate.settle(item.msg, outcome, final=outcome is not None)
         finally:
@@ -241,8 +276,9 @@ class TrainerWorker:
             try:
                 await self._execute(req)
                 metrics.REQUESTS.labels("trainer", _op(req), self.settings.base_model).inc()
-                metrics.REQUEST_LATENCY.labels("trainer", _op(req), self.settings.base_model).observe(
-                    time.perf_counter() - started)
+                metrics.REQUEST_LATENCY.labels(
+                    "trainer", _op(req), self.settings.base_model
+                ).observe(time.perf_counter() - started)
                 return None
             except UserError as exc:
                 return exc
@@ -278,22 +314,32 @@ class TrainerWorker:
     async def _usage(self, req: TrainRequest, meter: Meter, tokens: int) -> None:
         from whetstone.messages import UsageEvent
 
-        event = UsageEvent.of(req.request_id, req.tenant, self.settings.base_model, meter, tokens,
-                              req.run_id)
+        event = UsageEvent.of(
+            req.request_id, req.tenant, self.settings.base_model, meter, tokens, req.run_id
+        )
         await b.publish_usage(self.bus, [event])
 
     async def _save(self, req: TrainRequest, cmd: SaveWeights) -> SaveWeightsResult:
         path = TinkerPath(req.run_id, cmd.kind, check_name(cmd.name))
         key = store_key(req.tenant, path)
         if cmd.kind == "training" and not cmd.overwrite and self.store.exists(key):
-            raise UserError(f"checkpoint {path} already exists; save with overwrite=True to replace it")
+            raise UserError(
+                f"checkpoint {path} already exists; save with overwrite=True to replace it"
+            )
         staged = self.store.staging(key)
         save = self.engine.save_state if cmd.kind == "training" else self.engine.save_sampler
         size = await self._torch(save, req.run_id, staged)
         self.store.commit(staged, key)
         if cmd.sampler_id is None:  # ephemeral sampler weights are not listed as checkpoints
-            record = CheckpointRecord(tinker_path=str(path), run_id=req.run_id, tenant=req.tenant,
-                                      kind=cmd.kind, name=cmd.name, store_key=key, size_bytes=size)
+            record = CheckpointRecord(
+                tinker_path=str(path),
+                run_id=req.run_id,
+                tenant=req.tenant,
+                kind=cmd.kind,
+                name=cmd.name,
+                store_key=key,
+                size_bytes=size,
+            )
             await b.kv_put(self.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), record)
         return SaveWeightsResult(kind=cmd.kind, path=str(path), sampler_id=cmd.sampler_id)
 
@@ -303,8 +349,10 @@ class TrainerWorker:
         """Stop taking work, let the request that runs now finish, and hand every held request
         back to its queue at once (nak), for this worker restarted or another one."""
         self._draining = True
-        await asyncio.gather(*(q.subscriber.stop() for q in self.runs.values() if q.subscriber),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(q.subscriber.stop() for q in self.runs.values() if q.subscriber),
+            return_exceptions=True,
+        )
         async with self._executing:
             held = [i.msg for q in self.runs.values() for i in q.buffer.clear()]
         await asyncio.gather(*(m.nack() for m in held), return_exceptions=True)

@@ -28,7 +28,14 @@ Config = Mapping[str, float]
 # Every ``loss_fn`` the Tinker SDK can send (its ``LossFnType`` literal). Those without an entry in
 # ``LOSSES`` are refused as "not supported yet" rather than "unknown", so users know they are real.
 TINKER_LOSS_FNS = (
-    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "custom",
+    "cross_entropy",
+    "importance_sampling",
+    "ppo",
+    "cispo",
+    "dro",
+    "gspo",
+    "stable_reinforce",
+    "custom",
 )
 
 PPO_CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
@@ -83,7 +90,9 @@ class LossFn:
                 )
         return config
 
-    def check_inputs(self, raw: Mapping[str, torch.Tensor], n: int, where: str) -> dict[str, torch.Tensor]:
+    def check_inputs(
+        self, raw: Mapping[str, torch.Tensor], n: int, where: str
+    ) -> dict[str, torch.Tensor]:
         """The inputs this loss reads, cast (targets int64, the rest float32) and checked.
 
         ``n`` is ``len(model_input)``: position i of the input predicts target i, so every input
@@ -104,12 +113,16 @@ class LossFn:
                 )
             if key == "target_tokens":
                 if value.is_floating_point():
-                    raise UserError(f"{where}: loss_fn_inputs['target_tokens'] must hold integer token ids")
+                    raise UserError(
+                        f"{where}: loss_fn_inputs['target_tokens'] must hold integer token ids"
+                    )
                 value = value.long()
             else:
                 value = value.float()
                 if not bool(torch.isfinite(value).all()):
-                    raise UserError(f"{where}: loss_fn_inputs[{key!r}] holds NaN or infinite values")
+                    raise UserError(
+                        f"{where}: loss_fn_inputs[{key!r}] holds NaN or infinite values"
+                    )
             inputs[key] = value
 
         targets = inputs["target_tokens"]
@@ -126,7 +139,9 @@ class LossFn:
                     f"expected the shape of target_tokens {list(targets.shape)}"
                 )
         for key in self.ones_if_missing:
-            inputs.setdefault(key, torch.ones(targets.shape, dtype=torch.float32, device=targets.device))
+            inputs.setdefault(
+                key, torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
+            )
         low, high = inputs.get("clip_low_threshold"), inputs.get("clip_high_threshold")
         if low is not None and not bool(((low >= 0) & (low <= 1)).all()):
             raise UserError(f"{where}: loss_fn_inputs['clip_low_threshold'] must lie in [0, 1]")
@@ -166,8 +181,12 @@ def _ppo(lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
     outside the band.
     """
     ratio = torch.exp(lp - inputs["logprobs"])
-    low = inputs.get("clip_low_threshold", torch.tensor(config["clip_low_threshold"], device=lp.device))
-    high = inputs.get("clip_high_threshold", torch.tensor(config["clip_high_threshold"], device=lp.device))
+    low = inputs.get(
+        "clip_low_threshold", torch.tensor(config["clip_low_threshold"], device=lp.device)
+    )
+    high = inputs.get(
+        "clip_high_threshold", torch.tensor(config["clip_high_threshold"], device=lp.device)
+    )
     advantages = inputs["advantages"]
     objective = torch.minimum(ratio * advantages, torch.clamp(ratio, low, high) * advantages)
     return -objective

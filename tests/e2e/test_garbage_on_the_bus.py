@@ -31,7 +31,9 @@ def datum(tokens: list[int]) -> types.Datum:
 
 
 def train_step(training: tinker.TrainingClient) -> float:
-    result = training.forward_backward([datum([5, 17, 99, 250, 3, 41, 7])], "cross_entropy").result()
+    result = training.forward_backward(
+        [datum([5, 17, 99, 250, 3, 41, 7])], "cross_entropy"
+    ).result()
     training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     return result.metrics["loss:sum"]
 
@@ -54,10 +56,17 @@ async def spray(nats_url: str, run_id: str) -> set[str]:
     bus = await b.connect(nats_url, "test-garbage")
     try:
         worker = await trainer_worker_id(bus)
-        durable = [s.train_subject(run_id), s.sample_subject(BUILTIN_MODEL_NAME), s.PLACE_SUBJECT,
-                   s.usage_subject("default")]
-        core = [s.assign_subject(worker), s.heartbeat_subject("trainer", "garbage-worker"),
-                s.USAGE_REPORT_SUBJECT]
+        durable = [
+            s.train_subject(run_id),
+            s.sample_subject(BUILTIN_MODEL_NAME),
+            s.PLACE_SUBJECT,
+            s.usage_subject("default"),
+        ]
+        core = [
+            s.assign_subject(worker),
+            s.heartbeat_subject("trainer", "garbage-worker"),
+            s.USAGE_REPORT_SUBJECT,
+        ]
         for subject in durable:
             for body in GARBAGE:
                 await bus.js.publish(subject, body, headers={"content-type": "application/json"})
@@ -74,7 +83,9 @@ async def spray(nats_url: str, run_id: str) -> set[str]:
         await bus.close()
 
 
-async def dead_lettered_subjects(nats_url: str, want: set[str], timeout_s: float = 30.0) -> set[str]:
+async def dead_lettered_subjects(
+    nats_url: str, want: set[str], timeout_s: float = 30.0
+) -> set[str]:
     bus = await b.connect(nats_url, "test-dlq")
     try:
         loop = asyncio.get_running_loop()
@@ -97,7 +108,9 @@ async def dead_lettered_subjects(nats_url: str, want: set[str], timeout_s: float
 
 def test_garbage_on_every_subject_leaves_every_service_serving(platform) -> None:
     service = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
-    training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4, seed=0).result()
+    training = service.create_lora_training_client(
+        base_model=BUILTIN_MODEL_NAME, rank=4, seed=0
+    ).result()
     first = train_step(training)
 
     used = asyncio.run(spray(platform.nats_url, training.model_id))
@@ -106,13 +119,20 @@ def test_garbage_on_every_subject_leaves_every_service_serving(platform) -> None
     # and billing reports.
     later = [train_step(training) for _ in range(3)]
     assert later[-1] < first
-    other = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4, seed=1).result()
+    other = service.create_lora_training_client(
+        base_model=BUILTIN_MODEL_NAME, rank=4, seed=1
+    ).result()
     train_step(other)
     sampler = training.save_weights_and_get_sampling_client().result()
-    out = sampler.sample(types.ModelInput.from_ints([5, 17, 99]), num_samples=1,
-                         sampling_params=types.SamplingParams(max_tokens=4)).result()
+    out = sampler.sample(
+        types.ModelInput.from_ints([5, 17, 99]),
+        num_samples=1,
+        sampling_params=types.SamplingParams(max_tokens=4),
+    ).result()
     assert len(out.sequences) == 1
-    report = asyncio.run(request_usage_report(platform.nats_url, UsageReportQuery(tenant="default")))
+    report = asyncio.run(
+        request_usage_report(platform.nats_url, UsageReportQuery(tenant="default"))
+    )
     assert report.error is None and any(r.meter == "train_tokens" for r in report.rows)
     for name, proc in platform.children.items():
         assert proc.poll() is None, f"{name} exited"

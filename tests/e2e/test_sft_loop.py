@@ -65,7 +65,9 @@ def service(platform):
 def trained(service):
     """A LoRA run trained for 24 SFT steps on the example's data; returns (client, losses, data)."""
     example = load_example()
-    training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=16, seed=0).result()
+    training = service.create_lora_training_client(
+        base_model=BUILTIN_MODEL_NAME, rank=16, seed=0
+    ).result()
     tokenizer = training.get_tokenizer()
     data = [example.make_datum(tokenizer, q, a) for q, a in example.make_examples()[:192]]
     losses = []
@@ -109,8 +111,11 @@ def test_sample_from_saved_sampler_weights(service, trained) -> None:
     assert saved.path.endswith("/sampler_weights/e2e") and saved.path.startswith("tinker://")
     sampler = service.create_sampling_client(model_path=saved.path).result()
     tokenizer = training.get_tokenizer()
-    prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Peru?"}],
-                                                tokenize=False, add_generation_prompt=True)
+    prompt_text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of Peru?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     prompt = types.ModelInput.from_ints(tokenizer.encode(prompt_text, add_special_tokens=False))
     params = types.SamplingParams(max_tokens=12, temperature=0.8, seed=3)
     result = sampler.sample(prompt, num_samples=2, sampling_params=params).result()
@@ -140,7 +145,9 @@ def test_save_state_names_a_training_checkpoint(trained) -> None:
 def test_compute_logprobs(service, trained) -> None:
     training, _, _ = trained
     sampler = training.save_weights_and_get_sampling_client().result()
-    tokens = training.get_tokenizer().encode("The capital of Peru is Lima.", add_special_tokens=False)
+    tokens = training.get_tokenizer().encode(
+        "The capital of Peru is Lima.", add_special_tokens=False
+    )
     logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
     Tally.prefill_tokens += len(tokens)
     Tally.sample_tokens += 1  # compute_logprobs is a sample of max_tokens=1; that token is billed
@@ -148,8 +155,10 @@ def test_compute_logprobs(service, trained) -> None:
     assert logprobs[0] is None
     # The sampler serves exactly the weights the trainer holds: its prompt logprobs equal the
     # trainer's forward logprobs of the same tokens.
-    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
     forward = training.forward([datum], "cross_entropy").result()
     Tally.prefill_tokens += len(tokens) - 1
     assert logprobs[1:] == pytest.approx(forward.loss_fn_outputs[0]["logprobs"].tolist(), abs=1e-4)
@@ -162,8 +171,10 @@ def test_unknown_model_is_a_clear_error(service) -> None:
 
 def test_token_outside_vocabulary_is_rejected(trained) -> None:
     training, _, data = trained
-    bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 10**6]),
-                      loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
+    bad = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 10**6]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+    )
     with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):
         training.forward_backward([bad], "cross_entropy").result()
     # the run carries on: the rejected call consumed nothing
@@ -183,27 +194,51 @@ def test_tenants_cannot_touch_each_others_runs(platform, trained) -> None:
     other_key = make_key(platform, "other-tenant")
     headers = {"X-API-Key": other_key}
     with httpx.Client(base_url=platform.base_url, timeout=30) as http:
-        info = http.post("/api/v1/get_info", json={"model_id": training.model_id, "type": "get_info"}, headers=headers)
+        info = http.post(
+            "/api/v1/get_info",
+            json={"model_id": training.model_id, "type": "get_info"},
+            headers=headers,
+        )
         assert info.status_code == 404 and "unknown model_id" in info.json()["error"]
-        step = http.post("/api/v1/optim_step", headers=headers, json={
-            "model_id": training.model_id, "seq_id": 999, "type": "optim_step",
-            "adam_params": {"learning_rate": 1.0, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12,
-                            "weight_decay": 0.0, "grad_clip_norm": 0.0}})
+        step = http.post(
+            "/api/v1/optim_step",
+            headers=headers,
+            json={
+                "model_id": training.model_id,
+                "seq_id": 999,
+                "type": "optim_step",
+                "adam_params": {
+                    "learning_rate": 1.0,
+                    "beta1": 0.9,
+                    "beta2": 0.95,
+                    "eps": 1e-12,
+                    "weight_decay": 0.0,
+                    "grad_clip_norm": 0.0,
+                },
+            },
+        )
         assert step.status_code == 404
     other = tinker.ServiceClient(base_url=platform.base_url, api_key=other_key)
     path = f"tinker://{training.model_id}/sampler_weights/e2e"
     with pytest.raises(tinker.NotFoundError):
         other.create_sampling_client(model_path=path).result().sample(
-            types.ModelInput.from_ints([1, 2]), num_samples=1, sampling_params=types.SamplingParams(max_tokens=2)
+            types.ModelInput.from_ints([1, 2]),
+            num_samples=1,
+            sampling_params=types.SamplingParams(max_tokens=2),
         ).result()
 
 
 def test_usage_report_matches_the_tokens_sent_and_received(platform, trained) -> None:
-    expected = {"train_tokens": Tally.train_tokens, "prefill_tokens": Tally.prefill_tokens,
-                "sample_tokens": Tally.sample_tokens}
+    expected = {
+        "train_tokens": Tally.train_tokens,
+        "prefill_tokens": Tally.prefill_tokens,
+        "sample_tokens": Tally.sample_tokens,
+    }
     deadline = time.monotonic() + 30
     while True:  # billing ingests asynchronously; wait until it has caught up
-        report = asyncio.run(request_usage_report(platform.nats_url, UsageReportQuery(tenant="default")))
+        report = asyncio.run(
+            request_usage_report(platform.nats_url, UsageReportQuery(tenant="default"))
+        )
         billed = {row.meter: row.tokens for row in report.rows}
         if billed == expected or time.monotonic() > deadline:
             break
@@ -211,18 +246,30 @@ def test_usage_report_matches_the_tokens_sent_and_received(platform, trained) ->
     assert report.error is None
     assert billed == expected
     assert all(row.base_model == BUILTIN_MODEL_NAME and row.cost_usd > 0 for row in report.rows)
-    others = asyncio.run(request_usage_report(platform.nats_url, UsageReportQuery(tenant="other-tenant")))
+    others = asyncio.run(
+        request_usage_report(platform.nats_url, UsageReportQuery(tenant="other-tenant"))
+    )
     assert others.rows == []  # the other tenant's rejected calls cost nothing
 
 
 def test_cli_mints_keys_and_prints_the_report(platform) -> None:
     cli = [sys.executable, "-m", "whetstone.cli", "--state-dir", str(platform.state_dir)]
-    key = subprocess.run([*cli, "keys", "create", "--tenant", "cli-tenant"], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    key = subprocess.run(
+        [*cli, "keys", "create", "--tenant", "cli-tenant"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert key.startswith("tml-")
-    caps = tinker.RestClient(base_url=platform.base_url, api_key=key).get_server_capabilities().result()
+    caps = (
+        tinker.RestClient(base_url=platform.base_url, api_key=key)
+        .get_server_capabilities()
+        .result()
+    )
     assert [m.model_name for m in caps.supported_models] == [BUILTIN_MODEL_NAME]
-    report = subprocess.run([*cli, "usage", "--tenant", "default"], check=True, capture_output=True, text=True).stdout
+    report = subprocess.run(
+        [*cli, "usage", "--tenant", "default"], check=True, capture_output=True, text=True
+    ).stdout
     assert "train_tokens" in report and "sample_tokens" in report and "total" in report
 
 
@@ -237,5 +284,7 @@ def test_closing_a_client_finishes_its_session(platform) -> None:
         client.close("success").result()
         gone = http.post("/api/v1/session_heartbeat", json=beat, headers=headers)
         assert gone.status_code == 410  # the SDK stops heartbeating a finished session
-        other = http.post("/api/v1/session_heartbeat", json=beat, headers={"X-API-Key": make_key(platform, "x")})
+        other = http.post(
+            "/api/v1/session_heartbeat", json=beat, headers={"X-API-Key": make_key(platform, "x")}
+        )
         assert other.status_code == 404

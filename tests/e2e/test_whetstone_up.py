@@ -26,11 +26,18 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_up_serves_and_stops_every_child(tmp_path: Path, models_dir: Path, stop_signal: signal.Signals) -> None:
+def test_up_serves_and_stops_every_child(
+    tmp_path: Path, models_dir: Path, stop_signal: signal.Signals
+) -> None:
     state = tmp_path / "state"
     env = {**os.environ, "WHETSTONE_MODELS_DIR": str(models_dir)}
-    up = subprocess.Popen([sys.executable, "-m", "whetstone.cli", "--state-dir", str(state), "up", "--port", "0"],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "whetstone.cli", "--state-dir", str(state), "up", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (state / "platform.json").exists():

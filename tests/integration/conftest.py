@@ -65,14 +65,26 @@ async def spawned(bus: b.Bus) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-async def start_trainer(bus: b.Bus, spawned: None, nats_url: str, tmp_path: Path, models_dir: Path,
-                        builtin_model: Path, log) -> AsyncIterator[StartTrainer]:
+async def start_trainer(
+    bus: b.Bus,
+    spawned: None,
+    nats_url: str,
+    tmp_path: Path,
+    models_dir: Path,
+    builtin_model: Path,
+    log,
+) -> AsyncIterator[StartTrainer]:
     """Start a real ``TrainerWorker`` on ``bus`` over the built-in model (CPU)."""
     workers: list[TrainerWorker] = []
 
     async def start(worker_id: str = "w1", **overrides) -> TrainerWorker:
-        settings = TrainerSettings(worker_id=worker_id, nats_url=nats_url, state_dir=tmp_path,
-                                   models_dir=models_dir, **overrides)
+        settings = TrainerSettings(
+            worker_id=worker_id,
+            nats_url=nats_url,
+            state_dir=tmp_path,
+            models_dir=models_dir,
+            **overrides,
+        )
         engine = TrainerEngine(builtin_model)
         store = LocalCheckpointStore(tmp_path / "checkpoints")
         worker = TrainerWorker(settings, bus, engine, store, log)

@@ -18,7 +18,7 @@ async def fetch(sub, batch: int, timeout_s: float) -> list:
     """Pull up to ``batch`` messages from a raw pull subscription; [] when none came in time."""
     try:
         return await sub.fetch(batch, timeout=timeout_s)
-    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+    except (TimeoutError, nats.errors.TimeoutError):
         return []
 
 
@@ -40,7 +40,9 @@ async def wait_final(bus: b.Bus, request_id: str, timeout_s: float = 30.0) -> Fu
         await asyncio.sleep(0.01)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, what: str = "") -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, what: str = ""
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not await check():
         if time.monotonic() > deadline:

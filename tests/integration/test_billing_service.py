@@ -36,14 +36,25 @@ TENANT = "tenant-a"
 def billing(nats_url: str, tmp_path: Path) -> Iterator:
     """``start()`` launches the billing service (same state directory every time); ``stop()`` ends it."""
     procs: list[subprocess.Popen] = []
-    env = {**os.environ, "WHETSTONE_NATS_URL": nats_url, "WHETSTONE_STATE_DIR": str(tmp_path / "billing"),
-           "WHETSTONE_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "WHETSTONE_NATS_URL": nats_url,
+        "WHETSTONE_STATE_DIR": str(tmp_path / "billing"),
+        "WHETSTONE_LOG_LEVEL": "WARNING",
+    }
 
     class Billing:
         def start(self) -> None:
             log = open(tmp_path / "billing.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "services.billing"], cwd=REPO, env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "services.billing"],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
 
         def stop(self) -> None:
             proc = procs[-1]
@@ -58,8 +69,15 @@ def billing(nats_url: str, tmp_path: Path) -> Iterator:
 
 
 def usage(request_id: str, meter: Meter, tokens: int) -> UsageEvent:
-    return UsageEvent(event_id=f"{request_id}:{meter}", request_id=request_id, tenant=TENANT,
-                      base_model=BUILTIN_MODEL_NAME, meter=meter, tokens=tokens, run_id="sess-1:train:0")
+    return UsageEvent(
+        event_id=f"{request_id}:{meter}",
+        request_id=request_id,
+        tenant=TENANT,
+        base_model=BUILTIN_MODEL_NAME,
+        meter=meter,
+        tokens=tokens,
+        run_id="sess-1:train:0",
+    )
 
 
 async def report(bus: b.Bus, timeout_s: float = 20.0) -> dict[str, tuple[int, float]]:
@@ -68,7 +86,9 @@ async def report(bus: b.Bus, timeout_s: float = 20.0) -> dict[str, tuple[int, fl
     deadline = loop.time() + timeout_s
     while True:
         try:
-            reply = await bus.nc.request(s.USAGE_REPORT_SUBJECT, UsageReportQuery(tenant=TENANT).encode(), timeout=5)
+            reply = await bus.nc.request(
+                s.USAGE_REPORT_SUBJECT, UsageReportQuery(tenant=TENANT).encode(), timeout=5
+            )
             break
         except nats.errors.NoRespondersError:
             if loop.time() > deadline:
@@ -97,15 +117,21 @@ async def test_usage_waits_for_billing_and_counts_once(bus: b.Bus, billing) -> N
     train, prefill = usage("req-1", "train_tokens", 100), usage("req-2", "prefill_tokens", 40)
     # Published while billing is down: the durable queue holds them.
     await b.publish(bus, s.usage_subject(TENANT), train, msg_id=train.event_id)
-    await b.publish(bus, s.usage_subject(TENANT), train, msg_id=train.event_id)  # JetStream drops this one
-    await b.publish(bus, s.usage_subject(TENANT), train, msg_id="outside-the-dedup-window")  # this one reaches billing
+    await b.publish(
+        bus, s.usage_subject(TENANT), train, msg_id=train.event_id
+    )  # JetStream drops this one
+    await b.publish(
+        bus, s.usage_subject(TENANT), train, msg_id="outside-the-dedup-window"
+    )  # this one reaches billing
     await b.publish(bus, s.usage_subject(TENANT), prefill, msg_id=prefill.event_id)
 
     billing.start()
     await report(bus)  # answering: schema ready, ingest started
     await eventually(lambda: all_ingested(bus), timeout_s=20.0, what="the queued events ingested")
-    assert await report(bus) == {"train_tokens": (100, pytest.approx(cost("train_tokens", 100))),
-                                 "prefill_tokens": (40, pytest.approx(cost("prefill_tokens", 40)))}
+    assert await report(bus) == {
+        "train_tokens": (100, pytest.approx(cost("train_tokens", 100))),
+        "prefill_tokens": (40, pytest.approx(cost("prefill_tokens", 40))),
+    }
 
     # Billing down again; a redelivery of an old event arrives with new usage; billing restarts.
     billing.stop()
@@ -114,6 +140,12 @@ async def test_usage_waits_for_billing_and_counts_once(bus: b.Bus, billing) -> N
     await b.publish(bus, s.usage_subject(TENANT), train, msg_id="redelivered-after-a-crash")
     billing.start()
     await report(bus)
-    await eventually(lambda: all_ingested(bus), timeout_s=20.0, what="the events of the restart ingested")
+    await eventually(
+        lambda: all_ingested(bus), timeout_s=20.0, what="the events of the restart ingested"
+    )
     totals = await report(bus)
-    assert {m: t for m, (t, _) in totals.items()} == {"train_tokens": 100, "prefill_tokens": 40, "sample_tokens": 7}
+    assert {m: t for m, (t, _) in totals.items()} == {
+        "train_tokens": 100,
+        "prefill_tokens": 40,
+        "sample_tokens": 7,
+    }

@@ -27,7 +27,9 @@ async def waiters(bus: b.Bus) -> FutureWaiters:
     return w
 
 
-async def test_a_waiter_returns_as_soon_as_the_result_lands(bus: b.Bus, waiters: FutureWaiters) -> None:
+async def test_a_waiter_returns_as_soon_as_the_result_lands(
+    bus: b.Bus, waiters: FutureWaiters
+) -> None:
     pending = await put_pending(bus, "req-1", TENANT, "optim_step")
     start = time.perf_counter()
     polls = [asyncio.create_task(waiters.wait("req-1", TENANT, timeout_s=10.0)) for _ in range(2)]
@@ -51,7 +53,9 @@ async def test_a_waiter_returns_as_soon_as_the_result_lands(bus: b.Bus, waiters:
     assert record.status == "done" and time.perf_counter() - start < 0.5
 
 
-async def test_a_waiter_returns_the_pending_record_after_the_timeout(bus: b.Bus, waiters: FutureWaiters) -> None:
+async def test_a_waiter_returns_the_pending_record_after_the_timeout(
+    bus: b.Bus, waiters: FutureWaiters
+) -> None:
     await put_pending(bus, "req-2", TENANT, "forward_backward")
     poll = asyncio.create_task(waiters.wait("req-2", TENANT, timeout_s=0.5))
     await asyncio.sleep(0.1)

@@ -40,12 +40,18 @@ async def dead_letters(bus: b.Bus) -> list:
 
 
 def request(request_id: str, seq_id: int) -> TrainRequest:
-    return TrainRequest(request_id=request_id, tenant=TENANT, run_id="fate-test:train:0",
-                        seq_id=seq_id, command=OptimStep(adam=ADAM))
+    return TrainRequest(
+        request_id=request_id,
+        tenant=TENANT,
+        run_id="fate-test:train:0",
+        seq_id=seq_id,
+        command=OptimStep(adam=ADAM),
+    )
 
 
-async def test_each_outcome_gets_its_fate(bus: b.Bus, spawned: None,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_each_outcome_gets_its_fate(
+    bus: b.Bus, spawned: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(fate, "BACKOFF_S", (0.05, 0.05, 0.05, 0.05, 0.05))
     tries: dict[int, int] = {}
 
@@ -58,17 +64,32 @@ async def test_each_outcome_gets_its_fate(bus: b.Bus, spawned: None,
         if req.seq_id == 4 and tries[4] < 3:
             raise ConnectionError("flaky")
 
-    await b.subscribe(bus, handler, SUBJECT, stream=JStream(s.TRAIN_STREAM, declare=False),
-                      durable="fate-test", pull_sub=PullSub(batch_size=8, timeout=0.2),
-                      config=consumer_config(30), ack_policy=AckPolicy.MANUAL,
-                      decoder=decoder_for(TrainRequest), persistent=False)
+    await b.subscribe(
+        bus,
+        handler,
+        SUBJECT,
+        stream=JStream(s.TRAIN_STREAM, declare=False),
+        durable="fate-test",
+        pull_sub=PullSub(batch_size=8, timeout=0.2),
+        config=consumer_config(30),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=decoder_for(TrainRequest),
+        persistent=False,
+    )
     for seq in (1, 2, 3, 4):
         await put_pending(bus, f"r{seq}", TENANT, "optim_step")
         await b.publish(bus, SUBJECT, request(f"r{seq}", seq))
     # Garbage that names a pending future in its headers: the future fails, nothing hangs.
     await put_pending(bus, "r-garbage", TENANT, "optim_step")
-    await bus.js.publish(SUBJECT, b"\x00not json", headers={
-        s.REQUEST_ID_HEADER: "r-garbage", s.TENANT_HEADER: TENANT, "content-type": "application/json"})
+    await bus.js.publish(
+        SUBJECT,
+        b"\x00not json",
+        headers={
+            s.REQUEST_ID_HEADER: "r-garbage",
+            s.TENANT_HEADER: TENANT,
+            "content-type": "application/json",
+        },
+    )
 
     user = await wait_final(bus, "r2")
     assert (user.status, user.category, user.error) == ("failed", "user", "seq 2 is wrong")
@@ -95,7 +116,8 @@ async def test_each_outcome_gets_its_fate(bus: b.Bus, spawned: None,
 
 
 async def test_a_seq_id_gap_that_stays_open_fails_the_waiting_requests(
-        bus: b.Bus, start_trainer) -> None:
+    bus: b.Bus, start_trainer
+) -> None:
     await start_trainer("w1", gap_timeout_s=0.5)
     run_id = "sess-gap:train:0"
     await assign(bus, "w1", run_id)
@@ -110,19 +132,27 @@ async def test_a_seq_id_gap_that_stays_open_fails_the_waiting_requests(
 
 
 async def test_a_draining_trainer_hands_held_requests_back_and_its_restart_runs_them(
-        bus: b.Bus, start_trainer) -> None:
+    bus: b.Bus, start_trainer
+) -> None:
     worker = await start_trainer("w1")
     run_id = "sess-drain:train:0"
     await assign(bus, "w1", run_id)
     # The records the gateway and the scheduler keep, from which a restarted worker rebinds.
-    run = TrainingRunRecord(run_id=run_id, tenant=TENANT, session_id="sess-drain",
-                            base_model=BUILTIN_MODEL_NAME, lora=LORA)
+    run = TrainingRunRecord(
+        run_id=run_id,
+        tenant=TENANT,
+        session_id="sess-drain",
+        base_model=BUILTIN_MODEL_NAME,
+        lora=LORA,
+    )
     await b.kv_put(bus.kv[s.RUNS_BUCKET], s.token(run_id), run)
     await bus.kv[s.PLACEMENTS_BUCKET].put(s.token(run_id), b"w1")
     rid2 = await submit(bus, run_id, 2, OptimStep(adam=ADAM))
     rid3 = await submit(bus, run_id, 3, fb())
-    await eventually(lambda: asyncio.sleep(0, len(worker.runs[run_id].buffer) == 2),
-                     what="seq 2 and 3 held for seq 1")
+    await eventually(
+        lambda: asyncio.sleep(0, len(worker.runs[run_id].buffer) == 2),
+        what="seq 2 and 3 held for seq 1",
+    )
     await worker.stop()  # SIGTERM's path: nothing held is lost, nothing ran
     info = await bus.js.consumer_info(s.TRAIN_STREAM, s.train_consumer(run_id))
     assert info.num_pending + info.num_ack_pending + info.num_redelivered >= 2

@@ -17,7 +17,13 @@ from services.scheduler.settings import SchedulerSettings
 from tests.integration.helpers import eventually, put_pending, wait_final
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.messages import CreateModelResult, FutureRecord, LoraConfig, PlaceRun, TrainingRunRecord
+from whetstone.messages import (
+    CreateModelResult,
+    FutureRecord,
+    LoraConfig,
+    PlaceRun,
+    TrainingRunRecord,
+)
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 
 pytestmark = pytest.mark.timeout(60)  # a hang fails fast, with every thread's stack
@@ -26,18 +32,29 @@ TENANT = "tenant-a"
 
 
 async def test_a_run_waits_for_capacity_then_lands_on_the_first_worker(
-        bus: b.Bus, spawned: None, start_trainer, nats_url: str, tmp_path: Path, log) -> None:
+    bus: b.Bus, spawned: None, start_trainer, nats_url: str, tmp_path: Path, log
+) -> None:
     settings = SchedulerSettings(nats_url=nats_url, state_dir=tmp_path)
     scheduler = Scheduler(settings, bus, log)
     await scheduler.declare()
     await scheduler.start()
 
     run_id = "sess-1:train:0"
-    run = TrainingRunRecord(run_id=run_id, tenant=TENANT, session_id="sess-1", base_model=BUILTIN_MODEL_NAME,
-                            lora=LoraConfig(rank=4, seed=1))
+    run = TrainingRunRecord(
+        run_id=run_id,
+        tenant=TENANT,
+        session_id="sess-1",
+        base_model=BUILTIN_MODEL_NAME,
+        lora=LoraConfig(rank=4, seed=1),
+    )
     request_id = "req-create-1"
     await put_pending(bus, request_id, TENANT, "create_model")
-    await b.publish(bus, s.PLACE_SUBJECT, PlaceRun(request_id=request_id, run=run), msg_id=f"create.{s.token(run_id)}")
+    await b.publish(
+        bus,
+        s.PLACE_SUBJECT,
+        PlaceRun(request_id=request_id, run=run),
+        msg_id=f"create.{s.token(run_id)}",
+    )
 
     async def paused() -> bool:
         record = await b.future_record(bus, request_id)
@@ -75,7 +92,11 @@ async def test_a_run_waits_for_capacity_then_lands_on_the_first_worker(
         return info.num_pending == 0 and info.num_ack_pending == 0
 
     await eventually(placement_acked, what="the PlaceRun acknowledged")
-    await eventually(lambda: asyncio.sleep(0, bool(done_at)), what="the final record seen on the bus")
+    await eventually(
+        lambda: asyncio.sleep(0, bool(done_at)), what="the final record seen on the bus"
+    )
     latency_ms = (done_at[0] - first_beat[0]) * 1000
-    print(f"\nP8 (worker's first heartbeat -> queued create_model done): {latency_ms:.1f} ms "
-          f"(target <= 100 ms)")
+    print(
+        f"\nP8 (worker's first heartbeat -> queued create_model done): {latency_ms:.1f} ms "
+        f"(target <= 100 ms)"
+    )

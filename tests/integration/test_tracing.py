@@ -16,7 +16,14 @@ from services.scheduler.settings import SchedulerSettings
 from services.trainer.engine import TrainerEngine
 from services.trainer.handlers import TrainerWorker
 from services.trainer.settings import TrainerSettings
-from tests.integration.gateway_app import PROTOBUF, client, create_run, fb_body, result_of, running_gateway
+from tests.integration.gateway_app import (
+    PROTOBUF,
+    client,
+    create_run,
+    fb_body,
+    result_of,
+    running_gateway,
+)
 from whetstone import bus as b
 from whetstone import observability
 from whetstone.checkpoints import LocalCheckpointStore
@@ -33,16 +40,27 @@ def spans() -> InMemorySpanExporter:
 
 
 async def test_one_forward_backward_is_one_trace_across_the_services(
-        bus: b.Bus, spawned: None, nats_url: str, models_dir: Path, builtin_model: Path,
-        tmp_path: Path, log, spans: InMemorySpanExporter) -> None:
+    bus: b.Bus,
+    spawned: None,
+    nats_url: str,
+    models_dir: Path,
+    builtin_model: Path,
+    tmp_path: Path,
+    log,
+    spans: InMemorySpanExporter,
+) -> None:
     trainer_bus = await b.connect(nats_url, "trainer-w1", service="trainer")
     scheduler_bus = await b.connect(nats_url, "scheduler", service="scheduler")
     try:
         for service_bus in (trainer_bus, scheduler_bus):
             await service_bus.broker.start()
-        worker = TrainerWorker(TrainerSettings(worker_id="w1", nats_url=nats_url, state_dir=tmp_path),
-                               trainer_bus, TrainerEngine(builtin_model),
-                               LocalCheckpointStore(tmp_path / "checkpoints"), log)
+        worker = TrainerWorker(
+            TrainerSettings(worker_id="w1", nats_url=nats_url, state_dir=tmp_path),
+            trainer_bus,
+            TrainerEngine(builtin_model),
+            LocalCheckpointStore(tmp_path / "checkpoints"),
+            log,
+        )
         scheduler = Scheduler(SchedulerSettings(nats_url=nats_url), scheduler_bus, log)
         for service in (worker, scheduler):
             await service.declare()
@@ -53,8 +71,11 @@ async def test_one_forward_backward_is_one_trace_across_the_services(
             run_id, create_id = await create_run(http)
             await result_of(http, create_id)
             spans.clear()
-            answer = await http.post("/api/v1/forward_backward", content=fb_body(run_id, 1),
-                                     headers={"content-type": PROTOBUF})
+            answer = await http.post(
+                "/api/v1/forward_backward",
+                content=fb_body(run_id, 1),
+                headers={"content-type": PROTOBUF},
+            )
             request_id = answer.json()["request_id"]
             result = await result_of(http, request_id, accept=PROTOBUF)
             assert PROTOBUF in result.headers["content-type"]
@@ -63,8 +84,11 @@ async def test_one_forward_backward_is_one_trace_across_the_services(
         await scheduler_bus.close()
 
     finished = spans.get_finished_spans()
-    http_span = next(sp for sp in finished if sp.name == "POST /api/v1/forward_backward"
-                     and sp.kind.name == "SERVER")
+    http_span = next(
+        sp
+        for sp in finished
+        if sp.name == "POST /api/v1/forward_backward" and sp.kind.name == "SERVER"
+    )
     trace_id = http_span.context.trace_id
     tree = [sp for sp in finished if sp.context.trace_id == trace_id]
     by_id = {sp.context.span_id: sp for sp in tree}
@@ -79,7 +103,9 @@ async def test_one_forward_backward_is_one_trace_across_the_services(
 
     publish = one("ws.train.", "whetstone-gateway")
     queued = one("queued ws.train", "whetstone-trainer")
-    consume = next(sp for sp in tree if sp.name.endswith(" process") and service(sp) == "whetstone-trainer")
+    consume = next(
+        sp for sp in tree if sp.name.endswith(" process") and service(sp) == "whetstone-trainer"
+    )
     execute = one("execute forward_backward", "whetstone-trainer")
     deliver = one("deliver forward_backward", "whetstone-gateway")
 

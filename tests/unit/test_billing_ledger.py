@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from services.billing.prices import DEFAULT_PRICE_TABLE, Price, PriceTable
 from whetstone.errors import UserError
 from whetstone.messages import Meter, UsageEvent, UsageReportQuery
 
-T0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, tzinfo=UTC)
 TINY = "whetstone/tiny-qwen3"
 BIG = "Qwen/Qwen3-8B"
 PRICES = PriceTable(
@@ -103,8 +103,16 @@ def test_duplicate_event_ids_count_once(ledger: Ledger) -> None:
 
 def test_same_request_different_meters_are_distinct(ledger: Ledger) -> None:
     a = tenant()
-    ledger.insert([event(a, "prefill_tokens", 5, request_id="r"), event(a, "sample_tokens", 9, request_id="r")])
-    assert totals(ledger, tenant=a) == {(a, TINY, "prefill_tokens"): 5, (a, TINY, "sample_tokens"): 9}
+    ledger.insert(
+        [
+            event(a, "prefill_tokens", 5, request_id="r"),
+            event(a, "sample_tokens", 9, request_id="r"),
+        ]
+    )
+    assert totals(ledger, tenant=a) == {
+        (a, TINY, "prefill_tokens"): 5,
+        (a, TINY, "sample_tokens"): 9,
+    }
 
 
 def test_tenant_filter_isolates_tenants(ledger: Ledger) -> None:
@@ -138,7 +146,9 @@ def test_time_window_is_half_open(ledger: Ledger) -> None:
     assert totals(ledger, tenant=a, until=T0) == {key: 1}
     # Same instant in another zone: the window is absolute time, not wall-clock.
     est = timezone(timedelta(hours=-5))
-    assert totals(ledger, tenant=a, since=T0.astimezone(est), until=until.astimezone(est)) == {key: 110}
+    assert totals(ledger, tenant=a, since=T0.astimezone(est), until=until.astimezone(est)) == {
+        key: 110
+    }
 
 
 def test_empty_window_is_a_user_error(ledger: Ledger) -> None:
@@ -155,7 +165,10 @@ def test_cost_from_price_table(ledger: Ledger) -> None:
             event(a, "prefill_tokens", 1_000_000, base_model="unlisted/model"),
         ]
     )
-    cost = {(r.base_model, r.meter): r.cost_usd for r in ledger.report(UsageReportQuery(tenant=a), PRICES).rows}
+    cost = {
+        (r.base_model, r.meter): r.cost_usd
+        for r in ledger.report(UsageReportQuery(tenant=a), PRICES).rows
+    }
     assert cost[(TINY, "train_tokens")] == pytest.approx(0.80)
     assert cost[(BIG, "sample_tokens")] == pytest.approx(1.50)
     assert cost[("unlisted/model", "prefill_tokens")] == pytest.approx(1.0)  # default price
@@ -165,7 +178,16 @@ def test_empty_report(ledger: Ledger) -> None:
     assert ledger.insert([]) == 0
     report = ledger.report(UsageReportQuery(tenant=tenant()), PRICES)
     assert report.rows == [] and report.error is None
-    assert ledger.report(UsageReportQuery(since=datetime(1990, 1, 1, tzinfo=timezone.utc), until=datetime(1990, 2, 1, tzinfo=timezone.utc)), PRICES).rows == []
+    assert (
+        ledger.report(
+            UsageReportQuery(
+                since=datetime(1990, 1, 1, tzinfo=UTC),
+                until=datetime(1990, 2, 1, tzinfo=UTC),
+            ),
+            PRICES,
+        ).rows
+        == []
+    )
 
 
 def test_ingest_20k_events_in_one_batch(ledger: Ledger) -> None:

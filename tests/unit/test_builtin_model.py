@@ -26,10 +26,7 @@ from whetstone_ml.builtin import ensure_builtin_model
 
 
 def _hashes(model_dir: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(model_dir.iterdir())
-    }
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model_dir.iterdir())}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +37,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_layout_and_idempotence(model_dir: Path) -> None:
     assert model_dir.name == BUILTIN_MODEL_DIRNAME
     names = {p.name for p in model_dir.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors",
-            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     before = _hashes(model_dir)
     assert ensure_builtin_model(model_dir.parent) == model_dir
     assert _hashes(model_dir) == before
@@ -73,11 +75,14 @@ def test_chat_template_renders_chatml(model_dir: Path) -> None:
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("text", [
-    "The capital of France is Paris.",
-    "Q: What is 12 plus 30?\nA: 42.",
-    "  leading spaces, tabs\tand unicode: café, 東京, 🙂\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The capital of France is Paris.",
+        "Q: What is 12 plus 30?\nA: 42.",
+        "  leading spaces, tabs\tand unicode: café, 東京, 🙂\n",
+    ],
+)
 def test_tokenizer_round_trips(model_dir: Path, text: str) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok.encode(text, add_special_tokens=False)
@@ -171,17 +176,19 @@ def test_losing_the_rename_race_uses_the_winner(
     assert [p.name for p in final.iterdir()] == ["theirs"]
 
 
-def test_concurrent_processes_end_with_one_valid_directory(
-    model_dir: Path, tmp_path: Path
-) -> None:
+def test_concurrent_processes_end_with_one_valid_directory(model_dir: Path, tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path; "
         "from whetstone_ml.builtin import ensure_builtin_model; "
         "print(ensure_builtin_model(Path(sys.argv[1])))"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     results = [p.communicate(timeout=120) for p in procs]

@@ -32,8 +32,9 @@ def _loaded_after_import(module: str) -> list[str]:
         f"importlib.import_module({module!r})\n"
         f"print(json.dumps([m for m in {ML_STACK!r} if m in sys.modules]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     return list(json.loads(done.stdout.strip().splitlines()[-1]))
 

@@ -48,8 +48,10 @@ def bf16_trainer(models_dir: Path) -> TrainerEngine:
 def _datum(seed: int, n: int = 12) -> Datum:
     rng = random.Random(seed)
     seq = [rng.randrange(3, 2000) for _ in range(n + 1)]
-    return Datum(model_input=Tensor.from_list(seq[:-1], "int64"),
-                 loss_fn_inputs={"target_tokens": Tensor.from_list(seq[1:], "int64")})
+    return Datum(
+        model_input=Tensor.from_list(seq[:-1], "int64"),
+        loss_fn_inputs={"target_tokens": Tensor.from_list(seq[1:], "int64")},
+    )
 
 
 def test_dtype_names_and_torch_dtypes() -> None:
@@ -112,9 +114,13 @@ def test_sampler_in_bfloat16_samples_finite_logprobs(
 
     prompt = engine.tokenizer.encode("Q: What is the capital of France?\nA:")
     request = SampleRequest(
-        request_id="req", tenant="t", base_model=spec.name,
-        prompt=Tensor.from_list(prompt, "int64"), num_samples=2,
-        params=SamplingParams(max_tokens=6, seed=7, stop_on_eos=False), prompt_logprobs=True,
+        request_id="req",
+        tenant="t",
+        base_model=spec.name,
+        prompt=Tensor.from_list(prompt, "int64"),
+        num_samples=2,
+        params=SamplingParams(max_tokens=6, seed=7, stop_on_eos=False),
+        prompt_logprobs=True,
     )
     for adapter_id in (None, "s"):
         result = engine.generate([(request, adapter_id)])[0]

@@ -51,7 +51,9 @@ def sdk_body(data: list[SdkDatum], loss_fn: str = "cross_entropy", **kw: object)
     forward_only = bool(kw.pop("forward_only", False))
     request = ForwardBackwardRequest(
         forward_backward_input=ForwardBackwardInput(
-            data=data, loss_fn=loss_fn, **kw  # type: ignore[arg-type]
+            data=data,
+            loss_fn=loss_fn,
+            **kw,  # type: ignore[arg-type]
         ),
         model_id="s:train:0",
         seq_id=7,
@@ -355,13 +357,22 @@ def test_model_input_from_json() -> None:
 
 def test_sampling_params_from_json() -> None:
     captured = {
-        "max_tokens": 3, "seed": 1, "stop": ["\n\n", "END"],
-        "temperature": 0.7, "top_k": -1, "top_p": 1.0,
+        "max_tokens": 3,
+        "seed": 1,
+        "stop": ["\n\n", "END"],
+        "temperature": 0.7,
+        "top_k": -1,
+        "top_p": 1.0,
     }
     params = wire.sampling_params_from_json(captured)
     assert params == SamplingParams(
-        max_tokens=3, seed=1, temperature=0.7, top_k=-1, top_p=1.0,
-        stop_strings=["\n\n", "END"], stop_on_eos=False,
+        max_tokens=3,
+        seed=1,
+        temperature=0.7,
+        top_k=-1,
+        top_p=1.0,
+        stop_strings=["\n\n", "END"],
+        stop_on_eos=False,
     )
     default = wire.sampling_params_from_json({"temperature": 1.0})
     assert default == SamplingParams()  # missing max_tokens keeps the model default; EOS stops
@@ -403,8 +414,11 @@ def test_tensor_from_json_dense_and_csr() -> None:
     td = TensorData.from_torch_sparse(source)
     assert td.sparse_crow_indices is not None
     as_json = {
-        "data": td.data, "dtype": td.dtype, "shape": td.shape,
-        "sparse_crow_indices": td.sparse_crow_indices, "sparse_col_indices": td.sparse_col_indices,
+        "data": td.data,
+        "dtype": td.dtype,
+        "shape": td.shape,
+        "sparse_crow_indices": td.sparse_crow_indices,
+        "sparse_col_indices": td.sparse_col_indices,
     }
     np.testing.assert_array_equal(wire.tensor_from_json(as_json).to_numpy(), source.numpy())
 
@@ -428,8 +442,13 @@ def test_json_results_for_clients_without_protobuf() -> None:
         "metrics": {"loss:sum": 1.5},
     }
     sample = SampleResult(
-        sequences=[SampledSequence(tokens=Tensor.from_list([7, 8], "int64"),
-                                   logprobs=Tensor.from_list([-0.25, -0.5], "float32"), stop_reason="stop")],
+        sequences=[
+            SampledSequence(
+                tokens=Tensor.from_list([7, 8], "int64"),
+                logprobs=Tensor.from_list([-0.25, -0.5], "float32"),
+                stop_reason="stop",
+            )
+        ],
         prompt_logprobs=Tensor.from_list([math.nan, -2.0], "float32"),
     )
     assert wire.sample_response_json(sample) == {

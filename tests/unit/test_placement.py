@@ -11,9 +11,12 @@ TINY = "whetstone/tiny-qwen3"
 BIG = "Qwen/Qwen3-8B"
 
 
-def beat(worker_id: str, runs: list[str] = (), base: str = TINY, max_runs: int = 4) -> WorkerHeartbeat:
-    return WorkerHeartbeat(worker_id=worker_id, role="trainer", base_models=[base], runs=list(runs),
-                           max_runs=max_runs)
+def beat(
+    worker_id: str, runs: list[str] = (), base: str = TINY, max_runs: int = 4
+) -> WorkerHeartbeat:
+    return WorkerHeartbeat(
+        worker_id=worker_id, role="trainer", base_models=[base], runs=list(runs), max_runs=max_runs
+    )
 
 
 def test_a_worker_is_live_until_its_heartbeat_is_older_than_the_timeout() -> None:

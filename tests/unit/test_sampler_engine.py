@@ -53,7 +53,10 @@ def adapters(
     engine: SamplerEngine, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    dirs = {name: _make_adapter(engine, root / name, seed, model_dir) for name, seed in (("a", 1), ("b", 2))}
+    dirs = {
+        name: _make_adapter(engine, root / name, seed, model_dir)
+        for name, seed in (("a", 1), ("b", 2))
+    }
     for name, directory in dirs.items():
         engine.ensure_adapter(name, directory)
     return dirs
@@ -130,13 +133,17 @@ def test_greedy_matches_no_cache_reference(engine, adapters, model_dir, adapter)
     reference = _peft_model(model_dir, adapters[adapter] if adapter else None)
     for text in PROMPTS[:2]:
         prompt = engine.tokenizer.encode(text)
-        [result] = engine.generate([(_request(engine, prompt, max_tokens=12, temperature=0.0), adapter)])
+        [result] = engine.generate(
+            [(_request(engine, prompt, max_tokens=12, temperature=0.0), adapter)]
+        )
         assert _tokens(result) == _greedy_reference(reference, prompt, 12)
         assert result.sequences[0].stop_reason == "length"
 
 
 def test_adapter_changes_output(engine, adapters):
-    jobs = [(_request(engine, PROMPTS[0], max_tokens=12, temperature=0.0), a) for a in (None, "a", "b")]
+    jobs = [
+        (_request(engine, PROMPTS[0], max_tokens=12, temperature=0.0), a) for a in (None, "a", "b")
+    ]
     outputs = [_tokens(r) for r in engine.generate(jobs)]
     assert outputs[0] != outputs[1] and outputs[0] != outputs[2] and outputs[1] != outputs[2]
 
@@ -165,7 +172,9 @@ def test_batch_of_adapters_equals_each_alone(engine, adapters):
 def test_logprobs_match_float64_reference(engine, adapters, model_dir, adapter, temperature):
     reference = _peft_model(model_dir, adapters[adapter] if adapter else None, torch.float64)
     prompt = engine.tokenizer.encode(PROMPTS[2])
-    request = _request(engine, prompt, max_tokens=10, temperature=temperature, seed=7, prompt_logprobs=True)
+    request = _request(
+        engine, prompt, max_tokens=10, temperature=temperature, seed=7, prompt_logprobs=True
+    )
     [result] = engine.generate([(request, adapter)])
     output = _tokens(result)
     assert len(output) == 10
@@ -195,7 +204,9 @@ def test_seed_determinism_and_num_samples(engine):
     assert runs[0] == runs[1]
     assert all(len(t) == 8 for t in runs[0])
     assert len({tuple(t) for t in runs[0]}) > 1, "samples of one request should differ"
-    [other] = engine.generate([(_request(engine, PROMPTS[0], max_tokens=8, seed=124, num_samples=3), None)])
+    [other] = engine.generate(
+        [(_request(engine, PROMPTS[0], max_tokens=8, seed=124, num_samples=3), None)]
+    )
     assert [_tokens(other, i) for i in range(3)] != runs[0]
     for seq in first[0].sequences:
         assert seq.tokens.dtype == "int64" and seq.logprobs.dtype == "float32"
@@ -204,13 +215,17 @@ def test_seed_determinism_and_num_samples(engine):
 def test_seeded_request_independent_of_batch_neighbours(engine, adapters):
     request = _request(engine, PROMPTS[1], max_tokens=8, temperature=1.0, seed=5, num_samples=2)
     [alone] = engine.generate([(request, None)])
-    together = engine.generate([(_request(engine, PROMPTS[0], max_tokens=4, seed=9), "b"), (request, None)])
+    together = engine.generate(
+        [(_request(engine, PROMPTS[0], max_tokens=4, seed=9), "b"), (request, None)]
+    )
     assert [_tokens(together[1], i) for i in range(2)] == [_tokens(alone, i) for i in range(2)]
 
 
 @pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 1e-6}])
 def test_extreme_truncation_equals_greedy(engine, truncation):
-    [greedy] = engine.generate([(_request(engine, PROMPTS[0], max_tokens=10, temperature=0.0), None)])
+    [greedy] = engine.generate(
+        [(_request(engine, PROMPTS[0], max_tokens=10, temperature=0.0), None)]
+    )
     sampled_request = _request(engine, PROMPTS[0], max_tokens=10, temperature=1.0, **truncation)
     [sampled] = engine.generate([(sampled_request, None)])
     assert _tokens(sampled) == _tokens(greedy)
@@ -234,24 +249,34 @@ def test_top_k_restricts_support(engine):
 
 
 def test_stop_token_ids(engine):
-    [greedy] = engine.generate([(_request(engine, PROMPTS[0], max_tokens=12, temperature=0.0), None)])
+    [greedy] = engine.generate(
+        [(_request(engine, PROMPTS[0], max_tokens=12, temperature=0.0), None)]
+    )
     full = _tokens(greedy)
     stop = full[3]
     request = _request(engine, PROMPTS[0], max_tokens=12, temperature=0.0, stop_token_ids=[stop])
     [result] = engine.generate([(request, None)])
     assert _tokens(result) == full[: full.index(stop) + 1]
     assert result.sequences[0].stop_reason == "stop"
-    np.testing.assert_allclose(_logprobs(result), _logprobs(greedy)[: full.index(stop) + 1], atol=1e-5)
+    np.testing.assert_allclose(
+        _logprobs(result), _logprobs(greedy)[: full.index(stop) + 1], atol=1e-5
+    )
 
 
 def test_stop_strings(engine):
-    [greedy] = engine.generate([(_request(engine, PROMPTS[1], max_tokens=16, temperature=0.0), None)])
+    [greedy] = engine.generate(
+        [(_request(engine, PROMPTS[1], max_tokens=16, temperature=0.0), None)]
+    )
     full = _tokens(greedy)
     pieces = [engine.tokenizer.decode([t]) for t in full[2:]]
-    stop = next(p.strip() for p in pieces if p.strip().isascii() and p.strip().isprintable() and p.strip())
+    stop = next(
+        p.strip() for p in pieces if p.strip().isascii() and p.strip().isprintable() and p.strip()
+    )
     # Reference: the shortest prefix whose full decoded text contains the stop string.
     cut = next(n for n in range(1, len(full) + 1) if stop in engine.tokenizer.decode(full[:n]))
-    request = _request(engine, PROMPTS[1], max_tokens=16, temperature=0.0, stop_strings=["zzzq", stop])
+    request = _request(
+        engine, PROMPTS[1], max_tokens=16, temperature=0.0, stop_strings=["zzzq", stop]
+    )
     [result] = engine.generate([(request, None)])
     assert _tokens(result) == full[:cut]
     assert result.sequences[0].stop_reason == "stop"
@@ -260,14 +285,18 @@ def test_stop_strings(engine):
 def test_max_tokens_gives_length_and_eos_ids(engine):
     [result] = engine.generate([(_request(engine, PROMPTS[0], max_tokens=3), None)])
     assert len(_tokens(result)) == 3 and result.sequences[0].stop_reason == "length"
-    [empty] = engine.generate([(_request(engine, PROMPTS[0], max_tokens=0, prompt_logprobs=True), None)])
+    [empty] = engine.generate(
+        [(_request(engine, PROMPTS[0], max_tokens=0, prompt_logprobs=True), None)]
+    )
     assert _tokens(empty) == [] and empty.sequences[0].stop_reason == "length"
     vocab = engine.tokenizer.get_vocab()
     assert {vocab["<|im_end|>"], vocab["<|endoftext|>"]} <= set(engine.eos_ids)
 
 
 def test_eos_stops_only_when_asked(engine):
-    [greedy] = engine.generate([(_request(engine, PROMPTS[0], max_tokens=12, temperature=0.0), None)])
+    [greedy] = engine.generate(
+        [(_request(engine, PROMPTS[0], max_tokens=12, temperature=0.0), None)]
+    )
     full = _tokens(greedy)
     # Pretend the 3rd greedy token is EOS: it must stop the row only with stop_on_eos.
     saved = engine.eos_ids
@@ -275,7 +304,9 @@ def test_eos_stops_only_when_asked(engine):
     try:
         on_request = _request(engine, PROMPTS[0], max_tokens=12, temperature=0.0, stop_on_eos=True)
         [on] = engine.generate([(on_request, None)])
-        [off] = engine.generate([(_request(engine, PROMPTS[0], max_tokens=12, temperature=0.0), None)])
+        [off] = engine.generate(
+            [(_request(engine, PROMPTS[0], max_tokens=12, temperature=0.0), None)]
+        )
     finally:
         engine.eos_ids = saved
     assert _tokens(on) == full[: full.index(full[2]) + 1] and on.sequences[0].stop_reason == "stop"

@@ -23,8 +23,14 @@ VOCAB = 300
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen3 with seeded random weights; small enough that every test loads its own engine."""
     config = Qwen3Config(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, intermediate_size=128, vocab_size=VOCAB, tie_word_embeddings=False,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
         max_position_embeddings=512,
     )
     with torch.random.fork_rng(devices=[]):
@@ -63,7 +69,9 @@ def ce(datums: list[Datum], forward_only: bool = False) -> ForwardBackward:
 
 def mixed_weights_data(seed: int) -> list[Datum]:
     rng = random.Random(seed)
-    return [sft_datum(s, [rng.choice([0.0, 0.5, 1.0, -0.3]) for _ in s[1:]]) for s in sequences(3, seed)]
+    return [
+        sft_datum(s, [rng.choice([0.0, 0.5, 1.0, -0.3]) for _ in s[1:]]) for s in sequences(3, seed)
+    ]
 
 
 def params(engine: TrainerEngine, run_id: str) -> list[torch.Tensor]:
@@ -71,7 +79,9 @@ def params(engine: TrainerEngine, run_id: str) -> list[torch.Tensor]:
 
 
 def grads(engine: TrainerEngine, run_id: str) -> list[torch.Tensor | None]:
-    return [None if p.grad is None else p.grad.clone() for p in engine.runs[run_id].adapter.parameters()]
+    return [
+        None if p.grad is None else p.grad.clone() for p in engine.runs[run_id].adapter.parameters()
+    ]
 
 
 def assert_all_close(xs: list[torch.Tensor], ys: list[torch.Tensor], **tol: float) -> None:
@@ -95,7 +105,9 @@ def test_fresh_adapter_leaves_base_logits(engine: TrainerEngine, model_dir: Path
     torch.testing.assert_close(engine.forward_logits(None, IDS), reference, atol=1e-6, rtol=0)
 
 
-def test_cross_entropy_logprobs_match_float64_reference(engine: TrainerEngine, model_dir: Path) -> None:
+def test_cross_entropy_logprobs_match_float64_reference(
+    engine: TrainerEngine, model_dir: Path
+) -> None:
     """Different lengths in one padded batch; each datum checked against its own unpadded pass."""
     engine.create_run("r", LoraConfig(rank=4, seed=1))
     data = mixed_weights_data(seed=3)
@@ -183,10 +195,22 @@ def test_optim_step_matches_torch_adamw(engine: TrainerEngine, grad_clip_norm: f
     reference = [p.requires_grad_() for p in params(engine, "r")]
     optimizer = torch.optim.AdamW(reference)
     steps = [
-        AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                   grad_clip_norm=grad_clip_norm),
-        AdamParams(learning_rate=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.0,
-                   grad_clip_norm=grad_clip_norm),
+        AdamParams(
+            learning_rate=1e-2,
+            beta1=0.9,
+            beta2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            grad_clip_norm=grad_clip_norm,
+        ),
+        AdamParams(
+            learning_rate=3e-3,
+            beta1=0.8,
+            beta2=0.99,
+            eps=1e-6,
+            weight_decay=0.0,
+            grad_clip_norm=grad_clip_norm,
+        ),
     ]
     for i, adam in enumerate(steps):
         engine.forward_backward("r", ce(mixed_weights_data(seed=30 + i)))
@@ -194,8 +218,12 @@ def test_optim_step_matches_torch_adamw(engine: TrainerEngine, grad_clip_norm: f
             p.grad = g
         norm = torch.nn.utils.clip_grad_norm_(reference, grad_clip_norm or float("inf"))
         group = optimizer.param_groups[0]
-        group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
-                     weight_decay=adam.weight_decay)
+        group.update(
+            lr=adam.learning_rate,
+            betas=(adam.beta1, adam.beta2),
+            eps=adam.eps,
+            weight_decay=adam.weight_decay,
+        )
         optimizer.step()
         metrics = engine.optim_step("r", adam).metrics
         assert metrics["grad_norm:mean"] == pytest.approx(float(norm), rel=1e-5)
@@ -268,7 +296,9 @@ def train_a_little(engine: TrainerEngine, run_id: str, steps: int = 3) -> None:
         engine.optim_step(run_id, ADAM)
 
 
-def test_save_sampler_is_a_peft_adapter(engine: TrainerEngine, model_dir: Path, tmp_path: Path) -> None:
+def test_save_sampler_is_a_peft_adapter(
+    engine: TrainerEngine, model_dir: Path, tmp_path: Path
+) -> None:
     from peft import PeftModel
 
     engine.create_run("r", LoraConfig(rank=4, seed=1))
@@ -283,7 +313,9 @@ def test_save_sampler_is_a_peft_adapter(engine: TrainerEngine, model_dir: Path, 
     assert not torch.allclose(ours, engine.forward_logits(None, IDS), atol=1e-3)  # not a no-op
 
 
-def test_save_and_load_state_round_trip(engine: TrainerEngine, model_dir: Path, tmp_path: Path) -> None:
+def test_save_and_load_state_round_trip(
+    engine: TrainerEngine, model_dir: Path, tmp_path: Path
+) -> None:
     engine.create_run("r", LoraConfig(rank=4, seed=1))
     train_a_little(engine, "r", steps=2)
     written = engine.save_state("r", tmp_path / "state")
@@ -336,18 +368,28 @@ def test_bad_requests_raise_user_errors(model_dir: Path) -> None:
         with pytest.raises(UserError, match=match):
             engine.forward_backward("r", cmd)
 
-    fails(ce([good, sft_datum([1, 2, VOCAB])]), r"datum 1: target_tokens: token ids must lie in \[0, 300\)")
+    fails(
+        ce([good, sft_datum([1, 2, VOCAB])]),
+        r"datum 1: target_tokens: token ids must lie in \[0, 300\)",
+    )
     fails(ce([sft_datum([1, -1, 3])]), "datum 0: model_input: token ids must lie")
     fails(ce([sft_datum(list(range(18)))]), "17 tokens exceed the context length 16")
     fails(ce([sft_datum([1, 2, 3], [1.0])]), "first dimension 1, expected 2")
     fails(ce([sft_datum([1, 2, 3], [1.0, float("nan")])]), "NaN or infinite")
     fails(ce([]), "at least one datum")
-    fails(ForwardBackward(data=[good], loss_fn="importance_sampling"), r"needs loss_fn_inputs\['logprobs'\]")
+    fails(
+        ForwardBackward(data=[good], loss_fn="importance_sampling"),
+        r"needs loss_fn_inputs\['logprobs'\]",
+    )
     fails(ForwardBackward(data=[good], loss_fn="cispo"), "loss_fn 'cispo' is not supported yet")
-    fails(ForwardBackward(data=[good], loss_fn="cross_entropy", loss_fn_config={"beta": 1.0}),
-          "does not take config key 'beta'")
-    float_input = Datum(model_input=Tensor.from_list([1.0, 2.0], "float32"),
-                        loss_fn_inputs={"target_tokens": Tensor.from_list([2, 3], "int64")})
+    fails(
+        ForwardBackward(data=[good], loss_fn="cross_entropy", loss_fn_config={"beta": 1.0}),
+        "does not take config key 'beta'",
+    )
+    float_input = Datum(
+        model_input=Tensor.from_list([1.0, 2.0], "float32"),
+        loss_fn_inputs={"target_tokens": Tensor.from_list([2, 3], "int64")},
+    )
     fails(ce([float_input]), "integer token ids")
     assert all(g is None for g in grads(engine, "r"))  # nothing was accumulated by failures
 
@@ -367,10 +409,17 @@ def test_bad_requests_raise_user_errors(model_dir: Path) -> None:
 def test_unknown_input_keys_are_ignored(engine: TrainerEngine) -> None:
     engine.create_run("r", LoraConfig(rank=4, seed=1))
     datum = sft_datum([1, 2, 3, 4])
-    extra = datum.model_copy(update={"loss_fn_inputs": {
-        **datum.loss_fn_inputs, "mask": Tensor.from_list([1.0], "float32"),
-    }})
-    assert engine.forward_backward("r", ce([extra], True)) == engine.forward_backward("r", ce([datum], True))
+    extra = datum.model_copy(
+        update={
+            "loss_fn_inputs": {
+                **datum.loss_fn_inputs,
+                "mask": Tensor.from_list([1.0], "float32"),
+            }
+        }
+    )
+    assert engine.forward_backward("r", ce([extra], True)) == engine.forward_backward(
+        "r", ce([datum], True)
+    )
 
 
 def test_num_tokens_and_batch_segments() -> None:
@@ -378,7 +427,8 @@ def test_num_tokens_and_batch_segments() -> None:
     assert num_tokens(cmd) == 4 == TrainerEngine.num_tokens(cmd)
     batch = build_batch(
         [("a", [torch.tensor([1, 2, 3])]), ("b", [torch.tensor([4]), torch.tensor([5, 6])])],
-        pad_id=0, device=torch.device("cpu"),
+        pad_id=0,
+        device=torch.device("cpu"),
     )
     assert [(s.adapter_id, s.start, s.stop) for s in batch.segments] == [("a", 0, 1), ("b", 1, 3)]
     assert batch.input_ids.tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]

@@ -33,11 +33,18 @@ def run_loss(name: str, lp: list, inputs: dict[str, torch.Tensor], config: dict 
 
 
 def assert_close(actual: torch.Tensor | float, expected: list | float) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32), torch.tensor(expected), **TOL)
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float32), torch.tensor(expected), **TOL
+    )
 
 
 def rl_inputs(q: list = Q, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"target_tokens": t([0, 0, 0], torch.int64), "logprobs": t(q), "advantages": t(A), **extra}
+    return {
+        "target_tokens": t([0, 0, 0], torch.int64),
+        "logprobs": t(q),
+        "advantages": t(A),
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------- §2.1 cross_entropy
@@ -62,7 +69,9 @@ def test_cross_entropy_2d() -> None:
 
 
 def test_cross_entropy_missing_weights_default_to_ones() -> None:
-    total, _, grad = run_loss("cross_entropy", [-0.1, -2.0], {"target_tokens": t([1, 2], torch.int64)})
+    total, _, grad = run_loss(
+        "cross_entropy", [-0.1, -2.0], {"target_tokens": t([1, 2], torch.int64)}
+    )
     assert_close(total, 2.1)
     assert_close(grad, [-1.0, -1.0])
 
@@ -124,7 +133,10 @@ def test_importance_sampling_2d() -> None:
         ({}, Q, -2.060483, [-1.2, -2.210342, 1.349859], [0.0, -2.210342, 1.349859]),
         (
             {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
-            Q, -1.950141, [-1.1, -2.2, 1.349859], [0.0, 0.0, 1.349859],
+            Q,
+            -1.950141,
+            [-1.1, -2.2, 1.349859],
+            [0.0, 0.0, 1.349859],
         ),
         ({}, LP, -2.0, [-1.0, -2.0, 1.0], [-1.0, -2.0, 1.0]),
     ],
@@ -183,7 +195,8 @@ def test_bad_config(name: str, config: dict, match: str) -> None:
 def test_config_defaults_and_int_values() -> None:
     assert LOSSES["ppo"].check_config({}) == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
     assert LOSSES["ppo"].check_config({"clip_high_threshold": 2}) == {
-        "clip_low_threshold": 0.8, "clip_high_threshold": 2.0,
+        "clip_low_threshold": 0.8,
+        "clip_high_threshold": 2.0,
     }
     assert LOSSES["cross_entropy"].check_config({}) == {}
 
@@ -191,18 +204,38 @@ def test_config_defaults_and_int_values() -> None:
 @pytest.mark.parametrize(
     ("name", "inputs", "match"),
     [
-        ("importance_sampling", {"target_tokens": t([1, 2, 3], torch.int64), "logprobs": t(Q)},
-         r"needs loss_fn_inputs\['advantages'\]"),
-        ("cross_entropy", {"weights": t([1.0, 1.0, 1.0])}, r"needs loss_fn_inputs\['target_tokens'\]"),
-        ("cross_entropy", {"target_tokens": t([1, 2], torch.int64)}, "first dimension 2, expected 3"),
-        ("cross_entropy", {"target_tokens": t([1, 2, 3], torch.int64), "weights": t([1.0, 1.0])},
-         "first dimension 2, expected 3"),
-        ("cross_entropy", {"target_tokens": t([1, 2, 3], torch.int64), "weights": t([1.0, float("nan"), 1.0])},
-         "NaN or infinite"),
+        (
+            "importance_sampling",
+            {"target_tokens": t([1, 2, 3], torch.int64), "logprobs": t(Q)},
+            r"needs loss_fn_inputs\['advantages'\]",
+        ),
+        (
+            "cross_entropy",
+            {"weights": t([1.0, 1.0, 1.0])},
+            r"needs loss_fn_inputs\['target_tokens'\]",
+        ),
+        (
+            "cross_entropy",
+            {"target_tokens": t([1, 2], torch.int64)},
+            "first dimension 2, expected 3",
+        ),
+        (
+            "cross_entropy",
+            {"target_tokens": t([1, 2, 3], torch.int64), "weights": t([1.0, 1.0])},
+            "first dimension 2, expected 3",
+        ),
+        (
+            "cross_entropy",
+            {"target_tokens": t([1, 2, 3], torch.int64), "weights": t([1.0, float("nan"), 1.0])},
+            "NaN or infinite",
+        ),
         ("importance_sampling", rl_inputs(q=[0.0, float("inf"), 0.0]), "NaN or infinite"),
         ("cross_entropy", {"target_tokens": t([1.0, 2.0, 3.0])}, "integer token ids"),
-        ("cross_entropy", {"target_tokens": t([[1, 2]] * 3, torch.int64), "weights": t([1.0] * 3)},
-         "expected the shape of target_tokens"),
+        (
+            "cross_entropy",
+            {"target_tokens": t([[1, 2]] * 3, torch.int64), "weights": t([1.0] * 3)},
+            "expected the shape of target_tokens",
+        ),
         ("ppo", {**rl_inputs(), "target_tokens": t([[1, 2]] * 3, torch.int64)}, r"shaped \(N,\)"),
         ("ppo", rl_inputs(clip_low_threshold=t([0.8, 1.5, 0.8])), r"must lie in \[0, 1\]"),
         ("ppo", rl_inputs(clip_high_threshold=t([1.2, 0.5, 1.2])), "must be >= 1"),

@@ -166,12 +166,22 @@ def builtin_spec(
     path = builtin_model_dir(models_dir)
     if (path / "config.json").is_file():
         return ModelSpec.from_dir(
-            BUILTIN_MODEL_NAME, path, max_lora_rank=max_lora_rank, device=device, dtype=dtype,
+            BUILTIN_MODEL_NAME,
+            path,
+            max_lora_rank=max_lora_rank,
+            device=device,
+            dtype=dtype,
             prices=prices,
         )
     return ModelSpec(
-        BUILTIN_MODEL_NAME, path, CONTEXT_LENGTH, VOCAB_SIZE, max_lora_rank,
-        dtype=dtype or default_dtype(device), device=device, prices=prices,
+        BUILTIN_MODEL_NAME,
+        path,
+        CONTEXT_LENGTH,
+        VOCAB_SIZE,
+        max_lora_rank,
+        dtype=dtype or default_dtype(device),
+        device=device,
+        prices=prices,
     )
 
 
@@ -276,13 +286,19 @@ def parse_models_file(path: Path, models_dir: Path) -> ModelRegistry:
         where = "[builtin]"
         _no_unknown_keys(builtin, _BUILTIN_KEYS, path, where)
         device = _device(builtin, path, where)
-        specs.append(_checked(path, where, lambda: builtin_spec(
-            models_dir,
-            device=device,
-            dtype=_dtype(builtin, path, where),
-            max_lora_rank=_rank(builtin, path, where),
-            prices=_prices(builtin, path, where),
-        )))
+        specs.append(
+            _checked(
+                path,
+                where,
+                lambda: builtin_spec(
+                    models_dir,
+                    device=device,
+                    dtype=_dtype(builtin, path, where),
+                    max_lora_rank=_rank(builtin, path, where),
+                    prices=_prices(builtin, path, where),
+                ),
+            )
+        )
     else:
         raise RegistryError(f"{path}: 'builtin' must be true, false or a table")
 
@@ -322,10 +338,19 @@ def _entry_spec(entry: dict[str, object], index: int, path: Path) -> ModelSpec:
     dtype = _dtype(entry, path, where)
     rank = _rank(entry, path, where)
     prices = _prices(entry, path, where)
-    return _checked(path, where, lambda: ModelSpec.from_dir(
-        name, model_dir, max_lora_rank=rank, device=device, dtype=dtype,
-        context_length=context_length, prices=prices,
-    ))
+    return _checked(
+        path,
+        where,
+        lambda: ModelSpec.from_dir(
+            name,
+            model_dir,
+            max_lora_rank=rank,
+            device=device,
+            dtype=dtype,
+            context_length=context_length,
+            prices=prices,
+        ),
+    )
 
 
 def _checked(path: Path, where: str, build: Callable[[], ModelSpec]) -> ModelSpec:
