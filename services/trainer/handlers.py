@@ -159,17 +159,22 @@ class TrainerWorker:
         if run.run_id in self.runs:
             return
         queue = self.runs[run.run_id] = RunQueue(run, None)
-        queue.subscriber = await b.subscribe(
+        queue.subscriber = await self.subscribe_run(run.run_id)
+
+    async def subscribe_run(self, run_id: str) -> Any:
+        """The run's own durable pull consumer, a FastStream subscriber made at run time."""
+        return await b.subscribe(
             self.bus,
             self.handle_train,
-            s.train_subject(run.run_id),
+            s.train_subject(run_id),
             stream=JStream(s.TRAIN_STREAM, declare=False),
-            durable=s.train_consumer(run.run_id),
+            durable=s.train_consumer(run_id),
             pull_sub=PullSub(batch_size=self.settings.fetch_batch, timeout=1.0),
             config=consumer_config(self.settings.ack_wait_s, max_ack_pending=10_000),
             ack_policy=AckPolicy.MANUAL,
             decoder=decoder_for(TrainRequest),
             persistent=False,
+            title="one training run's requests, in seq_id order",
         )
 
     async def _rebind_placed_runs(self) -> None:
