@@ -1,100 +1,271 @@
-"""The ``whetstone`` command.
+"""The ``whetstone`` command: the operator's entry point to the embedded platform.
 
-    whetstone up [--state-dir DIR] [--port N]     start the embedded platform; Ctrl-C stops it
-    whetstone keys create --tenant NAME           mint an API key (printed once, stored hashed)
-    whetstone usage [--tenant NAME] [--json]      usage report per tenant, base model and meter
+    whetstone up [--port N] [--models FILE]     start the platform; Ctrl-C (or `down`) stops it
+    whetstone down                              stop the platform running on the state directory
+    whetstone status [--once]                   workers, runs, queues and recent errors, live
+    whetstone keys create --tenant NAME         mint an API key (printed once, stored hashed)
+    whetstone keys list                         tenant, key prefix, created, revoked
+    whetstone keys revoke PREFIX_OR_KEY         revoke a key; gateways refuse it at once
+    whetstone usage [--tenant NAME] [--json]    usage report per tenant, base model and meter
+
+Every command takes ``--state-dir DIR`` (default ``.whetstone``), before or after its name.
+Whether a platform runs on a state directory is decided by its lock (see ``platform.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
 import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.keys import create_key
+from whetstone.errors import WhetstoneError
+from whetstone.keys import create_key, list_keys, revoke_key
 from whetstone.messages import UsageReport, UsageReportQuery
-from whetstone.platform import read_platform, start_platform
+from whetstone.platform import (
+    AlreadyRunning,
+    PortInUse,
+    lock_holder,
+    read_platform,
+    start_platform,
+)
 from whetstone.settings import ServiceSettings
+
+DEFAULT_STATE_DIR = Path(".whetstone")
+
+
+def _parser() -> argparse.ArgumentParser:
+    # ``--state-dir`` after the subcommand: SUPPRESS leaves the top-level value unless given.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="platform state (default .whetstone)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="whetstone", description="Self-hosted Tinker-compatible training service"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="platform state (default .whetstone)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", parents=[common], help="start NATS, the five services and the model")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (0: any free port)")
+    up.add_argument(
+        "--models",
+        type=Path,
+        metavar="FILE",
+        help="model registry file, passed to the services as WHETSTONE_MODELS_FILE",
+    )
+    down = sub.add_parser("down", parents=[common], help="stop the platform on the state directory")
+    down.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the stop")
+    status = sub.add_parser("status", parents=[common], help="workers, runs, queues, errors")
+    status.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    status.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds")
+
+    keys = sub.add_parser("keys", parents=[common], help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", parents=[common], help="mint a key for a tenant")
+    create.add_argument("--tenant", required=True)
+    keys_sub.add_parser("list", parents=[common], help="every key: tenant, prefix, revoked")
+    revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key")
+    revoke.add_argument("key", metavar="PREFIX_OR_KEY", help="the key or its listed prefix")
+
+    usage = sub.add_parser(
+        "usage", parents=[common], help="token usage and cost per tenant, base model and meter"
+    )
+    usage.add_argument("--tenant")
+    usage.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="whetstone", description="Self-hosted Tinker-compatible training service")
-    parser.add_argument("--state-dir", type=Path, default=Path(".whetstone"), help="platform state (default .whetstone)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start NATS, the five services and the built-in model")
-    up.add_argument("--port", type=int, default=8000, help="gateway port (0: any free port)")
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    create = keys.add_parser("create", help="mint a key for a tenant")
-    create.add_argument("--tenant", required=True)
-    usage = sub.add_parser("usage", help="token usage and cost per tenant, base model and meter")
-    usage.add_argument("--tenant")
-    usage.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args(argv)
-
+    args = _parser().parse_args(argv)
+    state_dir: Path = args.state_dir
     if args.command == "up":
-        return _up(args.state_dir, args.port)
+        return _up(state_dir, args.port, args.models)
+    if args.command == "down":
+        return _down(state_dir, args.timeout)
+    if args.command == "usage":
+        return _usage(state_dir, UsageReportQuery(tenant=args.tenant), args.json)
     try:
-        platform = read_platform(args.state_dir)
+        platform = read_platform(state_dir)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.command == "keys":
-        key = asyncio.run(_create_key(platform["nats_url"], args.tenant))
-        print(key)
+    if args.command == "status":
+        from whetstone.status import show  # rich is only needed here
+
+        try:
+            asyncio.run(
+                show(platform["nats_url"], platform.get("base_url"), args.once, args.interval)
+            )
+        except KeyboardInterrupt:
+            pass
         return 0
-    report = asyncio.run(request_usage_report(platform["nats_url"], UsageReportQuery(tenant=args.tenant)))
-    if report.error:
-        print(f"error: {report.error}", file=sys.stderr)
-        return 1
-    print(report.model_dump_json(indent=2) if args.json else format_report(report))
-    return 0
-
-
-def _up(state_dir: Path, port: int) -> int:
-    print("starting Whetstone ...", flush=True)
     try:
-        platform = start_platform(state_dir, port, models_dir=ServiceSettings().models_dir)
-    except (RuntimeError, TimeoutError) as exc:  # a service died at start (e.g. the port is taken)
+        return asyncio.run(_keys(platform["nats_url"], args))
+    except WhetstoneError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- up and down
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _up(state_dir: Path, port: int, models_file: Path | None) -> int:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # a stop while starting: start_platform cleans up
+
+    signal.signal(signal.SIGTERM, interrupt)
+    _say("starting Whetstone ...")
+    try:
+        platform = start_platform(
+            state_dir,
+            port,
+            models_dir=ServiceSettings().models_dir,
+            models_file=models_file,
+            progress=_say,
+        )
+    except AlreadyRunning as exc:
+        pid, url = exc.holder.pid or "?", exc.holder.base_url or "?"
+        print(
+            f"error: already running, pid {pid}, URL {url} (state {state_dir.resolve()}; "
+            "stop it with `whetstone down`)",
+            file=sys.stderr,
+        )
+        return 1
+    except (PortInUse, FileNotFoundError, RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"Whetstone is up.\n  base URL: {platform.base_url}\n  API key:  {platform.api_key}\n"
-          f"  state:    {platform.state_dir}\n"
-          f"Try: TINKER_BASE_URL={platform.base_url} TINKER_API_KEY={platform.api_key} python examples/sft.py\n"
-          "Ctrl-C stops everything.", flush=True)
+    except KeyboardInterrupt:
+        print("stopped while starting.", file=sys.stderr)
+        return 130
+    _say(
+        f"Whetstone is up and ready.\n  base URL: {platform.base_url}\n"
+        f"  API key:  {platform.api_key}\n  state:    {platform.state_dir}\n"
+        f"Try: TINKER_BASE_URL={platform.base_url} TINKER_API_KEY={platform.api_key} "
+        "python examples/sft.py\nCtrl-C or `whetstone down` stops everything."
+    )
     stop = False
 
-    def on_signal(signum, frame) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stop
         stop = True
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    try:
-        while not stop:
-            platform.check_children()
-            time.sleep(0.5)
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        platform.stop()
-        return 1
-    print("stopping ...", flush=True)
+    while not stop:
+        try:
+            platform.supervise()
+        except (RuntimeError, TimeoutError) as exc:  # nats-server could not be restarted
+            print(f"error: {exc}", file=sys.stderr)
+            platform.stop()
+            return 1
+        time.sleep(0.5)
+    _say("stopping ...")
     platform.stop()
-    print("stopped.", flush=True)
+    _say("stopped.")
     return 0
 
 
-async def _create_key(nats_url: str, tenant: str) -> str:
+def _down(state_dir: Path, timeout_s: float) -> int:
+    holder = lock_holder(state_dir)
+    if holder is None:
+        print(f"no platform is running under {state_dir.resolve()}", file=sys.stderr)
+        return 1
+    if holder.pid is None:
+        print(
+            f"error: a platform holds {state_dir.resolve()} but its pid is not recorded",
+            file=sys.stderr,
+        )
+        return 1
+    _say(f"stopping the platform (pid {holder.pid}, {holder.base_url}) ...")
+    try:
+        os.kill(holder.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while lock_holder(state_dir) is not None or _alive(holder.pid):
+        if time.monotonic() > deadline:
+            print(f"error: pid {holder.pid} still running after {timeout_s:.0f} s", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    _say("stopped.")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not yet reaped by its parent) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat.rsplit(") ", 1)[-1][:1] != "Z"
+
+
+# ---------------------------------------------------------------- keys
+
+
+async def _keys(nats_url: str, args: argparse.Namespace) -> int:
     bus = await b.connect(nats_url, "whetstone-cli")
     try:
-        return await create_key(bus, tenant)
+        if args.keys_command == "create":
+            print(await create_key(bus, args.tenant))
+        elif args.keys_command == "list":
+            header = f"{'tenant':<24} {'key prefix':<12} {'created (UTC)':<20} revoked"
+            print(header)
+            print("-" * len(header))
+            for _, record in await list_keys(bus):
+                created = f"{record.created_at:%Y-%m-%d %H:%M:%S}"
+                revoked = "yes" if record.revoked else "no"
+                print(f"{record.tenant:<24} {record.key_prefix:<12} {created:<20} {revoked}")
+        else:
+            record = await revoke_key(bus, args.key)
+            print(f"revoked {record.key_prefix}... of tenant {record.tenant}")
+        return 0
     finally:
         await bus.close()
+
+
+# ---------------------------------------------------------------- usage
+
+
+def _usage(state_dir: Path, query: UsageReportQuery, as_json: bool) -> int:
+    try:
+        if lock_holder(state_dir) is not None:
+            report = asyncio.run(request_usage_report(read_platform(state_dir)["nats_url"], query))
+        else:
+            report = offline_usage_report(state_dir, query)
+    except (FileNotFoundError, WhetstoneError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if report.error:
+        print(f"error: {report.error}", file=sys.stderr)
+        return 1
+    print(report.model_dump_json(indent=2) if as_json else format_report(report))
+    return 0
 
 
 async def request_usage_report(nats_url: str, query: UsageReportQuery) -> UsageReport:
@@ -106,11 +277,41 @@ async def request_usage_report(nats_url: str, query: UsageReportQuery) -> UsageR
         await bus.close()
 
 
+def offline_usage_report(state_dir: Path, query: UsageReportQuery) -> UsageReport:
+    """The report straight from the ledger, in this process, while no platform runs.
+
+    The embedded engine admits one process per data directory, so this works only while billing
+    is stopped; while it runs, billing answers over NATS. The one place where ``libs/`` reaches
+    into a service: the operator's command reads billing's ledger with billing's own code and
+    settings (DSN, price file), imported here only, so nothing else pulls them in.
+    """
+    from services.billing.ledger import Ledger
+    from services.billing.prices import DEFAULT_PRICE_TABLE, PriceTable
+    from services.billing.settings import BillingSettings
+
+    settings = BillingSettings(state_dir=state_dir.resolve())
+    dsn = settings.dsn()
+    if dsn.startswith("chdb:") and not Path(dsn.removeprefix("chdb://")).is_dir():
+        raise FileNotFoundError(f"no usage ledger under {state_dir} (no platform has run there)")
+    prices = (
+        PriceTable.from_json(settings.prices_file) if settings.prices_file else DEFAULT_PRICE_TABLE
+    )
+    print(f"(no platform running: read from the ledger at {dsn})", file=sys.stderr)
+    ledger = Ledger.connect(dsn)
+    try:
+        return ledger.report(query, prices)
+    finally:
+        ledger.close()
+
+
 def format_report(report: UsageReport) -> str:
     header = f"{'tenant':<16} {'base model':<24} {'meter':<16} {'tokens':>12} {'cost (USD)':>12}"
     lines = [header, "-" * len(header)]
     for row in report.rows:
-        lines.append(f"{row.tenant:<16} {row.base_model:<24} {row.meter:<16} {row.tokens:>12,} {row.cost_usd:>12.6f}")
+        lines.append(
+            f"{row.tenant:<16} {row.base_model:<24} {row.meter:<16} "
+            f"{row.tokens:>12,} {row.cost_usd:>12.6f}"
+        )
     total = sum(r.cost_usd for r in report.rows)
     lines.append("-" * len(header))
     lines.append(f"{'total':<58} {sum(r.tokens for r in report.rows):>12,} {total:>12.6f}")

@@ -1,16 +1,25 @@
 """API keys: ``tml-`` followed by 43 random url-safe characters, stored only as a SHA-256 hash
-(KV ``ws_api_keys``), each mapped to one tenant."""
+(KV ``ws_api_keys``), each mapped to one tenant.
+
+Owns minting, lookup, listing and revocation. A revoked key keeps its record (``revoked``), so
+listings still show it and it can never be looked up again; gateways drop it from their caches
+when they see the record change on ``$KV.ws_api_keys.<hash>``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 
+from nats.js.errors import NoKeysError
+
 from whetstone import bus as b
 from whetstone import subjects as s
+from whetstone.errors import NotFound, UserError
 from whetstone.messages import ApiKeyRecord
 
 KEY_PREFIX = "tml-"
+PREFIX_CHARS = 8  # how much of a key its record keeps, to recognise it in listings
 
 
 def new_key() -> str:
@@ -26,11 +35,60 @@ async def create_key(bus: b.Bus, tenant: str, key: str | None = None) -> str:
     if not tenant or len(tenant) > 128:
         raise ValueError("tenant name must be 1-128 characters")
     key = key or new_key()
-    record = ApiKeyRecord(tenant=tenant, key_prefix=key[:8])
+    record = ApiKeyRecord(tenant=tenant, key_prefix=key[:PREFIX_CHARS])
     await b.kv_put(bus.kv[s.KEYS_BUCKET], key_hash(key), record)
     return key
+
+
+async def register_key(bus: b.Bus, tenant: str, key: str) -> ApiKeyRecord:
+    """Register ``key`` for ``tenant`` unless it is known already; return its record as stored.
+
+    Unlike ``create_key`` this never overwrites: a key that was revoked stays revoked.
+    """
+    record = ApiKeyRecord(tenant=tenant, key_prefix=key[:PREFIX_CHARS])
+    existing = await b.kv_create(bus.kv[s.KEYS_BUCKET], key_hash(key), record.encode())
+    return record if existing is None else ApiKeyRecord.decode(existing)
 
 
 async def lookup_key(bus: b.Bus, key: str) -> ApiKeyRecord | None:
     record = await b.kv_get(bus.kv[s.KEYS_BUCKET], key_hash(key), ApiKeyRecord)
     return None if record is None or record.revoked else record
+
+
+async def list_keys(bus: b.Bus) -> list[tuple[str, ApiKeyRecord]]:
+    """Every key record as (hash, record), oldest first; revoked ones included."""
+    kv = bus.kv[s.KEYS_BUCKET]
+    try:
+        hashes = await kv.keys()
+    except NoKeysError:
+        return []
+    found = [(h, await b.kv_get(kv, h, ApiKeyRecord)) for h in hashes]
+    records = [(h, r) for h, r in found if r is not None]
+    return sorted(records, key=lambda item: (item[1].created_at, item[1].tenant))
+
+
+async def revoke_key(bus: b.Bus, prefix_or_key: str) -> ApiKeyRecord:
+    """Revoke one key, named by the whole key or by its listed prefix; return its new record.
+
+    A prefix that matches several keys is refused (pass the whole key then).
+    """
+    kv = bus.kv[s.KEYS_BUCKET]
+    if len(prefix_or_key) > PREFIX_CHARS:  # a whole key: find it by its hash
+        digest = key_hash(prefix_or_key)
+        record = await b.kv_get(kv, digest, ApiKeyRecord)
+        if record is None:
+            raise NotFound("no such API key")
+        matches = [(digest, record)]
+    else:
+        matches = [(h, r) for h, r in await list_keys(bus) if r.key_prefix == prefix_or_key]
+        if not matches:
+            raise NotFound(f"no API key with prefix {prefix_or_key!r} (see `whetstone keys list`)")
+        if len(matches) > 1:
+            raise UserError(
+                f"{len(matches)} keys have prefix {prefix_or_key!r}; "
+                "pass the whole key to revoke one"
+            )
+    digest, record = matches[0]
+    revoked = record.model_copy(update={"revoked": True})
+    await b.kv_put(kv, digest, revoked)
+    return revoked

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from structlog.stdlib import BoundLogger
 
 from services.gateway import metrics
@@ -50,15 +51,16 @@ class Gateway:
     log: BoundLogger
     # sha256(key) -> (tenant, expiry); an entry goes as soon as its key's record changes
     _tenants: dict[str, tuple[str, float]] = field(default_factory=dict)
-    _key_watch: asyncio.Future[object] | None = None
+    _key_watch: asyncio.Task[Subscription] | None = None
     _runs: dict[str, TrainingRunRecord] = field(default_factory=dict)
 
     async def tenant_of(self, key: str | None) -> str:
         if not key:
             raise Unauthorized("missing X-API-Key header")
         if self._key_watch is None:  # once, before anything is cached
-            self._key_watch = asyncio.ensure_future(self.bus.nc.subscribe(
-                f"$KV.{s.KEYS_BUCKET}.>", cb=self._on_key_update))
+            self._key_watch = asyncio.ensure_future(
+                self.bus.nc.subscribe(f"$KV.{s.KEYS_BUCKET}.>", cb=self._on_key_update)
+            )
         await self._key_watch
         digest = key_hash(key)
         cached = self._tenants.get(digest)
