@@ -36,7 +36,7 @@ from whetstone import subjects as s
 from whetstone.messages import TrainingRunRecord, WorkerHeartbeat
 
 WORK_STREAMS = (s.TRAIN_STREAM, s.SAMPLE_STREAM, s.USAGE_STREAM, s.CONTROL_STREAM)
-DEADLETTER_STREAM = "WS_DEADLETTER"  # subjects ws.dlq.>; absent until something creates it
+DEADLETTER_STREAM = s.DEADLETTER_STREAM  # ws.dlq.>; skipped while it does not exist
 DEAD_LETTERS_SHOWN = 5
 WORKER_LATE_S = 3.0  # a worker not heard from for this long is shown as late ...
 WORKER_GONE_S = 15.0  # ... and for this long is not shown at all
