@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -288,3 +290,20 @@ def test_closing_a_client_finishes_its_session(platform) -> None:
             "/api/v1/session_heartbeat", json=beat, headers={"X-API-Key": make_key(platform, "x")}
         )
         assert other.status_code == 404
+
+
+def test_no_key_appears_in_any_log(platform) -> None:
+    """After everything above (keys minted, a wrong key refused, the CLI), no service's log and
+    not NATS's holds an API key or anything shaped like one; each service's lines are JSON bound
+    to its name."""
+    logs = sorted((platform.state_dir / "logs").glob("*.log")) + [platform.state_dir / "nats.log"]
+    assert {p.stem for p in logs} >= {"gateway", "trainer", "sampler", "scheduler", "billing"}
+    key_like = re.compile(r"tml-[A-Za-z0-9_\-]{8,}")
+    for path in logs:
+        text = path.read_text(errors="replace")
+        assert platform.api_key not in text, f"the API key is in {path.name}"
+        assert not key_like.search(text), f"a key-like token in {path.name}: {key_like.search(text)}"
+    for name in ("trainer", "sampler", "scheduler", "billing"):
+        lines = [json.loads(line) for line in (platform.state_dir / "logs" / f"{name}.log")
+                 .read_text().splitlines() if line.startswith("{")]
+        assert lines and all(line.get("service") == name for line in lines), name
