@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import nats.errors
 from faststream.nats import NatsBroker
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import (
     BadRequestError,
@@ -71,6 +72,7 @@ _BUCKETS: dict[str, float | None] = {  # bucket -> TTL in seconds (None: forever
     s.SAMPLERS_BUCKET: None,
     s.CHECKPOINTS_BUCKET: None,
     s.PLACEMENTS_BUCKET: None,
+    s.RUN_PROGRESS_BUCKET: None,
 }
 
 
@@ -123,16 +125,19 @@ async def connect(url: str, name: str, replicas: int = 1, service: str | None = 
     service = service or name
     servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
     fate = MessageFate(service)
+    telemetry = NatsTelemetryMiddleware(tracer_provider=tracer_provider(service))
+    telemetry._settings_provider_factory = _telemetry_settings  # no spans for KV change feeds
     broker = NatsBroker(
         servers,
         name=name,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        # nats-py annotates it int but only sleeps on it: half a second is what is meant.
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]
         drain_timeout=5,
         graceful_timeout=30.0,
         logger=None,  # our own structured lines come from the fate wrapper and the handlers
         middlewares=[
-            NatsTelemetryMiddleware(tracer_provider=tracer_provider(service)),
+            telemetry,
             NatsPrometheusMiddleware(registry=REGISTRY, app_name=f"whetstone-{service}"),
             fate,
         ],
@@ -144,6 +149,18 @@ async def connect(url: str, name: str, replicas: int = 1, service: str | None = 
     bus = Bus(broker, nc, js, kv, payloads, service, fate)
     fate.bus = bus
     return bus
+
+
+def _telemetry_settings(msg: Any) -> Any:
+    """FastStream's span attributes for ``msg``, or None (no spans) for a KV bucket's change
+    feed (``$KV.<bucket>.<key>``, the gateway's future updates). A KV write carries no trace
+    context, so every update would open a new trace of two spans that belongs to no request;
+    the request's own trace continues from the trace context stored in the record."""
+    from faststream.nats.opentelemetry.provider import telemetry_attributes_provider_factory
+
+    if isinstance(msg, Msg) and msg.subject.startswith("$KV."):
+        return None
+    return telemetry_attributes_provider_factory(msg)
 
 
 async def ensure_topology(

@@ -7,6 +7,8 @@
     whetstone keys list                         tenant, key prefix, created, revoked
     whetstone keys revoke PREFIX_OR_KEY         revoke a key; gateways refuse it at once
     whetstone usage [--tenant NAME] [--json]    usage report per tenant, base model and meter
+    whetstone dlq list [--limit N]              dead letters: subject, error, tries, request id
+    whetstone dlq replay SEQ [SEQ ...]          publish dead letters to their subjects again
 
 Every command takes ``--state-dir DIR`` (default ``.whetstone``), before or after its name.
 Whether a platform runs on a state directory is decided by its lock (see ``platform.py``).
@@ -82,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key")
     revoke.add_argument("key", metavar="PREFIX_OR_KEY", help="the key or its listed prefix")
 
+    dlq = sub.add_parser("dlq", parents=[common], help="the dead-letter stream")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", parents=[common], help="the newest dead letters")
+    dlq_list.add_argument("--limit", type=int, default=50)
+    replay = dlq_sub.add_parser("replay", parents=[common], help="publish them again, then drop")
+    replay.add_argument("seqs", metavar="SEQ", type=int, nargs="+", help="as `dlq list` shows")
+
     usage = sub.add_parser(
         "usage", parents=[common], help="token usage and cost per tenant, base model and meter"
     )
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command == "dlq":
+        return asyncio.run(_dlq(platform["nats_url"], args))
     try:
         return asyncio.run(_keys(platform["nats_url"], args))
     except WhetstoneError as exc:
@@ -245,6 +256,33 @@ async def _keys(nats_url: str, args: argparse.Namespace) -> int:
             record = await revoke_key(bus, args.key)
             print(f"revoked {record.key_prefix}... of tenant {record.tenant}")
         return 0
+    finally:
+        await bus.close()
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+async def _dlq(nats_url: str, args: argparse.Namespace) -> int:
+    from whetstone.deadletter import list_dead_letters, replay
+
+    bus = await b.connect(nats_url, "whetstone-cli")
+    try:
+        if args.dlq_command == "list":
+            letters = await list_dead_letters(bus, args.limit)
+            print(f"{'seq':>6} {'tries':>5} {'request id':<38} {'subject':<48} error")
+            for d in letters:
+                print(f"{d.seq:>6} {d.deliveries:>5} {d.request_id or '-':<38} {d.subject:<48} "
+                      f"{d.error}")
+            return 0
+        failed = 0
+        for seq in args.seqs:
+            try:
+                print(f"replayed {seq} to {await replay(bus, seq)}")
+            except LookupError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                failed += 1
+        return 1 if failed else 0
     finally:
         await bus.close()
 

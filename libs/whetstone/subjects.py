@@ -43,6 +43,7 @@ RUNS_BUCKET = "ws_runs"  # run token -> TrainingRunRecord
 SAMPLERS_BUCKET = "ws_samplers"  # sampler token -> SamplingSessionRecord
 CHECKPOINTS_BUCKET = "ws_checkpoints"  # <run token>.<kind>.<name token> -> CheckpointRecord
 PLACEMENTS_BUCKET = "ws_placements"  # run token -> worker id
+RUN_PROGRESS_BUCKET = "ws_run_progress"  # run token -> the next seq_id to run (decimal)
 
 # Object store: payloads over the bus limit (the message carries the object's name).
 PAYLOADS_BUCKET = "ws_payloads"

@@ -6,6 +6,9 @@ subscriber created when the run arrives (``open_run``) and stopped when it leave
 results to KV ``ws_futures``, checkpoint records to ``ws_checkpoints``, and publishes
 ``ws.usage.<tenant>`` events and ``ws.ctl.heartbeat.trainer.<worker>``.
 
+A run's next seq_id is kept in KV ``ws_run_progress`` (written before each ack), so that a
+restarted holder neither waits for seq_ids that already ran nor runs them again.
+
 The reorder buffer is the one place where a message outlives its handler unacknowledged: a
 run's handler only puts the request in the run's ``seq_id`` buffer and holds the message
 (``fate.hold``); the worker's executor loop runs every run's ready requests in order and settles
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 from opentelemetry import context as otel_context
@@ -40,7 +44,7 @@ from whetstone.checkpoints import (
     store_key,
 )
 from whetstone.errors import UserError
-from whetstone.fate import BACKOFF_S, MAX_DELIVER, consumer_config, decoder_for, hold
+from whetstone.fate import BACKOFF_S, MAX_DELIVER, Delivered, consumer_config, decoder_for, hold
 from whetstone.messages import (
     AssignReply,
     AssignRun,
@@ -83,7 +87,7 @@ class TrainerWorker:
         bus: b.Bus,
         engine: TrainerEngine,
         store: LocalCheckpointStore,
-        log,
+        log: structlog.stdlib.BoundLogger,
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -159,6 +163,7 @@ class TrainerWorker:
         if run.run_id in self.runs:
             return
         queue = self.runs[run.run_id] = RunQueue(run, None)
+        queue.buffer = ReorderBuffer(next_seq=await self._progress(run.run_id))
         queue.subscriber = await self.subscribe_run(run.run_id)
 
     async def subscribe_run(self, run_id: str) -> Any:
@@ -176,6 +181,14 @@ class TrainerWorker:
             persistent=False,
             title="one training run's requests, in seq_id order",
         )
+
+    async def _progress(self, run_id: str) -> int:
+        """The next seq_id of ``run_id``: 1 for a new run, else where its last holder stopped."""
+        try:
+            entry = await self.bus.kv[s.RUN_PROGRESS_BUCKET].get(s.token(run_id))
+        except Exception:  # noqa: BLE001 - KeyNotFoundError: the run never ran a request
+            return 1
+        return int((entry.value or b"1").decode())
 
     async def _rebind_placed_runs(self) -> None:
         """A restarted worker takes back the runs placed on it (same worker id): their queues
@@ -196,7 +209,7 @@ class TrainerWorker:
 
     # ------------------------------------------------------------ the run's queue
 
-    async def handle_train(self, req: TrainRequest, msg: NatsMessage) -> None:
+    async def handle_train(self, req: TrainRequest, msg: Delivered) -> None:
         queue = self.runs.get(req.run_id)
         if queue is None:
             raise RuntimeError(f"run {req.run_id} is not held here")  # nak: redelivered
@@ -268,6 +281,9 @@ class TrainerWorker:
                 attributes={"whetstone.run_id": req.run_id, "whetstone.seq_id": req.seq_id},
             ):
                 outcome = await self._with_retries(req)
+                # Before the ack: a restarted holder must not wait for seq_ids that ran.
+                await self.bus.kv[s.RUN_PROGRESS_BUCKET].put(
+                    s.token(req.run_id), str(req.seq_id + 1).encode())
                 await self.bus.fate.settle(item.msg, outcome, final=outcome is not None)
         finally:
             otel_context.detach(token)
