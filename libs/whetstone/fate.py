@@ -12,8 +12,8 @@ this FastStream middleware, and handlers only return or raise.
 | handler returned                     | ``ack``, unless it held the message (``hold``)        |
 
 Core NATS messages (heartbeats, request/reply) have no acknowledgement: a failure is counted and
-logged (an undecodable one also copied to the dead-letter stream), and the service carries on. No exception leaves this wrapper, so no message can stop a
-service.
+logged (an undecodable one also copied to the dead-letter stream), and the service carries on.
+No exception leaves this wrapper, so no message can stop a service.
 
 The one place that keeps a message unacknowledged after its handler returns is the trainer's
 ``seq_id`` reorder buffer (a request waiting for an earlier one): its handler calls ``hold(msg)``
@@ -34,12 +34,14 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pydantic
 import structlog
 from faststream import BaseMiddleware
+from faststream._internal.context import Context
 from faststream.nats import NatsMessage
+from faststream.nats.message import NatsMessage as _NatsMessageClass
 from nats.js import api
 from opentelemetry import propagate, trace
 
@@ -76,6 +78,19 @@ def decoder_for(model: type[pydantic.BaseModel]) -> Callable[[NatsMessage], Awai
         return model.model_validate_json(msg.body)
 
     return decode
+
+
+class _MessageField(Context):
+    """FastStream's ``Context("message")`` with an asynchronous ``use``: fast_depends runs a
+    custom field's synchronous ``use`` in a worker thread, so every message paid a thread hop
+    (and the GIL hand-offs with it) just to be handed to its handler."""
+
+    async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return super().use(**kwargs)
+
+
+# The message being handled, for handlers that settle or hold it: ``msg: Delivered``.
+Delivered = Annotated[_NatsMessageClass, _MessageField("message")]
 
 
 def hold(msg: NatsMessage) -> None:
