@@ -1,14 +1,22 @@
-"""Garbage on every subject a service consumes, against a platform of real processes: every
-service keeps serving (a training run, sampling, placement and the usage report all work
-afterwards), and each piece of garbage lands in the dead-letter stream, where an operator can
-read it with its original subject."""
+"""The bus under stress, against a platform of real processes:
+
+* garbage on every subject a service consumes: every service keeps serving (a training run,
+  sampling, placement and the usage report all work afterwards), and each piece of garbage lands
+  in the dead-letter stream, where an operator can read it with its original subject;
+* a forward_backward chunk near the SDK's largest (about 5 MB) travels through the object store
+  (its bus message would pass the server's limit) and trains;
+* the workers' metrics move after a short run."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
+import httpx
 import nats.errors
+import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import tinker
 from tinker import types
 
@@ -139,3 +147,84 @@ def test_garbage_on_every_subject_leaves_every_service_serving(platform) -> None
 
     found = asyncio.run(dead_lettered_subjects(platform.nats_url, used))
     assert used <= found, f"not dead-lettered: {used - found}"
+
+
+def test_a_chunk_near_the_sdks_largest_trains(platform) -> None:
+    """One datum whose N x K cross-entropy targets make a ~5 MB chunk: as a bus message (JSON,
+    base64 tensors) it passes the server's 8 MB limit less headroom, so it goes through the
+    object store, and the trainer runs it."""
+    service = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
+    training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4, seed=0).result()
+    n, k = 1000, 400  # targets int64 (3.2 MB) and weights float32 (1.6 MB): 4.8 MB
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 2000, size=n).tolist()
+    targets = rng.integers(0, 2000, size=(n, k))
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens),
+        loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(targets),
+                        "weights": types.TensorData.from_numpy(np.ones((n, k), np.float32))},
+    )
+    result = training.forward_backward([datum], "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    assert np.isfinite(result.metrics["loss:sum"]) and result.metrics["loss:sum"] > 0
+    assert len(result.loss_fn_outputs) == 1
+
+    async def offloaded() -> int:
+        bus = await b.connect(platform.nats_url, "test-payloads")
+        try:
+            return len([o async for o in _objects(bus)])
+        finally:
+            await bus.close()
+
+    assert asyncio.run(offloaded()) >= 1  # the chunk really went through the object store
+
+
+async def _objects(bus: b.Bus):  # type: ignore[no-untyped-def]
+    for info in await bus.payloads.list():
+        yield info
+
+
+def _metrics_urls(platform) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Each worker's metrics URL, from its start-up line (``WHETSTONE_METRICS_PORT`` is 0)."""
+    urls = {}
+    for name in ("trainer", "sampler", "scheduler", "billing"):
+        for line in (platform.state_dir / "logs" / f"{name}.log").read_text().splitlines():
+            if '"metrics and health"' in line:
+                urls[name] = json.loads(line)["url"]  # the latest start wins
+    return urls
+
+
+def _sample_value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_the_workers_metrics_move_after_a_short_run(platform) -> None:
+    urls = _metrics_urls(platform)
+    assert set(urls) == {"trainer", "sampler", "scheduler", "billing"}
+    before = httpx.get(urls["trainer"], timeout=10).text
+    service = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
+    training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4, seed=2).result()
+    for _ in range(3):
+        train_step(training)
+    sampler = training.save_weights_and_get_sampling_client().result()
+    sampler.sample(types.ModelInput.from_ints([5, 17, 99]), num_samples=1,
+                   sampling_params=types.SamplingParams(max_tokens=4)).result()
+
+    after = httpx.get(urls["trainer"], timeout=10).text
+    tokens = ("whetstone_tokens_total", {"service": "trainer", "meter": "train_tokens"})
+    assert _sample_value(after, tokens[0], **tokens[1]) >= _sample_value(before, tokens[0], **tokens[1]) + 18
+    assert _sample_value(after, "whetstone_requests_total", service="trainer", op="optim_step") >= 3
+    assert _sample_value(after, "whetstone_queue_wait_seconds_count", service="trainer") > 0
+    assert _sample_value(after, "whetstone_adapters_resident", service="trainer") >= 1
+    sampler_metrics = httpx.get(urls["sampler"], timeout=10).text
+    assert _sample_value(sampler_metrics, "whetstone_tokens_total", service="sampler",
+                         meter="sample_tokens") >= 1
+    for name in ("scheduler", "billing"):
+        ready = httpx.get(urls[name].replace("/metrics", "/readyz"), timeout=10)
+        assert ready.status_code == 200, name
+        assert httpx.get(urls[name].replace("/metrics", "/livez"), timeout=10).status_code == 200
