@@ -17,10 +17,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from structlog.stdlib import BoundLogger
 
 from services.gateway import metrics
@@ -29,6 +28,7 @@ from services.gateway.settings import GatewaySettings
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.errors import NotFound, Unauthorized, Unavailable, UserError, WhetstoneError
+from whetstone.fate import Delivered
 from whetstone.keys import key_hash, lookup_key
 from whetstone.messages import (
     FutureRecord,
@@ -42,6 +42,11 @@ from whetstone.messages import (
 from whetstone.models.registry import ModelRegistry
 
 
+async def _no_body(msg: Any) -> None:
+    """Key updates matter by their subject only (the key's hash); the record is never read."""
+    return None
+
+
 @dataclass
 class Gateway:
     settings: GatewaySettings
@@ -51,7 +56,7 @@ class Gateway:
     log: BoundLogger
     # sha256(key) -> (tenant, expiry); an entry goes as soon as its key's record changes
     _tenants: dict[str, tuple[str, float]] = field(default_factory=dict)
-    _key_watch: asyncio.Task[Subscription] | None = None
+    _key_watch: asyncio.Task[Any] | None = None
     _runs: dict[str, TrainingRunRecord] = field(default_factory=dict)
 
     async def tenant_of(self, key: str | None) -> str:
@@ -59,7 +64,14 @@ class Gateway:
             raise Unauthorized("missing X-API-Key header")
         if self._key_watch is None:  # once, before anything is cached
             self._key_watch = asyncio.ensure_future(
-                self.bus.nc.subscribe(f"$KV.{s.KEYS_BUCKET}.>", cb=self._on_key_update)
+                b.subscribe(
+                    self.bus,
+                    self._on_key_update,
+                    f"$KV.{s.KEYS_BUCKET}.>",
+                    decoder=_no_body,
+                    title="API key changes",
+                    no_reply=True,  # a KV put awaits its ack on the reply subject
+                )
             )
         await self._key_watch
         digest = key_hash(key)
@@ -72,9 +84,9 @@ class Gateway:
         self._tenants[digest] = (record.tenant, time.monotonic() + self.settings.key_cache_s)
         return record.tenant
 
-    async def _on_key_update(self, msg: Msg) -> None:
+    async def _on_key_update(self, _: None, msg: Delivered) -> None:
         """A key record changed (revoked, replaced, deleted): forget its cached tenant."""
-        self._tenants.pop(msg.subject.rsplit(".", 1)[-1], None)
+        self._tenants.pop(msg.raw_message.subject.rsplit(".", 1)[-1], None)
 
     # ---------------------------------------------------------------- tenant-checked records
 
@@ -95,16 +107,23 @@ class Gateway:
         return record
 
     async def sampler(self, tenant: str, sampler_id: str) -> SamplingSessionRecord:
-        record = await b.kv_get(self.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id),
-                                SamplingSessionRecord)
+        record = await b.kv_get(
+            self.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id), SamplingSessionRecord
+        )
         if record is None or record.tenant != tenant:
             raise NotFound(f"unknown sampling session {sampler_id!r}")
         return record
 
     # ---------------------------------------------------------------- submissions
 
-    async def submit_once(self, dedup_key: str, tenant: str, op: str, subject: str,
-                          message_for: Callable[[str], Message]) -> str:
+    async def submit_once(
+        self,
+        dedup_key: str,
+        tenant: str,
+        op: str,
+        subject: str,
+        message_for: Callable[[str], Message],
+    ) -> str:
         """Accept a request exactly once per ``dedup_key`` (e.g. run + seq_id): a retried
         submission gets the first one's request id back.
 
@@ -118,15 +137,19 @@ class Gateway:
         if existing is not None:
             request_id, published = parse_dedup(existing)
             if request_id == REFUSED:
-                raise UserError(f"this request ({dedup_key}) was refused before; resubmit with a "
-                                "new seq_id")
+                raise UserError(
+                    f"this request ({dedup_key}) was refused before; resubmit with a new seq_id"
+                )
             if published:
                 return request_id  # accepted before; the first submission's future stands
         # The pending record is *created*, never overwritten, so it may race the publish: a worker
         # that finishes first has already written the final record and the create is a no-op.
         pending = FutureRecord(request_id=request_id, tenant=tenant, op=op)
         await self._publish_then_mark(
-            dedup_key, request_id, subject, message_for(request_id),
+            dedup_key,
+            request_id,
+            subject,
+            message_for(request_id),
             b.kv_create(self.bus.kv[s.FUTURES_BUCKET], request_id, pending.encode()),
         )
         metrics.SUBMISSIONS.labels(op).inc()
@@ -140,26 +163,43 @@ class Gateway:
         existing = await b.kv_create(self.bus.kv[s.DEDUP_BUCKET], dedup_key, REFUSED.encode())
         if existing is not None and parse_dedup(existing) != (REFUSED, False):
             return  # accepted (its own message fills the seq_id), or refused and filled
-        skip = TrainRequest(request_id=f"skip-{uuid.uuid4().hex}", tenant=tenant, run_id=run_id,
-                            seq_id=seq_id, command=Skip(reason=reason))
+        skip = TrainRequest(
+            request_id=f"skip-{uuid.uuid4().hex}",
+            tenant=tenant,
+            run_id=run_id,
+            seq_id=seq_id,
+            command=Skip(reason=reason),
+        )
         await self._publish_then_mark(dedup_key, REFUSED, s.train_subject(run_id), skip)
 
-    async def _publish_then_mark(self, dedup_key: str, value: str, subject: str,
-                                 message: Message, *alongside: Awaitable[object]) -> None:
+    async def _publish_then_mark(
+        self,
+        dedup_key: str,
+        value: str,
+        subject: str,
+        message: Message,
+        *alongside: Awaitable[object],
+    ) -> None:
         """Publish (with ``alongside`` KV writes, concurrently) and, once every one succeeded,
         mark the dedup record published. Any failure of the bus is a 503: the client retries."""
         results = await asyncio.gather(
-            b.publish(self.bus, subject, message, msg_id=dedup_key), *alongside,
+            b.publish(self.bus, subject, message, msg_id=dedup_key),
+            *alongside,
             return_exceptions=True,
         )
         for result in results:
             if isinstance(result, WhetstoneError):
                 raise result  # e.g. a payload the bus layer refuses: the caller's to report
             if isinstance(result, BaseException):
-                self.log.warning("publish failed", subject=subject, dedup_key=dedup_key,
-                                 error=f"{type(result).__name__}: {result}")
-                raise Unavailable("could not queue the request (the bus is unavailable); "
-                                  "retry") from result
+                self.log.warning(
+                    "publish failed",
+                    subject=subject,
+                    dedup_key=dedup_key,
+                    error=f"{type(result).__name__}: {result}",
+                )
+                raise Unavailable(
+                    "could not queue the request (the bus is unavailable); retry"
+                ) from result
         try:
             await self.bus.kv[s.DEDUP_BUCKET].put(dedup_key, f"{value}{_PUBLISHED}".encode())
         except Exception as exc:  # published, not marked: a retry publishes a dropped copy
@@ -181,11 +221,13 @@ def train_dedup_key(run_id: str, seq_id: int) -> str:
     return f"{s.token(run_id)}.{seq_id}"
 
 
-def gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
+    """FastAPI dependency: the gateway. Asynchronous on purpose: FastAPI runs a synchronous
+    dependency in its thread pool, a thread hop on every request."""
     gw: Gateway = request.app.state.gateway
     return gw
 
 
 async def tenant(request: Request) -> str:
     """FastAPI dependency: the tenant of the request's ``X-API-Key``."""
-    return await gateway(request).tenant_of(request.headers.get("x-api-key"))
+    return await (await gateway(request)).tenant_of(request.headers.get("x-api-key"))

@@ -18,6 +18,7 @@ from services.gateway import metrics
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.errors import NotFound
+from whetstone.fate import Delivered
 from whetstone.messages import FutureRecord
 
 
@@ -37,9 +38,10 @@ class FutureWaiters:
             f"$KV.{s.FUTURES_BUCKET}.>",
             decoder=_raw_body,
             title="future updates",
+            no_reply=True,  # never answer the writer: a KV put awaits its ack on the reply subject
         )
 
-    async def _on_update(self, data: bytes, msg: NatsMessage) -> None:
+    async def _on_update(self, data: bytes, msg: Delivered) -> None:
         request_id = msg.raw_message.subject.rsplit(".", 1)[-1]
         waiters = self._waiters.get(request_id)
         if not waiters or not data:

@@ -16,6 +16,7 @@ import asyncio
 import time
 
 import nats.errors
+import structlog
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 
@@ -31,7 +32,9 @@ PLACE_ACK_WAIT_S = 120.0
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerSettings, bus: b.Bus, log) -> None:
+    def __init__(
+        self, settings: SchedulerSettings, bus: b.Bus, log: structlog.stdlib.BoundLogger
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.log = log
@@ -46,6 +49,7 @@ class Scheduler:
             f"{s.HEARTBEAT_PREFIX}.trainer.*",
             decoder=decoder_for(WorkerHeartbeat),
             title="trainer heartbeats",
+            no_reply=True,  # never answer the writer: a KV put awaits its ack on the reply subject
         )
         await b.subscribe(
             self.bus,
@@ -108,13 +112,14 @@ class Scheduler:
             await placements.put(s.token(run.run_id), worker_id.encode())
         self.placement.reserve(worker_id, run.run_id)
         try:
-            reply_msg = await self.bus.nc.request(
-                s.assign_subject(worker_id),
+            reply_msg = await self.bus.broker.request(  # through the broker: traced
                 AssignRun(request_id=request.request_id, run=run).encode(),
+                s.assign_subject(worker_id),
+                headers={"content-type": "application/json"},
                 timeout=self.settings.assign_timeout_s,
             )
-            reply = AssignReply.decode(reply_msg.data)
-        except nats.errors.Error as exc:
+            reply = AssignReply.decode(reply_msg.body)
+        except (nats.errors.Error, TimeoutError) as exc:
             self.log.warning(
                 "assignment unanswered", run=run.run_id, worker=worker_id, error=str(exc)
             )
