@@ -107,9 +107,8 @@ def main() -> None:
 
     ingest_s = sum(batch_s)
     rate = len(events) / ingest_s if ingest_s else float("nan")
-    per_batch = [
-        len(events[i : i + BATCH]) / s for i, s in zip(range(0, len(events), BATCH), batch_s)
-    ]
+    starts = range(0, len(events), BATCH)
+    per_batch = [len(events[i : i + BATCH]) / s for i, s in zip(starts, batch_s, strict=True)]
     print(f"\nbilling ledger bench: {args.n} events, batches of {BATCH}, chdb at {data_dir}")
     print(f"(building the UsageEvent objects took {build_s:.2f} s, not counted below)\n")
     print(f"{'measure':<48}{'value':>20}")

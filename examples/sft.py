@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     args = parser.parse_args()
 
-    # TINKER_BASE_URL and TINKER_API_KEY come from the environment; leaving the block closes the session.
+    # TINKER_BASE_URL and TINKER_API_KEY come from the environment; leaving the block closes the
+    # session.
     with tinker.ServiceClient() as service:
         train_and_sample(service, args)
 
@@ -109,7 +110,8 @@ def train_and_sample(service: tinker.ServiceClient, args: argparse.Namespace) ->
     tokenizer = training.get_tokenizer()
     data = [make_datum(tokenizer, q, a) for q, a in make_examples()]
     print(
-        f"training run {training.model_id}: {len(data)} examples, batch {args.batch_size}, {args.epochs} epochs"
+        f"training run {training.model_id}: {len(data)} examples, batch {args.batch_size}, "
+        f"{args.epochs} epochs"
     )
 
     adam = types.AdamParams(learning_rate=args.learning_rate)
@@ -125,8 +127,9 @@ def train_and_sample(service: tinker.ServiceClient, args: argparse.Namespace) ->
             n_target = sum(sum(d.loss_fn_inputs["weights"].data) for d in batch)
             step += 1
             if step % 5 == 1:
+                loss_per_token = result.metrics["loss:sum"] / n_target
                 print(
-                    f"epoch {epoch} step {step:3d}  loss/token {result.metrics['loss:sum'] / n_target:.4f}"
+                    f"epoch {epoch} step {step:3d}  loss/token {loss_per_token:.4f}"
                     f"  ({time.monotonic() - start:.1f} s)",
                     flush=True,
                 )
@@ -149,9 +152,8 @@ def train_and_sample(service: tinker.ServiceClient, args: argparse.Namespace) ->
         )
     scored = tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
     logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(scored)).result()
-    print(
-        f"\nlog p('The capital of France is Paris.') = {sum(lp for lp in logprobs if lp is not None):.2f}"
-    )
+    log_p = sum(lp for lp in logprobs if lp is not None)
+    print(f"\nlog p('The capital of France is Paris.') = {log_p:.2f}")
 
 
 if __name__ == "__main__":

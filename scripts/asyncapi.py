@@ -44,7 +44,11 @@ PLACEHOLDER_TENANT = "<tenant>"
 # What each service publishes (FastStream documents publishers it is told about).
 PUBLICATIONS: list[tuple[str, type, str]] = [
     (s.train_subject(PLACEHOLDER_RUN), TrainRequest, "gateway -> trainer: one run's requests"),
-    (s.sample_subject(BUILTIN_MODEL_NAME), SampleRequest, "gateway -> sampler: a base model's queue"),
+    (
+        s.sample_subject(BUILTIN_MODEL_NAME),
+        SampleRequest,
+        "gateway -> sampler: a base model's queue",
+    ),
     (s.PLACE_SUBJECT, PlaceRun, "gateway -> scheduler: runs waiting for a trainer"),
     (s.assign_subject(PLACEHOLDER_WORKER), AssignRun, "scheduler -> trainer (request/reply)"),
     (s.usage_subject(PLACEHOLDER_TENANT), UsageEvent, "trainer, sampler -> billing"),
@@ -76,15 +80,30 @@ async def declare_all(broker: NatsBroker) -> None:
     from services.trainer.settings import TrainerSettings
 
     log: Any = None
-    trainer = TrainerWorker(TrainerSettings(worker_id=PLACEHOLDER_WORKER), _doc_bus(broker, "trainer"),
-                            None, None, log)  # type: ignore[arg-type]
+    trainer = TrainerWorker(
+        TrainerSettings(worker_id=PLACEHOLDER_WORKER),
+        _doc_bus(broker, "trainer"),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        log,
+    )
     await trainer.declare()
     _keep.append(await trainer.subscribe_run(PLACEHOLDER_RUN))  # the broker holds it weakly
-    await SamplerWorker(SamplerSettings(base_model=BUILTIN_MODEL_NAME), _doc_bus(broker, "sampler"),
-                        None, None, log).declare()  # type: ignore[arg-type]
+    await SamplerWorker(
+        SamplerSettings(base_model=BUILTIN_MODEL_NAME),
+        _doc_bus(broker, "sampler"),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        log,
+    ).declare()
     await Scheduler(SchedulerSettings(), _doc_bus(broker, "scheduler"), log).declare()
-    await BillingService(BillingSettings(), _doc_bus(broker, "billing"), None,  # type: ignore[arg-type]
-                         DEFAULT_PRICE_TABLE, log).declare()
+    await BillingService(
+        BillingSettings(),
+        _doc_bus(broker, "billing"),
+        None,  # type: ignore[arg-type]
+        DEFAULT_PRICE_TABLE,
+        log,
+    ).declare()
     await FutureWaiters(_doc_bus(broker, "gateway")).start()
     for subject, schema, title in PUBLICATIONS:
         broker.publisher(subject, schema=schema, title=title)
@@ -93,10 +112,15 @@ async def declare_all(broker: NatsBroker) -> None:
 def document() -> str:
     broker = NatsBroker()
     asyncio.run(declare_all(broker))
-    spec = AsyncAPI(broker, title="Whetstone bus", version="1",
-                    description="Subjects and payloads between Whetstone's services. Subject "
-                                "tokens are url-safe base64 of run ids, base-model names, worker "
-                                "ids and tenants (subjects.token).")
+    spec = AsyncAPI(
+        broker,
+        title="Whetstone bus",
+        version="1",
+        description=(
+            "Subjects and payloads between Whetstone's services. Subject tokens are url-safe "
+            "base64 of run ids, base-model names, worker ids and tenants (subjects.token)."
+        ),
+    )
     # Sorted keys: FastStream lists subscribers in a weak set's (unstable) order.
     return yaml.safe_dump(spec.to_specification().to_jsonable(), sort_keys=True, allow_unicode=True)
 
@@ -112,8 +136,9 @@ def main() -> int:
     committed = args.check.read_text()
     if committed == text:
         return 0
-    diff = difflib.unified_diff(committed.splitlines(), text.splitlines(), str(args.check),
-                                "generated", lineterm="")
+    diff = difflib.unified_diff(
+        committed.splitlines(), text.splitlines(), str(args.check), "generated", lineterm=""
+    )
     print("\n".join(list(diff)[:80]), file=sys.stderr)
     print(f"{args.check} is stale: regenerate it with scripts/asyncapi.py", file=sys.stderr)
     return 1

@@ -61,7 +61,8 @@ def store_key(tenant: str, path: TinkerPath) -> str:
 
 
 def record_key(path: TinkerPath) -> str:
-    """The KV key of a checkpoint record (``.``-separated tokens, so runs can be listed by prefix)."""
+    """The KV key of a checkpoint record (``.``-separated tokens, so runs can be listed by
+    prefix)."""
     return f"{token(path.run_id)}.{path.kind}.{token(path.name)}"
 
 

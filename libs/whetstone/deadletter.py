@@ -44,13 +44,18 @@ async def list_dead_letters(bus: Bus, limit: int = 50) -> list[DeadLetter]:
         except NotFoundError:  # deleted (replayed) or expired
             seq -= 1
             continue
-        headers = msg.headers or {}
-        found.append(DeadLetter(
-            seq=seq, subject=headers.get(s.DLQ_SUBJECT_HEADER, msg.subject),
-            error=headers.get(s.DLQ_ERROR_HEADER, ""),
-            deliveries=int(headers.get(s.DLQ_DELIVERIES_HEADER, "0") or 0),
-            request_id=headers.get(s.REQUEST_ID_HEADER), size_bytes=len(msg.data or b""),
-            time=getattr(msg, "time", None)))
+        headers: dict[str, str] = msg.headers or {}
+        found.append(
+            DeadLetter(
+                seq=seq,
+                subject=headers.get(s.DLQ_SUBJECT_HEADER, msg.subject or ""),
+                error=headers.get(s.DLQ_ERROR_HEADER, ""),
+                deliveries=int(headers.get(s.DLQ_DELIVERIES_HEADER, "0") or 0),
+                request_id=headers.get(s.REQUEST_ID_HEADER),
+                size_bytes=len(msg.data or b""),
+                time=getattr(msg, "time", None),
+            )
+        )
         seq -= 1
     return list(reversed(found))
 
@@ -63,7 +68,7 @@ async def replay(bus: Bus, seq: int) -> str:
         msg = await bus.js.get_msg(s.DEADLETTER_STREAM, seq)
     except NotFoundError:
         raise LookupError(f"no dead letter {seq}") from None
-    headers = dict(msg.headers or {})
+    headers: dict[str, str] = dict(msg.headers or {})
     subject = headers.get(s.DLQ_SUBJECT_HEADER)
     if not subject:
         raise LookupError(f"dead letter {seq} does not say where it came from")

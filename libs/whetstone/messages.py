@@ -20,7 +20,7 @@ Which subject carries what (``subjects.py`` has the names):
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,7 +38,7 @@ class Message(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
-    def decode(cls, data: bytes):  # -> Self
+    def decode(cls, data: bytes) -> Self:
         return cls.model_validate_json(data)
 
 
@@ -320,7 +320,7 @@ class WorkerHeartbeat(Message):
 
 
 class PlaceRun(Message):
-    """A new training run waiting for a trainer worker; ``request_id`` is its create_model future."""
+    """A training run waiting for a trainer worker; ``request_id`` is its create_model future."""
 
     request_id: str
     run: TrainingRunRecord

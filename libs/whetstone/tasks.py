@@ -14,23 +14,27 @@ import asyncio
 import os
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 import nats.errors
+import structlog
 
 from whetstone.bus import Bus
 from whetstone.messages import WorkerHeartbeat
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
-_running: set[asyncio.Task] = set()
+_running: set[asyncio.Task[Any]] = set()
 
 
-def spawn(coro: Coroutine, log, name: str) -> asyncio.Task:
+def spawn(
+    coro: Coroutine[Any, Any, T], log: structlog.stdlib.BoundLogger, name: str
+) -> asyncio.Task[T]:
     task = asyncio.create_task(coro, name=name)
     _running.add(task)  # keep a reference: the loop holds tasks only weakly
 
-    def done(t: asyncio.Task) -> None:
+    def done(t: asyncio.Task[T]) -> None:
         _running.discard(t)
         if t.cancelled():
             return
@@ -50,12 +54,16 @@ class Offload:
     def __init__(self, name: str) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
 
-    async def __call__(self, fn: Callable[..., T], *args) -> T:
+    async def __call__(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
 
 async def heartbeats(
-    bus: Bus, subject: str, beat: Callable[[], WorkerHeartbeat], interval_s: float, log
+    bus: Bus,
+    subject: str,
+    beat: Callable[[], WorkerHeartbeat],
+    interval_s: float,
+    log: structlog.stdlib.BoundLogger,
 ) -> None:
     """Publish ``beat()`` every ``interval_s`` on core NATS (liveness, not worth persisting)."""
     while True:
@@ -66,6 +74,6 @@ async def heartbeats(
         await asyncio.sleep(interval_s)
 
 
-def running() -> set[asyncio.Task]:
+def running() -> set[asyncio.Task[Any]]:
     """The background tasks alive now (tests stop the services they started in-process)."""
     return set(_running)

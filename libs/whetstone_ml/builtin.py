@@ -154,7 +154,8 @@ def _corpus() -> str:
             rng.choice(
                 [
                     f"Q: What is {a} plus {b}?\nA: {a} plus {b} is {a + b}.\n",
-                    f"Q: What is the capital of {country}?\nA: The capital of {country} is {capital}.\n",
+                    f"Q: What is the capital of {country}?\n"
+                    f"A: The capital of {country} is {capital}.\n",
                     f"Q: What colour is the {animal}?\nA: The {animal} is {colour}.\n",
                     f"The {adj} {colour} {animal} lives in {city}, {country}.\n",
                     f"{name} {verb} {other} near the {obj} in {capital}.\n",
@@ -162,8 +163,10 @@ def _corpus() -> str:
                     f"{name} has {_DIGIT_WORDS[a % 11]} {colour} {obj}s and {b} {animal}s.\n",
                     f"User: Tell me about {city}.\nAssistant: {city} is a city in {country}.\n",
                     f"{a} {b} {a * b} {a - b} {a + b}. {a}.{b}% of {b * 10} is small.\n",
-                    f"On {rng.choice(_DAYS)} {a % 28 + 1} {rng.choice(_MONTHS)} {name} went to {city}.\n",
-                    f"Q: How many legs does a {animal} have?\nA: I think it has {_DIGIT_WORDS[a % 5]}.\n",
+                    f"On {rng.choice(_DAYS)} {a % 28 + 1} {rng.choice(_MONTHS)} "
+                    f"{name} went to {city}.\n",
+                    f"Q: How many legs does a {animal} have?\n"
+                    f"A: I think it has {_DIGIT_WORDS[a % 5]}.\n",
                 ]
             )
         )

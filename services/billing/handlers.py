@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 
@@ -31,7 +32,12 @@ USAGE_ACK_WAIT_S = 60.0
 
 class BillingService:
     def __init__(
-        self, settings: BillingSettings, bus: b.Bus, ledger: Ledger, prices: PriceTable, log
+        self,
+        settings: BillingSettings,
+        bus: b.Bus,
+        ledger: Ledger,
+        prices: PriceTable,
+        log: structlog.stdlib.BoundLogger,
     ) -> None:
         self.settings = settings
         self.bus = bus

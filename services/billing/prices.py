@@ -11,7 +11,9 @@ JSON layout (all numbers are USD per 1,000,000 tokens)::
     {
       "default": {"train_tokens": 0.40, "prefill_tokens": 0.10, "sample_tokens": 0.30},
       "models": {
-        "whetstone/tiny-qwen3": {"train_tokens": 0.40, "prefill_tokens": 0.10, "sample_tokens": 0.30}
+        "whetstone/tiny-qwen3": {
+          "train_tokens": 0.40, "prefill_tokens": 0.10, "sample_tokens": 0.30
+        }
       }
     }
 
@@ -65,7 +67,8 @@ class Price:
         missing = set(METERS) - set(d)
         if unknown or missing:
             raise ValueError(
-                f"price needs exactly {sorted(METERS)}; unknown {sorted(unknown)}, missing {sorted(missing)}"
+                f"price needs exactly {sorted(METERS)}; "
+                f"unknown {sorted(unknown)}, missing {sorted(missing)}"
             )
         return cls(**{m: float(d[m]) for m in METERS})
 

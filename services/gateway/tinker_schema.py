@@ -19,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+__all__ = ["pb"]
+
 _SDK_MODULE = "tinker.proto.tinker_public_pb2"
 _PRIVATE_NAME = "whetstone_gateway_tinker_public_pb2"
 

@@ -251,7 +251,8 @@ def encode_forward_backward_output(result: ForwardBackwardResult) -> bytes:
         # The client raises on any key without exactly one ':' (protocol.md 4.6).
         assert key.count(":") == 1, f"metric key {key!r} is not name:reduction"
         out.metrics[key] = value
-    return out.SerializeToString()
+    encoded: bytes = out.SerializeToString()  # protobuf has no stubs installed: name the type
+    return encoded
 
 
 # ---------------------------------------------------------------- sampling
@@ -272,7 +273,8 @@ def encode_sample_response(result: SampleResult) -> bytes:
         )
     if result.prompt_logprobs is not None:
         out.prompt_logprobs = result.prompt_logprobs.to_numpy().astype("<f4").tobytes()
-    return out.SerializeToString()
+    encoded: bytes = out.SerializeToString()  # protobuf has no stubs installed: name the type
+    return encoded
 
 
 def model_input_from_json(model_input: JsonObject) -> Tensor:
@@ -386,10 +388,10 @@ def _number(params: JsonObject, key: str, default: float) -> float:
     return float(value)
 
 
-# ---------------------------------------------------------------- JSON results (clients without protobuf)
+# ---------------------------------------------------------------- JSON results (no protobuf)
 
 
-def _tensor_json(tensor: Tensor) -> dict:
+def _tensor_json(tensor: Tensor) -> dict[str, object]:
     array = tensor.to_numpy()
     return {
         "data": array.reshape(-1).tolist(),
@@ -398,7 +400,7 @@ def _tensor_json(tensor: Tensor) -> dict:
     }
 
 
-def forward_backward_output_json(result: ForwardBackwardResult) -> dict:
+def forward_backward_output_json(result: ForwardBackwardResult) -> dict[str, object]:
     """The JSON form of ForwardBackwardOutput, for clients that do not take protobuf (hpcai)."""
     return {
         "loss_fn_output_type": "ArrayRecord",
@@ -407,8 +409,8 @@ def forward_backward_output_json(result: ForwardBackwardResult) -> dict:
     }
 
 
-def sample_response_json(result: SampleResult) -> dict:
-    body: dict = {
+def sample_response_json(result: SampleResult) -> dict[str, object]:
+    body: dict[str, object] = {
         "type": "sample",
         "sequences": [
             {

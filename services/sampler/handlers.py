@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 
@@ -61,7 +62,7 @@ class Batcher:
                 jobs.append(self._queue.get_nowait())
             try:
                 results = await self._torch(self.engine.generate, [(r, a) for r, a, _ in jobs])
-                for (_, _, fut), result in zip(jobs, results):
+                for (_, _, fut), result in zip(jobs, results, strict=True):  # one per job
                     fut.set_result(result)
             except UserError:
                 for req, adapter_id, fut in jobs:
@@ -71,7 +72,9 @@ class Batcher:
                     if not fut.done():
                         fut.set_exception(exc)
 
-    async def _one(self, req: SampleRequest, adapter_id: str | None, fut: asyncio.Future) -> None:
+    async def _one(
+        self, req: SampleRequest, adapter_id: str | None, fut: asyncio.Future[SampleResult]
+    ) -> None:
         try:
             fut.set_result((await self._torch(self.engine.generate, [(req, adapter_id)]))[0])
         except Exception as exc:  # noqa: BLE001 - handed to the request's handler
@@ -85,7 +88,7 @@ class SamplerWorker:
         bus: b.Bus,
         engine: SamplerEngine,
         store: LocalCheckpointStore,
-        log,
+        log: structlog.stdlib.BoundLogger,
     ) -> None:
         self.settings = settings
         self.bus = bus

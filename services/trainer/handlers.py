@@ -283,7 +283,8 @@ class TrainerWorker:
                 outcome = await self._with_retries(req)
                 # Before the ack: a restarted holder must not wait for seq_ids that ran.
                 await self.bus.kv[s.RUN_PROGRESS_BUCKET].put(
-                    s.token(req.run_id), str(req.seq_id + 1).encode())
+                    s.token(req.run_id), str(req.seq_id + 1).encode()
+                )
                 await self.bus.fate.settle(item.msg, outcome, final=outcome is not None)
         finally:
             otel_context.detach(token)

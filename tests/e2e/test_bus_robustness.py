@@ -16,8 +16,8 @@ import httpx
 import nats.errors
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 import tinker
+from prometheus_client.parser import text_string_to_metric_families
 from tinker import types
 
 from whetstone import bus as b
@@ -154,15 +154,19 @@ def test_a_chunk_near_the_sdks_largest_trains(platform) -> None:
     base64 tensors) it passes the server's 8 MB limit less headroom, so it goes through the
     object store, and the trainer runs it."""
     service = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
-    training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4, seed=0).result()
+    training = service.create_lora_training_client(
+        base_model=BUILTIN_MODEL_NAME, rank=4, seed=0
+    ).result()
     n, k = 1000, 400  # targets int64 (3.2 MB) and weights float32 (1.6 MB): 4.8 MB
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 2000, size=n).tolist()
     targets = rng.integers(0, 2000, size=(n, k))
     datum = types.Datum(
         model_input=types.ModelInput.from_ints(tokens),
-        loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(targets),
-                        "weights": types.TensorData.from_numpy(np.ones((n, k), np.float32))},
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(targets),
+            "weights": types.TensorData.from_numpy(np.ones((n, k), np.float32)),
+        },
     )
     result = training.forward_backward([datum], "cross_entropy").result()
     training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
@@ -208,22 +212,28 @@ def test_the_workers_metrics_move_after_a_short_run(platform) -> None:
     assert set(urls) == {"trainer", "sampler", "scheduler", "billing"}
     before = httpx.get(urls["trainer"], timeout=10).text
     service = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
-    training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4, seed=2).result()
+    training = service.create_lora_training_client(
+        base_model=BUILTIN_MODEL_NAME, rank=4, seed=2
+    ).result()
     for _ in range(3):
         train_step(training)
     sampler = training.save_weights_and_get_sampling_client().result()
-    sampler.sample(types.ModelInput.from_ints([5, 17, 99]), num_samples=1,
-                   sampling_params=types.SamplingParams(max_tokens=4)).result()
+    sampler.sample(
+        types.ModelInput.from_ints([5, 17, 99]),
+        num_samples=1,
+        sampling_params=types.SamplingParams(max_tokens=4),
+    ).result()
 
     after = httpx.get(urls["trainer"], timeout=10).text
-    tokens = ("whetstone_tokens_total", {"service": "trainer", "meter": "train_tokens"})
-    assert _sample_value(after, tokens[0], **tokens[1]) >= _sample_value(before, tokens[0], **tokens[1]) + 18
+    metric, labels = "whetstone_tokens_total", {"service": "trainer", "meter": "train_tokens"}
+    trained = _sample_value(after, metric, **labels) - _sample_value(before, metric, **labels)
+    assert trained >= 18
     assert _sample_value(after, "whetstone_requests_total", service="trainer", op="optim_step") >= 3
     assert _sample_value(after, "whetstone_queue_wait_seconds_count", service="trainer") > 0
     assert _sample_value(after, "whetstone_adapters_resident", service="trainer") >= 1
     sampler_metrics = httpx.get(urls["sampler"], timeout=10).text
-    assert _sample_value(sampler_metrics, "whetstone_tokens_total", service="sampler",
-                         meter="sample_tokens") >= 1
+    sampled = {"service": "sampler", "meter": "sample_tokens"}
+    assert _sample_value(sampler_metrics, "whetstone_tokens_total", **sampled) >= 1
     for name in ("scheduler", "billing"):
         ready = httpx.get(urls[name].replace("/metrics", "/readyz"), timeout=10)
         assert ready.status_code == 200, name

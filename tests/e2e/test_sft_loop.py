@@ -302,8 +302,12 @@ def test_no_key_appears_in_any_log(platform) -> None:
     for path in logs:
         text = path.read_text(errors="replace")
         assert platform.api_key not in text, f"the API key is in {path.name}"
-        assert not key_like.search(text), f"a key-like token in {path.name}: {key_like.search(text)}"
+        found = key_like.search(text)
+        assert not found, f"a key-like token in {path.name}: {found}"
     for name in ("trainer", "sampler", "scheduler", "billing"):
-        lines = [json.loads(line) for line in (platform.state_dir / "logs" / f"{name}.log")
-                 .read_text().splitlines() if line.startswith("{")]
+        lines = [
+            json.loads(line)
+            for line in (platform.state_dir / "logs" / f"{name}.log").read_text().splitlines()
+            if line.startswith("{")
+        ]
         assert lines and all(line.get("service") == name for line in lines), name

@@ -36,7 +36,8 @@ def datum(tokens: list[int]) -> types.Datum:
 
 
 def train_tokens(platform) -> int:  # type: ignore[no-untyped-def]
-    report = asyncio.run(request_usage_report(platform.nats_url, UsageReportQuery(tenant="sigterm")))
+    query = UsageReportQuery(tenant="sigterm")
+    report = asyncio.run(request_usage_report(platform.nats_url, query))
     assert report.error is None
     return sum(r.tokens for r in report.rows if r.meter == "train_tokens")
 
@@ -46,7 +47,9 @@ def test_sigterm_to_the_trainer_mid_run_loses_no_request(platform) -> None:
 
     key = make_key(platform, "sigterm")
     service = tinker.ServiceClient(base_url=platform.base_url, api_key=key)
-    training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4, seed=0).result()
+    training = service.create_lora_training_client(
+        base_model=BUILTIN_MODEL_NAME, rank=4, seed=0
+    ).result()
     batch = [datum(seq) for seq in SEQS]
     tokens_per_step = sum(len(seq) - 1 for seq in SEQS)
 
@@ -64,8 +67,12 @@ def test_sigterm_to_the_trainer_mid_run_loses_no_request(platform) -> None:
     try:
         calls = []
         for step in range(steps):
-            calls.append((training.forward_backward(batch, "cross_entropy"),
-                          training.optim_step(types.AdamParams(learning_rate=1e-3))))
+            calls.append(
+                (
+                    training.forward_backward(batch, "cross_entropy"),
+                    training.optim_step(types.AdamParams(learning_rate=1e-3)),
+                )
+            )
             if step == 4:
                 os.kill(old_pid, signal.SIGTERM)
         results = [(fb.result(timeout=180), opt.result(timeout=180)) for fb, opt in calls]

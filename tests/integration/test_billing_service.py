@@ -34,7 +34,8 @@ TENANT = "tenant-a"
 
 @pytest.fixture
 def billing(nats_url: str, tmp_path: Path) -> Iterator:
-    """``start()`` launches the billing service (same state directory every time); ``stop()`` ends it."""
+    """``start()`` launches the billing service (same state directory every time); ``stop()``
+    ends it."""
     procs: list[subprocess.Popen] = []
     env = {
         **os.environ,
@@ -101,7 +102,8 @@ async def report(bus: b.Bus, timeout_s: float = 20.0) -> dict[str, tuple[int, fl
 
 
 async def all_ingested(bus: b.Bus) -> bool:
-    """Billing acknowledges only after the insert: nothing pending means everything is in ClickHouse."""
+    """Billing acknowledges only after the insert: nothing pending means everything is in
+    ClickHouse."""
     try:
         info = await bus.js.consumer_info(s.USAGE_STREAM, s.BILLING_CONSUMER)
     except Exception:  # noqa: BLE001 - not created yet

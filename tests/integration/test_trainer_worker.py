@@ -65,7 +65,8 @@ def tokens_of(cmd: ForwardBackward) -> int:
 
 
 async def assign(bus: b.Bus, worker_id: str, run_id: str) -> None:
-    """Ask the worker to take the run exactly as the scheduler does, and check its create_model future."""
+    """Ask the worker to take the run exactly as the scheduler does, and check its create_model
+    future."""
     run = TrainingRunRecord(
         run_id=run_id,
         tenant=TENANT,
@@ -165,7 +166,7 @@ async def test_out_of_order_requests_run_in_seq_order_like_an_in_process_engine(
         e2.metrics["grad_norm:mean"], rel=1e-5
     )
     assert r3.result.metrics["loss:sum"] == pytest.approx(e3.metrics["loss:sum"], abs=1e-5)
-    for got, want in zip(r3.result.outputs, e3.outputs):
+    for got, want in zip(r3.result.outputs, e3.outputs, strict=True):
         np.testing.assert_allclose(
             got["logprobs"].to_numpy(), want["logprobs"].to_numpy(), atol=1e-5
         )

@@ -171,8 +171,8 @@ def test_a_device_override_keeps_or_redefaults_the_dtype(big: Path) -> None:
         ),
         (
             (
-                'name = "m"\npath = "{big}"\nprices = {{ train_tokens = -1.0, prefill_tokens = 0.1, '
-                "sample_tokens = 0.3 }}"
+                'name = "m"\npath = "{big}"\n'
+                "prices = {{ train_tokens = -1.0, prefill_tokens = 0.1, sample_tokens = 0.3 }}"
             ),
             r"price of train_tokens must be a number >= 0",
         ),

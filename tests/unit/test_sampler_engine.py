@@ -156,7 +156,7 @@ def test_batch_of_adapters_equals_each_alone(engine, adapters):
         (_request(engine, PROMPTS[1], max_tokens=8, temperature=0.0, num_samples=2), "a"),
     ]
     batched = engine.generate(jobs)
-    for job, together in zip(jobs, batched):
+    for job, together in zip(jobs, batched, strict=True):
         [alone] = engine.generate([job])
         assert len(together.sequences) == len(alone.sequences)
         for i in range(len(alone.sequences)):

@@ -21,7 +21,8 @@ VOCAB = 300
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Qwen3 with seeded random weights; small enough that every test loads its own engine."""
+    """A tiny Qwen3 with seeded random weights; small enough that every test loads its own
+    engine."""
     config = Qwen3Config(
         hidden_size=64,
         num_hidden_layers=2,
@@ -86,7 +87,7 @@ def grads(engine: TrainerEngine, run_id: str) -> list[torch.Tensor | None]:
 
 def assert_all_close(xs: list[torch.Tensor], ys: list[torch.Tensor], **tol: float) -> None:
     assert len(xs) == len(ys)
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         torch.testing.assert_close(x, y, **tol)
 
 
@@ -114,7 +115,7 @@ def test_cross_entropy_logprobs_match_float64_reference(
     result = engine.forward_backward("r", ce(data, forward_only=True))
     model = base_model(model_dir)
     expected_total = 0.0
-    for datum, out in zip(data, result.outputs):
+    for datum, out in zip(data, result.outputs, strict=True):
         tokens = torch.from_numpy(datum.model_input.to_numpy().copy())[None]
         targets = torch.from_numpy(datum.loss_fn_inputs["target_tokens"].to_numpy().copy())
         weights = torch.from_numpy(datum.loss_fn_inputs["weights"].to_numpy().copy()).double()
@@ -166,7 +167,7 @@ def test_forward_only_changes_nothing(engine: TrainerEngine) -> None:
     engine.forward_backward("r", ce(data, forward_only=True))
     assert_all_close(grads(engine, "r"), accumulated, atol=0, rtol=0)
     assert_all_close(params(engine, "r"), before, atol=0, rtol=0)
-    for a, b in zip(probe.outputs, trained.outputs):
+    for a, b in zip(probe.outputs, trained.outputs, strict=True):
         assert a["logprobs"] == b["logprobs"]
 
 
@@ -214,7 +215,7 @@ def test_optim_step_matches_torch_adamw(engine: TrainerEngine, grad_clip_norm: f
     ]
     for i, adam in enumerate(steps):
         engine.forward_backward("r", ce(mixed_weights_data(seed=30 + i)))
-        for p, g in zip(reference, grads(engine, "r")):
+        for p, g in zip(reference, grads(engine, "r"), strict=True):
             p.grad = g
         norm = torch.nn.utils.clip_grad_norm_(reference, grad_clip_norm or float("inf"))
         group = optimizer.param_groups[0]
@@ -274,7 +275,7 @@ def test_seed_is_honoured(engine: TrainerEngine) -> None:
     assert_all_close(params(engine, "x"), params(engine, "y"), atol=0, rtol=0)
     a_x = [f.a for f in engine.runs["x"].adapter.factors.values()]
     a_z = [f.a for f in engine.runs["z"].adapter.factors.values()]
-    assert not any(torch.equal(p, q) for p, q in zip(a_x, a_z))
+    assert not any(torch.equal(p, q) for p, q in zip(a_x, a_z, strict=True))
     assert all(bool((f.b == 0).all()) for f in engine.runs["x"].adapter.factors.values())
 
 
