@@ -3,10 +3,12 @@
     whetstone up [--port N] [--models FILE]     start the platform; Ctrl-C (or `down`) stops it
     whetstone down                              stop the platform running on the state directory
     whetstone status [--once]                   workers, runs, queues and recent errors, live
-    whetstone keys create --tenant NAME         mint an API key (printed once, stored hashed)
+    whetstone keys create --tenant NAME [--admin]  mint an API key (printed once, stored hashed)
     whetstone keys list                         tenant, key prefix, created, revoked
     whetstone keys revoke PREFIX_OR_KEY         revoke a key; gateways refuse it at once
-    whetstone usage [--tenant NAME] [--json]    usage report per tenant, base model and meter
+    whetstone usage [filters] [--group-by G,..] [--format table|csv|json]
+                                                usage and exact cost; filters: --tenant --key
+                                                --model --run --session --meter --since --until
     whetstone dlq list [--limit N]              dead letters: subject, error, tries, request id
     whetstone dlq replay SEQ [SEQ ...]          publish dead letters to their subjects again
 
@@ -22,14 +24,16 @@ import os
 import signal
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
 from whetstone import bus as b
+from whetstone import reports
 from whetstone import subjects as s
 from whetstone.errors import WhetstoneError
 from whetstone.keys import create_key, list_keys, revoke_key
-from whetstone.messages import UsageReport, UsageReportQuery
+from whetstone.messages import DEFAULT_GROUP_BY, GroupBy, UsageReport, UsageReportQuery
 from whetstone.platform import (
     AlreadyRunning,
     PortInUse,
@@ -80,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", parents=[common], help="mint a key for a tenant")
     create.add_argument("--tenant", required=True)
+    create.add_argument(
+        "--admin", action="store_true", help="an operator's key: every tenant's usage, invoices"
+    )
     keys_sub.add_parser("list", parents=[common], help="every key: tenant, prefix, revoked")
     revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key")
     revoke.add_argument("key", metavar="PREFIX_OR_KEY", help="the key or its listed prefix")
@@ -95,7 +102,21 @@ def _parser() -> argparse.ArgumentParser:
         "usage", parents=[common], help="token usage and cost per tenant, base model and meter"
     )
     usage.add_argument("--tenant")
-    usage.add_argument("--json", action="store_true", help="machine-readable output")
+    usage.add_argument("--key", metavar="KEY_ID", help="an API key id (see `keys list`)")
+    usage.add_argument("--model", help="a base model")
+    usage.add_argument("--run", help="a training run or sampler id")
+    usage.add_argument("--session")
+    usage.add_argument("--meter")
+    usage.add_argument("--since", help="UTC date or time, inclusive (e.g. 2026-01-01)")
+    usage.add_argument("--until", help="UTC date or time, exclusive")
+    usage.add_argument(
+        "--group-by",
+        default="tenant,model,meter",
+        help="comma-separated: tenant, model, meter, run, sampler, session, key, hour, day, "
+        "month, price (default tenant,model,meter)",
+    )
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    usage.add_argument("--json", action="store_true", help="same as --format json")
     return parser
 
 
@@ -107,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "down":
         return _down(state_dir, args.timeout)
     if args.command == "usage":
-        return _usage(state_dir, UsageReportQuery(tenant=args.tenant), args.json)
+        try:
+            query = _usage_query(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return _usage(state_dir, query, "json" if args.json else args.format)
     try:
         platform = read_platform(state_dir)
     except FileNotFoundError as exc:
@@ -243,7 +269,7 @@ async def _keys(nats_url: str, args: argparse.Namespace) -> int:
     bus = await b.connect(nats_url, "whetstone-cli")
     try:
         if args.keys_command == "create":
-            print(await create_key(bus, args.tenant))
+            print(await create_key(bus, args.tenant, admin=args.admin))
         elif args.keys_command == "list":
             header = f"{'tenant':<24} {'key prefix':<12} {'created (UTC)':<20} revoked"
             print(header)
@@ -290,7 +316,31 @@ async def _dlq(nats_url: str, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- usage
 
 
-def _usage(state_dir: Path, query: UsageReportQuery, as_json: bool) -> int:
+def _usage_query(args: argparse.Namespace) -> UsageReportQuery:
+    """The report query of ``whetstone usage``'s flags (``ValueError`` names a bad one)."""
+    return UsageReportQuery.model_validate(
+        {
+            "tenant": args.tenant,
+            "api_key_id": args.key,
+            "base_model": args.model,
+            "run_id": args.run,
+            "session_id": args.session,
+            "meter": args.meter,
+            "since": _utc_time(args.since),
+            "until": _utc_time(args.until),
+            "group_by": [g.strip() for g in args.group_by.split(",") if g.strip()],
+        }
+    )
+
+
+def _utc_time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+def _usage(state_dir: Path, query: UsageReportQuery, output: str) -> int:
     try:
         if lock_holder(state_dir) is not None:
             report = asyncio.run(request_usage_report(read_platform(state_dir)["nats_url"], query))
@@ -302,7 +352,12 @@ def _usage(state_dir: Path, query: UsageReportQuery, as_json: bool) -> int:
     if report.error:
         print(f"error: {report.error}", file=sys.stderr)
         return 1
-    print(report.model_dump_json(indent=2) if as_json else format_report(report))
+    if output == "json":
+        print(report.model_dump_json(indent=2, exclude_none=True))
+    elif output == "csv":
+        print(reports.to_csv(report, query.group_by), end="")
+    else:
+        print(format_report(report, query.group_by))
     return 0
 
 
@@ -342,19 +397,8 @@ def offline_usage_report(state_dir: Path, query: UsageReportQuery) -> UsageRepor
         ledger.close()
 
 
-def format_report(report: UsageReport) -> str:
-    header = f"{'tenant':<16} {'base model':<24} {'meter':<16} {'tokens':>12} {'cost (USD)':>12}"
-    lines = [header, "-" * len(header)]
-    for row in report.rows:
-        lines.append(
-            f"{row.tenant:<16} {row.base_model:<24} {row.meter:<16} "
-            f"{row.tokens:>12,} {row.cost_usd:>12.6f}"
-        )
-    total = sum(r.cost_usd for r in report.rows)
-    lines.append("-" * len(header))
-    lines.append(f"{'total':<58} {sum(r.tokens for r in report.rows):>12,} {total:>12.6f}")
-    return "\n".join(lines)
-
+def format_report(report: UsageReport, group_by: list[GroupBy] | None = None) -> str:
+    return reports.to_table(report, group_by or list(DEFAULT_GROUP_BY))
 
 if __name__ == "__main__":
     sys.exit(main())

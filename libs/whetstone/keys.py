@@ -1,7 +1,10 @@
 """API keys: ``tml-`` followed by 43 random url-safe characters, stored only as a SHA-256 hash
 (KV ``ws_api_keys``), each mapped to one tenant.
 
-Owns minting, lookup, listing and revocation. A revoked key keeps its record (``revoked``), so
+Owns minting, lookup, listing and revocation. A key may be an admin key (``admin``): it reads
+every tenant's usage, invoices and the finance page; a tenant's key sees only its own usage. A
+key's id (``key_id``, the first characters of its hash) names it in usage events and reports
+without revealing it. A revoked key keeps its record (``revoked``), so
 listings still show it and it can never be looked up again; gateways drop it from their caches
 when they see the record change on ``$KV.ws_api_keys.<hash>``.
 """
@@ -20,6 +23,7 @@ from whetstone.messages import ApiKeyRecord
 
 KEY_PREFIX = "tml-"
 PREFIX_CHARS = 8  # how much of a key its record keeps, to recognise it in listings
+KEY_ID_CHARS = 16  # how much of a key's hash names it in usage events
 
 
 def new_key() -> str:
@@ -30,12 +34,23 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def create_key(bus: b.Bus, tenant: str, key: str | None = None) -> str:
+def key_id(key: str) -> str:
+    """The id of ``key`` in usage events and reports (``key_id_of_hash`` of its hash)."""
+    return key_id_of_hash(key_hash(key))
+
+
+def key_id_of_hash(digest: str) -> str:
+    return digest[:KEY_ID_CHARS]
+
+
+async def create_key(
+    bus: b.Bus, tenant: str, key: str | None = None, *, admin: bool = False
+) -> str:
     """Mint (or register a given) key for ``tenant``; returns the plaintext key, shown once."""
     if not tenant or len(tenant) > 128:
         raise ValueError("tenant name must be 1-128 characters")
     key = key or new_key()
-    record = ApiKeyRecord(tenant=tenant, key_prefix=key[:PREFIX_CHARS])
+    record = ApiKeyRecord(tenant=tenant, key_prefix=key[:PREFIX_CHARS], admin=admin)
     await b.kv_put(bus.kv[s.KEYS_BUCKET], key_hash(key), record)
     return key
 

@@ -20,6 +20,7 @@ Which subject carries what (``subjects.py`` has the names):
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -264,6 +265,8 @@ class ApiKeyRecord(Message):
     key_prefix: str  # first characters of the key, to recognise it in listings
     created_at: datetime = Field(default_factory=utcnow)
     revoked: bool = False
+    # An operator's key: reads every tenant's usage, invoices and the finance page.
+    admin: bool = False
 
 
 class SessionRecord(Message):
@@ -338,20 +341,46 @@ class AssignReply(Message):
 
 # ---------------------------------------------------------------- billing
 
+# The token meters every price must name (the model registry's and billing's price files).
 Meter = Literal["train_tokens", "prefill_tokens", "sample_tokens"]
+# Everything billing meters. ``forward_tokens``: a forward pass without backward (training
+# client's ``forward``); ``cached_prefill_tokens``: prompt tokens served from a prefix cache;
+# ``checkpoints`` and ``checkpoint_bytes``: one event per save (count 1, its size in bytes),
+# priced at zero unless the operator says otherwise.
+UsageMeter = Literal[
+    "train_tokens",
+    "forward_tokens",
+    "prefill_tokens",
+    "cached_prefill_tokens",
+    "sample_tokens",
+    "checkpoints",
+    "checkpoint_bytes",
+]
+Operation = Literal["forward_backward", "forward", "sample", "save_weights"]
 
 
 class UsageEvent(Message):
-    """``event_id`` is ``<request_id>:<meter>``: redelivery can never bill twice."""
+    """One meter of one completed request.
+
+    ``event_id`` is ``<request_id>:<meter>``: redelivery or a replayed request can never bill
+    twice. ``tokens`` is the meter's quantity (tokens, checkpoints or bytes). The attribution
+    fields after ``run_id`` are optional, so older producers stay valid: ``session_id`` (the
+    Tinker session), ``sampler_id`` (the sampling session, for sampling usage), ``api_key_id``
+    (``keys.key_id`` of the caller's key) and ``operation``.
+    """
 
     event_id: str
     request_id: str
     tenant: str
     base_model: str
-    meter: Meter
-    tokens: int
+    meter: UsageMeter
+    tokens: int = Field(ge=0)
     run_id: str | None = None
     occurred_at: datetime = Field(default_factory=utcnow)
+    session_id: str | None = None
+    sampler_id: str | None = None
+    api_key_id: str | None = None
+    operation: Operation | None = None
 
     @classmethod
     def of(
@@ -359,11 +388,19 @@ class UsageEvent(Message):
         request_id: str,
         tenant: str,
         base_model: str,
-        meter: Meter,
+        meter: UsageMeter,
         tokens: int,
         run_id: str | None = None,
+        *,
+        session_id: str | None = None,
+        sampler_id: str | None = None,
+        api_key_id: str | None = None,
+        operation: Operation | None = None,
     ) -> UsageEvent:
-        """The event of one meter of one completed request, with its deterministic id."""
+        """The event of one meter of one completed request, with its deterministic id. A
+        training run's session is its id's first part (``<session>:train:<n>``)."""
+        if session_id is None and run_id is not None and ":" in run_id:
+            session_id = run_id.split(":", 1)[0]
         return cls(
             event_id=f"{request_id}:{meter}",
             request_id=request_id,
@@ -372,23 +409,56 @@ class UsageEvent(Message):
             meter=meter,
             tokens=tokens,
             run_id=run_id,
+            session_id=session_id,
+            sampler_id=sampler_id,
+            api_key_id=api_key_id,
+            operation=operation,
         )
 
 
+# What a report can group by: attribution dimensions and time buckets (UTC).
+GroupBy = Literal[
+    "tenant", "model", "meter", "run", "sampler", "session", "key", "hour", "day", "month", "price"
+]
+DEFAULT_GROUP_BY: tuple[GroupBy, ...] = ("tenant", "model", "meter")
+
+
 class UsageReportQuery(Message):
+    """Filters (each optional; a missing time bound is open, the window is ``[since, until)``)
+    and the dimensions to group by. ``run_id`` matches a training run or a sampler id.
+    ``"price"`` groups by unit price, so that every row of an invoice has one."""
+
     tenant: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    api_key_id: str | None = None
+    base_model: str | None = None
+    run_id: str | None = None
+    session_id: str | None = None
+    meter: UsageMeter | None = None
+    group_by: list[GroupBy] = list(DEFAULT_GROUP_BY)
 
 
 class UsageRow(Message):
-    tenant: str
-    base_model: str
-    meter: Meter
+    """One group of a report. A dimension not grouped by is ``None``; ``tokens`` is the meter's
+    quantity; money is exact (``Decimal``, a string in JSON). ``unit_price_usd`` (per million
+    tokens, per checkpoint, per GB) is set when one price applies to the whole row."""
+
+    tenant: str | None = None
+    base_model: str | None = None
+    meter: UsageMeter | None = None
+    run_id: str | None = None
+    sampler_id: str | None = None
+    session_id: str | None = None
+    api_key_id: str | None = None
+    bucket_start: datetime | None = None
     tokens: int
-    cost_usd: float
+    events: int = 0
+    cost_usd: Decimal
+    unit_price_usd: Decimal | None = None
 
 
 class UsageReport(Message):
     rows: list[UsageRow]
+    total_cost_usd: Decimal = Decimal(0)
     error: str | None = None

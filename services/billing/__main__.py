@@ -20,7 +20,7 @@ async def main() -> None:
         PriceTable.from_json(settings.prices_file) if settings.prices_file else DEFAULT_PRICE_TABLE
     )
     prices = PriceTable.from_registry(settings.registry(), base=base)
-    ledger = Ledger.connect(settings.dsn())
+    ledger = Ledger.connect(settings.dsn(), settings.recent_ids)
     bus = await b.connect(settings.nats_url, "billing", service="billing")
     billing = BillingService(settings, bus, ledger, prices, log)
     await billing.declare()

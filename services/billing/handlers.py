@@ -6,11 +6,16 @@ insert per batch and only then acknowledges its messages. ClickHouse being down 
 waiting in the stream, and a redelivered event is deduplicated by ``event_id`` in the ledger.
 Per-message handlers (rather than FastStream's batch mode) keep one undecodable event from
 terminating its batch-mates. Answers usage reports on ``ws.ctl.billing.report`` (request/reply).
+
+At start-up the ledger's schema is created and migrated, and the roll-ups are reconciled with the
+raw events over the last ``reconcile_days`` days; the reconciliation repeats every
+``reconcile_interval_s`` (see ``ledger.py`` for why duplicates can reach the roll-ups at all).
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, time, timedelta
 
 import structlog
 from faststream import AckPolicy
@@ -74,9 +79,29 @@ class BillingService:
         )
 
     async def start(self) -> None:
-        await self._db(self.ledger.ensure_schema)
+        applied = await self._db(self.ledger.ensure_schema)
+        if applied:
+            self.log.info("ledger schema migrated", steps=applied)
+        await self.reconcile()
         spawn(self._flush_loop(), self.log, "ledger flush")
+        spawn(self._reconcile_loop(), self.log, "ledger reconciliation")
         self.log.info("billing ready")
+
+    async def reconcile(self) -> None:
+        today = datetime.combine(datetime.now(UTC).date(), time(), UTC)
+        since = today - timedelta(days=self.settings.reconcile_days - 1)
+        try:
+            corrections = await self._db(self.ledger.reconcile, since, None)
+        except WhetstoneError as exc:  # ClickHouse down: the next round tries again
+            self.log.warning("reconciliation failed", error=exc.message)
+            return
+        if corrections:
+            self.log.info("roll-ups corrected from the raw events", rows=corrections)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval_s)
+            await self.reconcile()
 
     async def handle_usage(self, event: UsageEvent, msg: NatsMessage) -> None:
         hold(msg)  # acknowledged by the flusher once the insert is written

@@ -1,47 +1,63 @@
-"""The usage ledger: token-usage events in ClickHouse, and the reports finance reads from them.
+"""The usage ledger: usage events in ClickHouse, their hourly and daily roll-ups, and reports.
 
-Billing is the one writer per database (architecture.md §1). The ledger stores facts (tokens per
-event), never money: ``report`` prices aggregated tokens with a ``PriceTable`` at read time.
+Billing is the one writer per database (architecture.md §1). The ledger stores facts (quantities
+per event), never money: ``report`` prices them with a ``PriceTable`` at read time, in ``Decimal``.
 
-Exactly-once billing. The bus delivers at least once, so the same ``UsageEvent`` (same
-``event_id`` = ``<request_id>:<meter>``) may be inserted more than once, in the same batch or in
-batches hours apart. ``usage_events`` is a ``ReplacingMergeTree`` whose sorting key ends in
-``event_id``; merges eventually keep one row per key, and until they do, every report reads with
-``FINAL``, which deduplicates at query time. So a duplicate never counts twice, merged or not.
-The table deliberately has no partition key: ``FINAL`` only deduplicates within a partition, and a
-re-emitted event whose ``occurred_at`` moved across a month boundary would otherwise count twice.
+Tables (database ``whetstone``, created and migrated by ``ensure_schema`` at every start-up; the
+applied steps are recorded in ``schema_migrations``, so a later release adds steps, never edits
+one):
+
+* ``usage_events``: one row per event, the truth. A ``ReplacingMergeTree`` whose sorting key ends
+  in ``event_id`` (``<request_id>:<meter>``); raw reads use ``FINAL``, so a duplicate never counts
+  twice, merged or not. No partition key: ``FINAL`` deduplicates only within a partition, and a
+  re-emitted event whose ``occurred_at`` moved across a month would otherwise count twice.
+* ``usage_hourly`` and ``usage_daily``: ``SummingMergeTree`` roll-ups per UTC hour and day and per
+  (tenant, base model, meter, API key, session, run, sampler), filled by materialized views on
+  every insert into ``usage_events``. Reports whose window and grouping align with a roll-up read
+  it (a month over ten million events is a few thousand rows), the rest read the raw table.
+
+Exactly once in the roll-ups. A materialized view sees every insert, duplicates included, so the
+ledger drops duplicates before inserting: within the batch, and against the ids it inserted
+recently (``recent_ids`` of them, loaded back from the table at start-up), which covers
+redelivery and replays. A duplicate older than that still counts once in ``usage_events``;
+``reconcile`` compares the roll-ups with the raw table over a window and writes the difference
+as correction rows (quantities are signed for this), which billing runs at start-up and
+periodically. Migration 3 uses the same function to back-fill roll-ups of existing events.
 
 One client for both deployments. ``Ledger.connect`` takes ``chdb:///abs/path`` (the embedded
 engine, the default for ``whetstone up`` and tests) or ``http://host:port`` (a ClickHouse
 server); clickhouse-connect speaks the same SQL to both.
 
 Threading. The client is synchronous. chdb runs in-process, allows ONE process per data
-directory (a second process fails to lock it) and one engine path per process; clickhouse-connect
-serialises calls on one client with a lock. The async service must therefore call the ledger from
-a worker thread (``asyncio.to_thread`` or a one-thread executor), never on the event loop, and
-only one billing process may open a given chdb directory.
+directory and one engine path per process; clickhouse-connect serialises calls on one client. The
+async service calls the ledger from one worker thread, never on the event loop.
 
 Every user-supplied value reaches SQL as a bound query parameter (``{name:Type}``), never by
-string formatting. Time bounds travel as epoch milliseconds: clickhouse-connect formats bound
-``datetime`` values to whole seconds in the server's time zone (the host's zone under chdb),
-which would shift and truncate the window.
+string formatting; only constant fragments chosen from fixed tables are formatted in. Time bounds
+travel as epoch milliseconds: clickhouse-connect formats bound ``datetime`` values to whole
+seconds in the server's time zone, which would shift and truncate the window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import OperationalError
+from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
-from services.billing.prices import PriceTable
+from services.billing.prices import UNITS, PriceTable
 from whetstone.errors import Unavailable, UserError
-from whetstone.messages import UsageEvent, UsageReport, UsageReportQuery, UsageRow
+from whetstone.messages import GroupBy, UsageEvent, UsageReport, UsageReportQuery, UsageRow
 
 DATABASE = "whetstone"
 TABLE = "usage_events"
+HOURLY = "usage_hourly"
+DAILY = "usage_daily"
 COLUMNS: tuple[str, ...] = (
     "event_id",
     "request_id",
@@ -51,36 +67,105 @@ COLUMNS: tuple[str, ...] = (
     "tokens",
     "run_id",
     "occurred_at",
+    "session_id",
+    "sampler_id",
+    "api_key_id",
+    "operation",
 )
+# The roll-ups' dimensions besides the bucket, and the report grouping that names each.
+ROLLUP_DIMS: tuple[str, ...] = (
+    "tenant",
+    "base_model",
+    "meter",
+    "api_key_id",
+    "session_id",
+    "run_id",
+    "sampler_id",
+)
+DIM_OF: dict[GroupBy, str] = {
+    "tenant": "tenant",
+    "model": "base_model",
+    "meter": "meter",
+    "key": "api_key_id",
+    "session": "session_id",
+    "run": "run_id",
+    "sampler": "sampler_id",
+}
+DEFAULT_RECENT_IDS = 1_000_000
 
-_CREATE_DATABASE = f"CREATE DATABASE IF NOT EXISTS {DATABASE}"
+_DIMS = ", ".join(ROLLUP_DIMS)
+_ROLLUP_COLUMNS = """
+    tenant      LowCardinality(String),
+    bucket      DateTime('UTC'),
+    base_model  LowCardinality(String),
+    meter       LowCardinality(String),
+    api_key_id  String,
+    session_id  String,
+    run_id      String,
+    sampler_id  String,
+    quantity    Int64,
+    events      Int64
+"""
+_BUCKET = {
+    HOURLY: "toDateTime(toStartOfHour(occurred_at), 'UTC')",
+    DAILY: "toDateTime(toStartOfDay(occurred_at), 'UTC')",
+}
+
+
+def _rollup(table: str) -> list[str]:
+    return [
+        f"CREATE TABLE IF NOT EXISTS {DATABASE}.{table} ({_ROLLUP_COLUMNS}) "
+        f"ENGINE = SummingMergeTree((quantity, events)) "
+        f"ORDER BY (tenant, bucket, base_model, meter, api_key_id, session_id, run_id, sampler_id)",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.{table}_mv TO {DATABASE}.{table} AS "
+        f"SELECT tenant, {_BUCKET[table]} AS bucket, base_model, meter, api_key_id, session_id, "
+        f"run_id, sampler_id, toInt64(tokens) AS quantity, toInt64(1) AS events "
+        f"FROM {DATABASE}.{TABLE}",
+    ]
+
 
 # ``inserted_at`` is the ReplacingMergeTree version: of two copies of one event the later insert
 # wins. Copies are identical in practice (deterministic ids), so this only makes the choice stable.
-_CREATE_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {DATABASE}.{TABLE}
-(
-    event_id    String,
-    request_id  String,
-    tenant      LowCardinality(String),
-    base_model  LowCardinality(String),
-    meter       LowCardinality(String),
-    tokens      UInt64,
-    run_id      String,
-    occurred_at DateTime64(3, 'UTC'),
-    inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)
+MIGRATIONS: tuple[tuple[str, list[str]], ...] = (
+    (
+        "usage events",
+        [
+            f"""CREATE TABLE IF NOT EXISTS {DATABASE}.{TABLE}
+            (
+                event_id    String,
+                request_id  String,
+                tenant      LowCardinality(String),
+                base_model  LowCardinality(String),
+                meter       LowCardinality(String),
+                tokens      UInt64,
+                run_id      String,
+                occurred_at DateTime64(3, 'UTC'),
+                inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree(inserted_at)
+            ORDER BY (tenant, base_model, meter, event_id)"""
+        ],
+    ),
+    (
+        "attribution: session, sampler, API key, operation",
+        [
+            f"ALTER TABLE {DATABASE}.{TABLE} "
+            "ADD COLUMN IF NOT EXISTS session_id String DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS sampler_id String DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS api_key_id String DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS operation LowCardinality(String) DEFAULT ''"
+        ],
+    ),
+    ("hourly and daily roll-ups", [*_rollup(HOURLY), *_rollup(DAILY)]),
 )
-ENGINE = ReplacingMergeTree(inserted_at)
-ORDER BY (tenant, base_model, meter, event_id)
-"""
 
-_REPORT_SELECT = f"""
-SELECT tenant, base_model, meter, sum(tokens) AS tokens
-FROM {DATABASE}.{TABLE} FINAL
-WHERE 1 = 1{{filters}}
-GROUP BY tenant, base_model, meter
-ORDER BY tenant, base_model, meter
-"""
+_MIGRATIONS_TABLE = f"""CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations
+(
+    version    UInt32,
+    name       String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+)
+ENGINE = ReplacingMergeTree ORDER BY version"""
 
 
 def _utc(ts: datetime) -> datetime:
@@ -92,17 +177,43 @@ def _epoch_ms(ts: datetime) -> int:
     return int(_utc(ts).timestamp() * 1000)
 
 
+def _aligned(ts: datetime | None, grain: str) -> bool:
+    if ts is None:
+        return True
+    t = _utc(ts)
+    on_hour = t.minute == 0 and t.second == 0 and t.microsecond == 0
+    return on_hour and (grain == "hour" or t.hour == 0)
+
+
+def _truncate(bucket: datetime, grain: GroupBy) -> datetime:
+    if grain == "month":
+        return bucket.replace(day=1, hour=0)
+    if grain == "day":
+        return bucket.replace(hour=0)
+    return bucket
+
+
+@dataclass
+class _Group:
+    tokens: int = 0
+    events: int = 0
+    cost: Decimal = Decimal(0)
+    unit_prices: set[Decimal] = field(default_factory=set)
+
+
 class Ledger:
     """Usage events in, usage reports out, over one clickhouse-connect client.
 
     Synchronous by design (see the module docstring): call it from a thread.
     """
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, recent_ids: int = DEFAULT_RECENT_IDS) -> None:
         self._client = client
+        self._recent_limit = recent_ids
+        self._recent: OrderedDict[str, None] = OrderedDict()
 
     @classmethod
-    def connect(cls, dsn: str) -> Ledger:
+    def connect(cls, dsn: str, recent_ids: int = DEFAULT_RECENT_IDS) -> Ledger:
         """Open ``chdb:///abs/path`` (embedded) or ``http(s)://host:port`` (server).
 
         No default database is selected on the connection: ``whetstone`` may not exist until
@@ -122,24 +233,65 @@ class Ledger:
             client = clickhouse_connect.get_client(dsn=dsn)
         except OperationalError as e:
             raise Unavailable(f"cannot reach ClickHouse at {dsn}: {e}") from e
-        return cls(client)
+        return cls(client, recent_ids)
 
     def close(self) -> None:
         self._client.close()
 
-    def ensure_schema(self) -> None:
-        """Create the database and table if absent; safe to run at every start-up."""
-        self._command(_CREATE_DATABASE)
-        self._command(_CREATE_TABLE)
+    # ---------------------------------------------------------------- schema
+
+    def ensure_schema(self) -> list[str]:
+        """Create and migrate the schema; safe at every start-up. Returns the steps applied now.
+
+        Each step's statements are idempotent (``IF NOT EXISTS``), so a step interrupted before
+        its version was recorded runs again harmlessly; the roll-ups are back-filled by
+        ``reconcile``, which writes only differences.
+        """
+        self._command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+        self._command(_MIGRATIONS_TABLE)
+        done = {int(v) for (v,) in self._query(f"SELECT version FROM {DATABASE}.schema_migrations")}
+        applied: list[str] = []
+        for version, (name, statements) in enumerate(MIGRATIONS, start=1):
+            if version in done:
+                continue
+            for sql in statements:
+                self._command(sql)
+            if name == "hourly and daily roll-ups":
+                self.reconcile()
+            self._client.insert(
+                "schema_migrations",
+                [[version, name]],
+                column_names=["version", "name"],
+                database=DATABASE,
+            )
+            applied.append(name)
+        self._load_recent_ids()
+        return applied
+
+    def schema_version(self) -> int:
+        rows = self._query(f"SELECT max(version) FROM {DATABASE}.schema_migrations")
+        return int(rows[0][0]) if rows else 0
+
+    def _load_recent_ids(self) -> None:
+        rows = self._query(
+            f"SELECT event_id FROM {DATABASE}.{TABLE} ORDER BY inserted_at DESC LIMIT {{n:UInt64}}",
+            {"n": self._recent_limit},
+        )
+        self._recent = OrderedDict((event_id, None) for (event_id,) in reversed(rows))
+
+    # ---------------------------------------------------------------- writing
 
     def insert(self, events: Sequence[UsageEvent]) -> int:
-        """Write ``events`` in ONE insert and return how many rows were sent.
+        """Write the events not seen before in ONE insert; return how many rows were written.
 
-        One insert per batch matters: each insert creates a part (and under chdb costs ~16 ms
-        however small), so the handler should gather a batch of bus messages, insert, then ack.
-        Duplicates are welcome here; reports drop them.
+        One insert per batch matters: each insert creates a part in each table (under chdb
+        ~16 ms however small), so the handler gathers a batch of bus messages, inserts, then acks.
         """
-        if not events:
+        fresh: dict[str, UsageEvent] = {}
+        for e in events:
+            if e.event_id not in self._recent and e.event_id not in fresh:
+                fresh[e.event_id] = e
+        if not fresh:
             return 0
         rows = [
             [
@@ -151,57 +303,183 @@ class Ledger:
                 e.tokens,
                 e.run_id or "",
                 _utc(e.occurred_at),
+                e.session_id or "",
+                e.sampler_id or "",
+                e.api_key_id or "",
+                e.operation or "",
             ]
-            for e in events
+            for e in fresh.values()
         ]
         try:
             self._client.insert(TABLE, rows, column_names=list(COLUMNS), database=DATABASE)
-        except OperationalError as e:
+        except (OperationalError, ClickHouseError) as e:
             raise Unavailable(f"usage insert failed: {e}") from e
+        self._remember(fresh)
         return len(rows)
 
-    def report(self, query: UsageReportQuery, prices: PriceTable) -> UsageReport:
-        """Tokens and cost per (tenant, base_model, meter) within ``[since, until)``.
+    def _remember(self, ids: Iterable[str]) -> None:
+        for event_id in ids:
+            self._recent[event_id] = None
+        while len(self._recent) > self._recent_limit:
+            self._recent.popitem(last=False)
 
-        ``tenant``, ``since`` and ``until`` are each optional; a missing bound is open. Rows come
-        sorted by tenant, base model, meter. ``FINAL`` makes duplicates count once even before
-        ClickHouse has merged them away.
+    def reconcile(self, since: datetime | None = None, until: datetime | None = None) -> int:
+        """Make the roll-ups equal the raw table over ``[since, until)`` (UTC days; open bounds
+        allowed) by writing correction rows; returns how many were written."""
+        if not (_aligned(since, "day") and _aligned(until, "day")):
+            raise UserError("reconcile windows must start and end at UTC midnights")
+        written = 0
+        for table in (HOURLY, DAILY):
+            raw_where, params = self._window("occurred_at", since, until)
+            rollup_where, _ = self._window("bucket", since, until)
+            # Read the differences, then write them: one statement would do, but the written rows
+            # are not reported by every engine, and the count is the reconciliation's result.
+            diff = self._query(
+                f"""SELECT {_DIMS}, bucket, r.quantity - h.quantity, r.events - h.events
+                FROM (
+                    SELECT {_DIMS}, {_BUCKET[table]} AS bucket,
+                           toInt64(sum(tokens)) AS quantity, toInt64(count()) AS events
+                    FROM {DATABASE}.{TABLE} FINAL WHERE 1 = 1{raw_where}
+                    GROUP BY {_DIMS}, bucket
+                ) AS r
+                FULL OUTER JOIN (
+                    SELECT {_DIMS}, bucket, sum(quantity) AS quantity, sum(events) AS events
+                    FROM {DATABASE}.{table} WHERE 1 = 1{rollup_where}
+                    GROUP BY {_DIMS}, bucket
+                ) AS h USING ({_DIMS}, bucket)
+                WHERE r.quantity != h.quantity OR r.events != h.events""",
+                params,
+            )
+            if diff:
+                columns = [*ROLLUP_DIMS, "bucket", "quantity", "events"]
+                try:
+                    self._client.insert(table, diff, column_names=columns, database=DATABASE)
+                except (OperationalError, ClickHouseError) as e:
+                    raise Unavailable(f"roll-up correction failed: {e}") from e
+            written += len(diff)
+        return written
+
+    # ---------------------------------------------------------------- reading
+
+    def report(self, query: UsageReportQuery, prices: PriceTable) -> UsageReport:
+        """Quantities and exact costs over ``[since, until)``, filtered and grouped as asked.
+
+        Each bucket (an hour or a day) is priced with the price in effect at its start, so a
+        price change on a date applies from that date on. Rows are sorted by time bucket, then
+        tenant, base model, meter and the other dimensions.
         """
         if query.since is not None and query.until is not None and query.since >= query.until:
             raise UserError(
                 f"empty time window: since {query.since} is not before until {query.until}"
             )
-        # Only constant SQL fragments are chosen here; the values are bound parameters.
-        filters: list[str] = []
-        params: dict[str, str | int] = {}
-        if query.tenant is not None:
-            filters.append(" AND tenant = {tenant:String}")
-            params["tenant"] = query.tenant
-        if query.since is not None:
-            filters.append(" AND occurred_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')")
-            params["since_ms"] = _epoch_ms(query.since)
-        if query.until is not None:
-            filters.append(" AND occurred_at < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC')")
-            params["until_ms"] = _epoch_ms(query.until)
-        sql = _REPORT_SELECT.format(filters="".join(filters))
-        try:
-            result = self._client.query(sql, parameters=params)
-        except OperationalError as e:
-            raise Unavailable(f"usage report failed: {e}") from e
-        rows = [
-            UsageRow(
-                tenant=tenant,
-                base_model=base_model,
-                meter=meter,
-                tokens=int(tokens),
-                cost_usd=prices.cost_usd(base_model, meter, int(tokens)),
+        group_by = list(dict.fromkeys(query.group_by))
+        source = self._source(query, group_by)
+        dims = [DIM_OF[g] for g in group_by if g in DIM_OF]
+        sql_dims = list(dict.fromkeys([*dims, "base_model", "meter"]))
+        if source == TABLE:
+            bucket = _BUCKET[HOURLY]
+            quantity, events = "sum(tokens)", "count()"
+            table, time_column = f"{DATABASE}.{TABLE} FINAL", "occurred_at"
+        else:
+            bucket, quantity, events = "bucket", "sum(quantity)", "sum(events)"
+            table, time_column = f"{DATABASE}.{source}", "bucket"
+        where, params = self._filters(query, time_column)
+        sql = (
+            f"SELECT {', '.join(sql_dims)}, {bucket} AS b, {quantity} AS q, {events} AS e "
+            f"FROM {table} WHERE 1 = 1{where} GROUP BY {', '.join(sql_dims)}, b"
+        )
+        groups: dict[tuple[object, ...], _Group] = {}
+        time_grain = next((g for g in group_by if g in ("hour", "day", "month")), None)
+        for row in self._query(sql, params):
+            values = dict(zip(sql_dims, row[: len(sql_dims)], strict=True))
+            b_start, q, e = _utc(row[-3]), int(row[-2]), int(row[-1])
+            if q == 0 and e == 0:
+                continue  # a reconciled-away group
+            meter, model = values["meter"], values["base_model"]
+            unit_price = prices.price_for(model, b_start).per_unit(meter)
+            key = (
+                _truncate(b_start, time_grain) if time_grain else None,
+                *(values[d] for d in dims),
+                unit_price if "price" in group_by else None,
             )
-            for tenant, base_model, meter, tokens in result.result_rows
-        ]
-        return UsageReport(rows=rows)
+            g = groups.setdefault(key, _Group())
+            g.tokens += q
+            g.events += e
+            g.cost += unit_price * q / UNITS[meter]
+            g.unit_prices.add(unit_price)
+        rows = [self._row(key, dims, g) for key, g in sorted(groups.items(), key=_sort_key)]
+        return UsageReport(rows=rows, total_cost_usd=sum((r.cost_usd for r in rows), Decimal(0)))
 
-    def _command(self, sql: str) -> None:
+    @staticmethod
+    def _row(key: tuple[object, ...], dims: list[str], g: _Group) -> UsageRow:
+        named = {d: (v or None) for d, v in zip(dims, key[1:-1], strict=True)}
+        return UsageRow.model_validate(
+            {
+                **named,
+                "bucket_start": key[0],
+                "tokens": g.tokens,
+                "events": g.events,
+                "cost_usd": g.cost,
+                "unit_price_usd": next(iter(g.unit_prices)) if len(g.unit_prices) == 1 else None,
+            }
+        )
+
+    @staticmethod
+    def _source(query: UsageReportQuery, group_by: list[GroupBy]) -> str:
+        """The coarsest table that answers exactly: daily, hourly or the raw events."""
+        if "hour" not in group_by and all(_aligned(t, "day") for t in (query.since, query.until)):
+            return DAILY
+        if all(_aligned(t, "hour") for t in (query.since, query.until)):
+            return HOURLY
+        return TABLE
+
+    def _filters(self, query: UsageReportQuery, time_column: str) -> tuple[str, dict[str, object]]:
+        where, params = self._window(time_column, query.since, query.until)
+        for name, column in (
+            ("tenant", "tenant"),
+            ("api_key_id", "api_key_id"),
+            ("base_model", "base_model"),
+            ("session_id", "session_id"),
+            ("meter", "meter"),
+        ):
+            value = getattr(query, name)
+            if value is not None:
+                where += f" AND {column} = {{{name}:String}}"
+                params[name] = value
+        if query.run_id is not None:
+            where += " AND (run_id = {run_id:String} OR sampler_id = {run_id:String})"
+            params["run_id"] = query.run_id
+        return where, params
+
+    @staticmethod
+    def _window(
+        column: str, since: datetime | None, until: datetime | None
+    ) -> tuple[str, dict[str, object]]:
+        where: str = ""
+        params: dict[str, object] = {}
+        if since is not None:
+            where += f" AND {column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC')"
+            params["since_ms"] = _epoch_ms(since)
+        if until is not None:
+            where += f" AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')"
+            params["until_ms"] = _epoch_ms(until)
+        return where, params
+
+    # ---------------------------------------------------------------- the client
+
+    def _query(self, sql: str, params: dict[str, object] | None = None) -> Sequence[Sequence]:
         try:
-            self._client.command(sql)
-        except OperationalError as e:
+            return self._client.query(sql, parameters=params or {}).result_rows
+        except (OperationalError, ClickHouseError) as e:
+            raise Unavailable(f"ClickHouse query failed: {e}") from e
+
+    def _command(self, sql: str, params: dict[str, object] | None = None) -> None:
+        try:
+            self._client.command(sql, parameters=params or None)
+        except (OperationalError, ClickHouseError) as e:
             raise Unavailable(f"ClickHouse command failed: {e}") from e
+
+
+def _sort_key(item: tuple[tuple[object, ...], _Group]) -> tuple[object, ...]:
+    key = item[0]
+    return (key[0] or datetime.min.replace(tzinfo=UTC), *(str(v or "") for v in key[1:]))

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import nats.errors
@@ -81,7 +82,7 @@ def usage(request_id: str, meter: Meter, tokens: int) -> UsageEvent:
     )
 
 
-async def report(bus: b.Bus, timeout_s: float = 20.0) -> dict[str, tuple[int, float]]:
+async def report(bus: b.Bus, timeout_s: float = 20.0) -> dict[str, tuple[int, Decimal]]:
     """TENANT's report as meter -> (tokens, cost), retried until billing answers."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -111,8 +112,8 @@ async def all_ingested(bus: b.Bus) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
-def cost(meter: Meter, tokens: int) -> float:
-    return DEFAULT_PRICE_TABLE.cost_usd(BUILTIN_MODEL_NAME, meter, tokens)
+def cost(meter: Meter, tokens: int) -> Decimal:
+    return DEFAULT_PRICE_TABLE.cost(BUILTIN_MODEL_NAME, meter, tokens)
 
 
 async def test_usage_waits_for_billing_and_counts_once(bus: b.Bus, billing) -> None:
@@ -131,8 +132,8 @@ async def test_usage_waits_for_billing_and_counts_once(bus: b.Bus, billing) -> N
     await report(bus)  # answering: schema ready, ingest started
     await eventually(lambda: all_ingested(bus), timeout_s=20.0, what="the queued events ingested")
     assert await report(bus) == {
-        "train_tokens": (100, pytest.approx(cost("train_tokens", 100))),
-        "prefill_tokens": (40, pytest.approx(cost("prefill_tokens", 40))),
+        "train_tokens": (100, cost("train_tokens", 100)),
+        "prefill_tokens": (40, cost("prefill_tokens", 40)),
     }
 
     # Billing down again; a redelivery of an old event arrives with new usage; billing restarts.

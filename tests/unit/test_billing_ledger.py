@@ -8,9 +8,12 @@ stay independent without reopening the engine.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -18,8 +21,9 @@ import pytest
 from services.billing.ledger import Ledger
 from services.billing.prices import DEFAULT_PRICE_TABLE, Price, PriceTable
 from whetstone.errors import UserError
-from whetstone.messages import Meter, UsageEvent, UsageReportQuery
+from whetstone.messages import Meter, UsageEvent, UsageMeter, UsageReport, UsageReportQuery
 
+REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 TINY = "whetstone/tiny-qwen3"
 BIG = "Qwen/Qwen3-8B"
@@ -169,9 +173,9 @@ def test_cost_from_price_table(ledger: Ledger) -> None:
         (r.base_model, r.meter): r.cost_usd
         for r in ledger.report(UsageReportQuery(tenant=a), PRICES).rows
     }
-    assert cost[(TINY, "train_tokens")] == pytest.approx(0.80)
-    assert cost[(BIG, "sample_tokens")] == pytest.approx(1.50)
-    assert cost[("unlisted/model", "prefill_tokens")] == pytest.approx(1.0)  # default price
+    assert cost[(TINY, "train_tokens")] == Decimal("0.80")
+    assert cost[(BIG, "sample_tokens")] == Decimal("1.50")
+    assert cost[("unlisted/model", "prefill_tokens")] == Decimal("1.0")  # default price
 
 
 def test_empty_report(ledger: Ledger) -> None:
@@ -215,14 +219,15 @@ def test_price_table_json_round_trip(tmp_path: Path) -> None:
     path.write_text(json.dumps(PRICES.to_dict()))
     loaded = PriceTable.from_json(path)
     assert loaded == PriceTable.from_dict(PRICES.to_dict())
-    assert loaded.cost_usd(BIG, "train_tokens", 1_000_000) == pytest.approx(4.0)
-    assert loaded.cost_usd("other", "sample_tokens", 1_000_000) == pytest.approx(1.0)
+    assert loaded.cost(BIG, "train_tokens", 1_000_000) == Decimal(4)
+    assert loaded.cost("other", "sample_tokens", 1_000_000) == Decimal(1)
 
 
 def test_default_table_prices_builtin_model() -> None:
-    assert DEFAULT_PRICE_TABLE.cost_usd(TINY, "train_tokens", 1_000_000) == pytest.approx(0.40)
-    assert DEFAULT_PRICE_TABLE.cost_usd(TINY, "prefill_tokens", 1_000_000) == pytest.approx(0.10)
-    assert DEFAULT_PRICE_TABLE.cost_usd(TINY, "sample_tokens", 1_000_000) == pytest.approx(0.30)
+    assert DEFAULT_PRICE_TABLE.cost(TINY, "train_tokens", 1_000_000) == Decimal("0.40")
+    assert DEFAULT_PRICE_TABLE.cost(TINY, "prefill_tokens", 1_000_000) == Decimal("0.10")
+    assert DEFAULT_PRICE_TABLE.cost(TINY, "sample_tokens", 1_000_000) == Decimal("0.30")
+    assert DEFAULT_PRICE_TABLE.cost(TINY, "checkpoints", 7) == 0  # free unless configured
 
 
 @pytest.mark.parametrize(
@@ -238,3 +243,196 @@ def test_default_table_prices_builtin_model() -> None:
 def test_price_table_rejects_bad_config(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         PriceTable.from_dict(bad)
+
+
+# ---------------------------------------------------------------- roll-ups, grouping, exact money
+
+
+def attributed(
+    tenant: str, meter: UsageMeter, tokens: int, at: datetime, **fields: str
+) -> UsageEvent:
+    rid = uuid.uuid4().hex
+    return UsageEvent.of(
+        rid, tenant, fields.pop("base_model", TINY), meter, tokens, **fields
+    ).model_copy(update={"occurred_at": at})
+
+
+def test_rollups_and_raw_events_give_the_same_report(ledger: Ledger) -> None:
+    a = tenant()
+    events = [
+        attributed(a, "train_tokens", 10 + i, T0 + timedelta(minutes=37 * i), run_id="s1:train:0")
+        for i in range(120)  # three days and a bit, 37 minutes apart
+    ]
+    ledger.insert(events)
+    since, until = T0, T0 + timedelta(days=4)
+    daily = UsageReportQuery(tenant=a, since=since, until=until, group_by=["day"])
+    hourly = daily.model_copy(update={"group_by": ["hour"]})
+    raw = daily.model_copy(update={"since": since - timedelta(milliseconds=1)})
+    assert Ledger._source(daily, daily.group_by) == "usage_daily"
+    assert Ledger._source(hourly, hourly.group_by) == "usage_hourly"
+    assert Ledger._source(raw, raw.group_by) == "usage_events"
+    by_day = {r.bucket_start: r.tokens for r in ledger.report(daily, PRICES).rows}
+    assert by_day == {r.bucket_start: r.tokens for r in ledger.report(raw, PRICES).rows}
+    by_hour = ledger.report(hourly, PRICES).rows
+    assert sum(r.tokens for r in by_hour) == sum(by_day.values()) == sum(e.tokens for e in events)
+    assert len(by_hour) == len({e.occurred_at.replace(minute=0) for e in events})
+    assert all(r.events >= 1 and r.tenant is None for r in by_hour)
+
+
+def test_a_duplicate_older_than_the_recent_ids_is_reconciled(ledger: Ledger) -> None:
+    a = tenant()
+    day = T0 + timedelta(days=40)
+    forgetful = Ledger(ledger._client, recent_ids=1)  # same tables, remembers one id
+    first = attributed(a, "sample_tokens", 30, day + timedelta(hours=3))
+    forgetful.insert([first])
+    forgetful.insert([attributed(a, "sample_tokens", 5, day + timedelta(hours=4))])
+    forgetful.insert([first])  # forgotten: reaches the table and its roll-ups again
+    window = {"tenant": a, "since": day, "until": day + timedelta(days=1)}
+    # A window off the hour reads the raw events, which count it once.
+    exact = totals(ledger, tenant=a, since=day, until=day + timedelta(days=1, milliseconds=1))
+    assert exact == {(a, TINY, "sample_tokens"): 35}
+    assert totals(ledger, **window) == {(a, TINY, "sample_tokens"): 65}  # the roll-up twice
+    assert ledger.reconcile(day, day + timedelta(days=1)) == 2  # one hourly, one daily row
+    assert totals(ledger, **window) == {(a, TINY, "sample_tokens"): 35}
+    assert ledger.reconcile(day, day + timedelta(days=1)) == 0
+
+
+def test_filters_and_groupings(ledger: Ledger) -> None:
+    a = tenant()
+    at = T0 + timedelta(days=60)
+    ledger.insert(
+        [
+            attributed(a, "train_tokens", 100, at, run_id="s1:train:0", api_key_id="k1"),
+            attributed(a, "forward_tokens", 20, at, run_id="s1:train:0", api_key_id="k1"),
+            attributed(a, "train_tokens", 7, at, run_id="s2:train:0", api_key_id="k2"),
+            attributed(
+                a,
+                "prefill_tokens",
+                3,
+                at,
+                sampler_id="s2:sample:0",
+                session_id="s2",
+                api_key_id="k2",
+                base_model=BIG,
+            ),
+            attributed(a, "checkpoints", 1, at, run_id="s1:train:0", api_key_id="k1"),
+            attributed(a, "checkpoint_bytes", 4096, at, run_id="s1:train:0", api_key_id="k1"),
+        ]
+    )
+
+    def report(**q: object) -> list[tuple[object, ...]]:
+        rows = ledger.report(UsageReportQuery(tenant=a, **q), PRICES).rows  # type: ignore[arg-type]
+        return [
+            tuple(
+                v
+                for v in r.model_dump(exclude={"cost_usd", "unit_price_usd", "events"}).values()
+                if v is not None
+            )
+            for r in rows
+        ]
+
+    # The sampling event has no run: its group comes first, with no run named.
+    assert report(group_by=["run"]) == [(3,), ("s1:train:0", 4217), ("s2:train:0", 7)]
+    assert report(group_by=["key", "meter"], api_key_id="k2") == [
+        ("prefill_tokens", "k2", 3),
+        ("train_tokens", "k2", 7),
+    ]
+    assert report(group_by=["session"]) == [("s1", 4217), ("s2", 10)]  # from the run ids
+    assert report(group_by=["sampler"], run_id="s2:sample:0") == [("s2:sample:0", 3)]
+    assert report(group_by=["model"], base_model=BIG) == [(BIG, 3)]
+    assert report(group_by=["month"], meter="checkpoints") == [(at.replace(day=1), 1)]
+    free = ledger.report(UsageReportQuery(tenant=a, group_by=["meter"]), PRICES).rows
+    assert {r.meter: r.cost_usd for r in free}["checkpoint_bytes"] == 0
+
+
+def test_prices_apply_from_their_date_and_money_is_exact(ledger: Ledger) -> None:
+    a = tenant()
+    day = datetime(2025, 7, 1, tzinfo=UTC)
+    prices = PriceTable.from_dict(
+        json.loads(
+            """{"default": {"train_tokens": 1, "prefill_tokens": 1, "sample_tokens": 1},
+                "models": {"whetstone/tiny-qwen3": [
+                  {"from": "2025-07-02", "train_tokens": 0.3, "prefill_tokens": 1,
+                   "sample_tokens": 1},
+                  {"from": "2020-01-01", "train_tokens": 0.1, "prefill_tokens": 1,
+                   "sample_tokens": 1}]}}""",
+            parse_float=Decimal,
+        )
+    )
+    # 0.1 and 0.3 have no exact float: a float sum would drift, Decimal must not.
+    ledger.insert(
+        [attributed(a, "train_tokens", 333_333, day + timedelta(minutes=i)) for i in range(30)]
+    )
+    ledger.insert(
+        [attributed(a, "train_tokens", 1, day + timedelta(days=1, hours=i)) for i in range(10)]
+    )
+    report = ledger.report(UsageReportQuery(tenant=a, group_by=["price"]), prices)
+    assert [(r.unit_price_usd, r.tokens) for r in report.rows] == [
+        (Decimal("0.1"), 9_999_990),
+        (Decimal("0.3"), 10),
+    ]
+    expected = Decimal("0.1") * 9_999_990 / 10**6 + Decimal("0.3") * 10 / 10**6
+    assert report.total_cost_usd == expected == Decimal("1.000002")
+    single = ledger.report(UsageReportQuery(tenant=a), prices)
+    assert single.rows[0].unit_price_usd is None  # two prices in one row
+    assert single.total_cost_usd == expected
+    assert UsageReport.decode(single.encode()).total_cost_usd == expected  # exact over the wire
+
+
+def test_schema_migrates_from_the_first_release(tmp_path: Path) -> None:
+    """A ledger made by the first schema (one table, no roll-ups) gains the new columns and
+    roll-ups back-filled from its events. Runs in a child: one chdb engine per process."""
+    script = f"""
+import clickhouse_connect
+from services.billing.ledger import MIGRATIONS, Ledger
+from services.billing.prices import DEFAULT_PRICE_TABLE
+from whetstone.messages import UsageReportQuery
+client = clickhouse_connect.get_client(dsn="chdb://{tmp_path}")
+client.command("CREATE DATABASE whetstone")
+client.command(MIGRATIONS[0][1][0])
+client.command("INSERT INTO whetstone.usage_events (event_id, request_id, tenant, base_model, "
+               "meter, tokens, run_id, occurred_at) VALUES ('r:train_tokens', 'r', 'old', "
+               "'whetstone/tiny-qwen3', 'train_tokens', 1000, 's:train:0', '2024-05-01 10:00:00')")
+ledger = Ledger(client)
+print(ledger.ensure_schema())
+print(ledger.ensure_schema(), ledger.schema_version())
+q = UsageReportQuery(tenant="old", since="2024-05-01T00:00:00Z", until="2024-05-02T00:00:00Z")
+print(ledger._source(q, q.group_by), [r.tokens for r in ledger.report(q, DEFAULT_PRICE_TABLE).rows])
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.splitlines()
+    assert out == [
+        # The first step finds its table there already: recorded, nothing changed.
+        "['usage events', 'attribution: session, sampler, API key, operation', "
+        "'hourly and daily roll-ups']",
+        "[] 3",
+        "usage_daily [1000]",
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"default": []},
+        {"default": [{"train_tokens": 1, "prefill_tokens": 1, "sample_tokens": 1}]},  # no date
+        {
+            "default": [
+                {"from": "2025-01-01", "train_tokens": 1, "prefill_tokens": 1, "sample_tokens": 1},
+                {"from": "2025-01-01", "train_tokens": 2, "prefill_tokens": 1, "sample_tokens": 1},
+            ]
+        },
+        {"default": {"train_tokens": "x", "prefill_tokens": 1, "sample_tokens": 1}},
+        {"default": {"train_tokens": "NaN", "prefill_tokens": 1, "sample_tokens": 1}},
+    ],
+)
+def test_dated_price_tables_reject_mistakes(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        PriceTable.from_dict(bad)
+
+
+def test_forward_and_cached_prefill_default_to_the_prefill_price() -> None:
+    price = Price.from_dict({"train_tokens": 3, "prefill_tokens": "0.25", "sample_tokens": 1})
+    assert price.per_unit("forward_tokens") == price.per_unit("cached_prefill_tokens")
+    assert price.per_unit("forward_tokens") == Decimal("0.25")
+    assert price.per_unit("checkpoints") == price.per_unit("checkpoint_bytes") == 0
