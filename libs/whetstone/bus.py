@@ -3,7 +3,8 @@ access to the state kept in NATS (futures, records, large payloads).
 
 ``connect`` builds the service's ``NatsBroker`` with the three middlewares every consumer runs
 under, outermost first: OpenTelemetry (one span per publish and per message, trace context in
-the headers), Prometheus (per-subject counts and times) and the message-fate wrapper
+the headers; none for a KV bucket's change feed, whose updates carry no trace), Prometheus
+(per-subject counts and times) and the message-fate wrapper
 (``fate.py``: ack, nak with back-off, dead letters). It connects, then declares every stream,
 bucket and the payload object store idempotently (``ensure_topology``), so whichever process
 starts first creates them and the others find them.

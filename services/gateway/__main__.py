@@ -20,6 +20,10 @@ def main() -> None:
         port=settings.port,
         log_level="warning",
         access_log=False,
+        # libuv's event loop and the C HTTP parser: less CPU per request than asyncio's loop
+        # with h11, and CPU is what bounds one gateway's futures per second (bench/RESULTS.md).
+        loop="uvloop",
+        http="httptools",
         timeout_graceful_shutdown=2,
     )
 

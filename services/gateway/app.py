@@ -89,6 +89,9 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
         tracer_provider=_tracer_provider(),
         excluded_urls=",".join(sorted(PROBE_PATHS)),
         http_capture_headers_sanitize_fields=["x-api-key", "authorization", "cookie"],
+        # One server span per request: the ASGI layer's extra spans for every body chunk read
+        # and every response message sent tripled the gateway's span count and said nothing.
+        exclude_spans=["receive", "send"],
     )
 
     def refusal(status: int, error: str, category: str, reason: str) -> JSONResponse:
@@ -102,7 +105,7 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
         """Fill the seq_id a refused JSON body spent; a 503 when the bus cannot take the Skip."""
         try:
             await training.fill_gap_of(
-                gateway(request), request.headers.get("x-api-key"), body, reason
+                await gateway(request), request.headers.get("x-api-key"), body, reason
             )
         except Unavailable as exc:
             return refusal(exc.http_status, exc.message, exc.category, type(exc).__name__)

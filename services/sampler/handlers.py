@@ -15,7 +15,7 @@ import asyncio
 
 import structlog
 from faststream import AckPolicy
-from faststream.nats import JStream, NatsMessage, PullSub
+from faststream.nats import JStream, PullSub
 
 from services.sampler.engine import SamplerEngine
 from services.sampler.settings import SamplerSettings
@@ -24,7 +24,7 @@ from whetstone import metrics
 from whetstone import subjects as s
 from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.errors import UserError
-from whetstone.fate import consumer_config, decoder_for
+from whetstone.fate import Delivered, consumer_config, decoder_for
 from whetstone.messages import (
     FutureRecord,
     Meter,
@@ -133,7 +133,7 @@ class SamplerWorker:
             base_models=[self.settings.base_model],
         )
 
-    async def handle_sample(self, req: SampleRequest, msg: NatsMessage) -> None:
+    async def handle_sample(self, req: SampleRequest, msg: Delivered) -> None:
         result = await self.batcher.generate(req, await self._adapter(req))
         await self._finish(req, result)
 
