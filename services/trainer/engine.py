@@ -7,7 +7,13 @@ one base-model pass trains exactly that adapter and leaves every other run untou
 
 Semantics follow Tinker (``../shared/losses.md`` §1): per-datum losses are summed, gradients
 accumulate across ``forward_backward`` calls until ``optim_step`` consumes them, and
-``forward_only`` computes the same outputs with no gradient at all.
+``forward_only`` computes the same outputs with no gradient at all. ``optim_step`` is AdamW with
+every ``AdamParams`` field taken per step, after clipping the accumulated gradient to
+``grad_clip_norm`` by global norm.
+
+The model's full-vocabulary logits are never materialised for a whole batch: the decoder's final
+hidden states go through the unembedding a block of tokens at a time
+(``whetstone_ml.logprobs``), keeping only each position's target logprobs.
 
 No bus code lives here: the handlers call these methods from a worker thread. The engine holds a
 lock so that two calls can never interleave on the shared model (the route is model-wide state).
@@ -25,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.trainer.losses import LossFn, get_loss, target_logprobs
+from services.trainer.losses import LossFn, get_loss
 from whetstone.errors import Conflict, NotFound, UserError
 from whetstone.messages import (
     AdamParams,
@@ -38,6 +44,7 @@ from whetstone.messages import (
 from whetstone.models.registry import ModelSpec
 from whetstone.tensors import Tensor
 from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
+from whetstone_ml.logprobs import DEFAULT_CHUNK_TOKENS, chunked_target_logprobs, packed_segments
 from whetstone_ml.lora import LoraAdapter, LoraModel, Segment
 
 DEFAULT_MAX_LORA_RANK = 64
@@ -131,8 +138,9 @@ class TrainerEngine:
     (``dtype`` a torch dtype or its registry name, ``"bfloat16"``); the adapters' factors and
     their AdamW moments stay float32 master weights whatever the base dtype, and logprobs are
     computed in float32. ``context_length`` defaults to the config's ``max_position_embeddings``;
-    ``base_model_name`` is recorded in exported adapters (default: ``model_dir``).
-    :meth:`from_spec` builds one from a registry entry.
+    ``base_model_name`` is recorded in exported adapters (default: ``model_dir``);
+    ``logprob_chunk_tokens`` is how many tokens are unembedded at once (peak logits memory is
+    that many rows of vocabulary). :meth:`from_spec` builds one from a registry entry.
     """
 
     def __init__(
@@ -144,12 +152,19 @@ class TrainerEngine:
         max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
         context_length: int | None = None,
         base_model_name: str | None = None,
+        logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
         model = load_base_model(model_dir, self.dtype, self.device)
-        self.lora = LoraModel(model)
         config = model.config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            # The chunked head computes logits as lm_head(last hidden state), nothing more.
+            raise ValueError(f"{config.model_type}: scaled or soft-capped logits are not supported")
+        self.lora = LoraModel(model)
+        self.decoder = model.get_decoder()  # the causal LM minus its unembedding
+        self.head = model.get_output_embeddings()  # lm_head, a LoraLinear after LoraModel
+        self.logprob_chunk_tokens = logprob_chunk_tokens
         self.vocab_size: int = int(config.vocab_size)
         self.context_length: int = context_length or int(config.max_position_embeddings)
         self.max_lora_rank = max_lora_rank
@@ -216,7 +231,11 @@ class TrainerEngine:
     # ------------------------------------------------------------ training
 
     def forward_backward(self, run_id: str, cmd: ForwardBackward) -> ForwardBackwardResult:
-        """One forward pass over all datums; add the summed loss's gradient unless forward_only."""
+        """One forward pass over all datums; add the summed loss's gradient unless forward_only.
+
+        Outputs per datum: ``logprobs`` (the learner's, pre-update, shaped like the targets) and
+        ``elementwise_loss``. Metrics: ``loss:sum`` and the loss's counts as ``<name>:sum``.
+        """
         with self._lock:
             self._run(run_id)
             loss_fn = get_loss(cmd.loss_fn)
@@ -227,24 +246,54 @@ class TrainerEngine:
             batch = build_batch([(run_id, [d.tokens for d in datums])], self.pad_id, self.device)
 
             outputs: list[dict[str, Tensor]] = []
-            with torch.set_grad_enabled(not cmd.forward_only), self.lora.route.use(batch.segments):
-                logits = self.lora.model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                ).logits
+            counts: dict[str, torch.Tensor] = {}
+            with torch.set_grad_enabled(not cmd.forward_only):
+                logprobs = self._target_logprobs(batch, [d.inputs["target_tokens"] for d in datums])
                 total = torch.zeros((), dtype=torch.float32, device=self.device)
-                for row, datum in enumerate(datums):
-                    n = batch.lengths[row]
-                    lp = target_logprobs(logits[row, :n], datum.inputs["target_tokens"])
-                    elementwise = loss_fn(lp, datum.inputs, config)
-                    total = total + elementwise.sum()
+                for datum, lp in zip(datums, logprobs, strict=True):
+                    loss = loss_fn(lp, datum.inputs, config)
+                    total = total + loss.elementwise.sum()
+                    for name, value in loss.counts.items():
+                        counts[name] = counts[name] + value if name in counts else value
                     outputs.append(
-                        {"logprobs": _to_wire(lp), "elementwise_loss": _to_wire(elementwise)}
+                        {"logprobs": _to_wire(lp), "elementwise_loss": _to_wire(loss.elementwise)}
                     )
                 if not cmd.forward_only and total.requires_grad:
                     total.backward()  # accumulates into the adapter's .grad until optim_step
-            return ForwardBackwardResult(
-                outputs=outputs, metrics={"loss:sum": float(total.detach())}
-            )
+            metrics = {"loss:sum": float(total.detach())}
+            metrics.update({f"{name}:sum": float(value) for name, value in counts.items()})
+            return ForwardBackwardResult(outputs=outputs, metrics=metrics)
+
+    def _target_logprobs(self, batch: Batch, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's learner logprobs of its targets (``(N,)`` or ``(N, K)``, float32).
+
+        The decoder runs on the padded batch; its hidden states at real tokens are packed (row
+        after row) and unembedded in blocks, so only one block's logits exist at a time. Rows with
+        fewer target columns than the widest are padded with id 0, whose logprobs are dropped.
+        """
+        with self.lora.route.use(batch.segments):
+            hidden = self.decoder(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+        packed = hidden[batch.attention_mask.bool()]  # (M, H), row after row
+        columns = [t.reshape(t.shape[0], -1) for t in targets]
+        width = max(c.shape[1] for c in columns)
+        packed_targets = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in columns]
+        )
+        lp = chunked_target_logprobs(
+            self.head,
+            self.lora.route,
+            packed,
+            packed_targets,
+            packed_segments(batch.segments, batch.lengths),
+            self.logprob_chunk_tokens,
+        )
+        rows = lp.split(batch.lengths)
+        return [
+            row[:, : c.shape[1]].reshape(t.shape)
+            for row, c, t in zip(rows, columns, targets, strict=True)
+        ]
 
     def _parse_datum(self, index: int, datum: Datum, loss_fn: LossFn) -> ParsedDatum:
         """Check one datum against the model (vocab, context) and the loss (inputs, shapes)."""
@@ -277,8 +326,14 @@ class TrainerEngine:
             )
 
     def optim_step(self, run_id: str, adam: AdamParams) -> OptimStepResult:
-        """One AdamW step on the accumulated gradient (clipped when ``grad_clip_norm`` > 0), then
-        zero it. The hyperparameters apply to this step only: Tinker sends them every step."""
+        """One AdamW step on the accumulated gradient, then zero it.
+
+        Every ``AdamParams`` field applies to this step only (Tinker sends them every step):
+        learning rate, betas, eps and decoupled weight decay go to AdamW (bias correction uses
+        this step's betas), and when ``grad_clip_norm`` > 0 the gradient is first scaled by
+        ``grad_clip_norm / norm`` if its global L2 norm exceeds it. ``grad_norm:mean`` is the norm
+        before clipping.
+        """
         with self._lock:
             state = self._run(run_id)
             _check_adam(adam)
@@ -289,10 +344,10 @@ class TrainerEngine:
                 group["weight_decay"] = adam.weight_decay
             grads = [p.grad for p in state.adapter.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            if adam.grad_clip_norm > 0 and grads:
-                torch.nn.utils.clip_grads_with_norm_(
-                    state.adapter.parameters(), adam.grad_clip_norm, grad_norm
-                )
+            if adam.grad_clip_norm > 0 and float(grad_norm) > adam.grad_clip_norm:
+                scale = adam.grad_clip_norm / float(grad_norm)
+                for grad in grads:
+                    grad.mul_(scale)
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
             state.step += 1

@@ -1,10 +1,19 @@
 """Tinker's built-in losses, one datum at a time (see ``../shared/losses.md`` §1-2).
 
 Each loss maps the learner logprobs ``lp`` (float32, shaped like ``target_tokens``, carrying the
-autograd graph back to the adapter) and the datum's checked inputs to an *elementwise* loss of the
-same shape. The engine sums it over the sequence and over datums: Tinker never normalises by
-token count, and never computes anything across datums, because the client may split one call
-into chunks and must get the same answer.
+autograd graph back to the adapter) and the datum's checked inputs to a :class:`LossOutput`: an
+*elementwise* loss of the same shape plus a few per-datum counts. The engine sums the elementwise
+loss over the sequence and over datums (``loss:sum``), and each count over datums
+(``<name>:sum``): Tinker never normalises by token count, and never computes anything across
+datums, because the client may split one call into chunks and must get the same answer.
+
+Formula sources (losses.md tags): ``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo``,
+``dro`` and ``gspo`` follow the Tinker docs' formulas; the defaults the docs leave open follow
+losses.md's proposals (dro ``beta`` 0.05; gspo thresholds 0.9997/1.0004, the GSPO paper's; gspo
+without ``sequence_ratio_mask`` averages over positions with A != 0). ``stable_reinforce``'s
+objective is undocumented; this is losses.md's §2.7 proposal, fed by the client's ``logprobs``
+(see :func:`_stable_reinforce`). The counts ``clipped_tokens`` and ``active_tokens`` (and
+``kl_k3`` for stable_reinforce) are losses.md's proposed diagnostics.
 
 Validation lives here, next to each formula, because only the loss knows which inputs and config
 keys it reads. Every rejection is a :class:`whetstone.errors.UserError` (the client's fault, a
@@ -38,7 +47,26 @@ TINKER_LOSS_FNS = (
     "custom",
 )
 
-PPO_CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+RL_INPUTS = ("target_tokens", "logprobs", "advantages")
+CLIP_INPUTS = ("clip_low_threshold", "clip_high_threshold")
+
+# What every config value a loss accepts must satisfy, whichever loss takes it.
+CONFIG_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "clip_low_threshold": (lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
+    "clip_high_threshold": (lambda v: v >= 1.0, "must be >= 1"),
+    "beta": (lambda v: v >= 0.0, "must be >= 0"),
+    "kl_coeff": (lambda v: v >= 0.0, "must be >= 0"),
+}
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """One datum's loss: ``elementwise`` (shaped like ``target_tokens``; its sum is the datum's
+    loss) and ``counts``, detached scalars the engine reports summed over datums as
+    ``<name>:sum``."""
+
+    elementwise: torch.Tensor
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -53,14 +81,14 @@ class LossFn:
     """
 
     name: str
-    compute: Callable[[torch.Tensor, Inputs, Config], torch.Tensor]
+    compute: Callable[[torch.Tensor, Inputs, Config], LossOutput]
     required_inputs: tuple[str, ...]
     optional_inputs: tuple[str, ...] = ()
     ones_if_missing: tuple[str, ...] = ()
     config_defaults: Mapping[str, float] = field(default_factory=dict)
     allow_2d: bool = False
 
-    def __call__(self, lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    def __call__(self, lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
         return self.compute(lp, inputs, config)
 
     @property
@@ -68,7 +96,8 @@ class LossFn:
         return self.required_inputs + self.optional_inputs
 
     def check_config(self, raw: Mapping[str, float | str]) -> dict[str, float]:
-        """The config with defaults filled in; unknown keys and non-finite numbers are refused."""
+        """The config with defaults filled in; unknown keys, non-numbers, non-finite numbers and
+        values outside a key's range (``CONFIG_RULES``) are refused."""
         config = dict(self.config_defaults)
         for key, value in raw.items():
             if key not in self.config_defaults:
@@ -81,13 +110,10 @@ class LossFn:
             if not math.isfinite(value):
                 raise UserError(f"loss_fn_config[{key!r}] must be finite, got {value!r}")
             config[key] = float(value)
-        if "clip_low_threshold" in config:
-            low, high = config["clip_low_threshold"], config["clip_high_threshold"]
-            if not 0.0 <= low <= 1.0 <= high:
-                raise UserError(
-                    f"clip thresholds must satisfy 0 <= clip_low_threshold <= 1 <= "
-                    f"clip_high_threshold, got {low} and {high}"
-                )
+        for key, value in config.items():
+            rule = CONFIG_RULES.get(key)
+            if rule is not None and not rule[0](value):
+                raise UserError(f"loss_fn_config[{key!r}] {rule[1]}, got {value}")
         return config
 
     def check_inputs(
@@ -152,44 +178,134 @@ class LossFn:
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Learner logprobs ``log_softmax(logits.float())[t, y]`` for ``(N, V)`` logits and ``(N,)`` or
-    ``(N, K)`` targets; the result has the targets' shape (temperature 1, fp32, §1.3)."""
+    ``(N, K)`` targets; the result has the targets' shape (temperature 1, fp32, §1.3). The engine
+    computes the same values from hidden states in blocks (``whetstone_ml.logprobs``)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return logprobs.gather(-1, targets.reshape(targets.shape[0], -1)).reshape(targets.shape)
 
 
-# ---------------------------------------------------------------- formulas (§2.1-2.3)
+# ---------------------------------------------------------------- helpers
 
 
-def _cross_entropy(lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+def _thresholds(lp: torch.Tensor, inputs: Inputs, config: Config) -> tuple[torch.Tensor, ...]:
+    """The clip band: per-position tensors when sent (they override the config elementwise),
+    else the config's values."""
+    return tuple(
+        inputs.get(key, torch.tensor(config[key], dtype=torch.float32, device=lp.device))
+        for key in CLIP_INPUTS
+    )
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    return mask.detach().sum().float()
+
+
+def _clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+) -> LossOutput:
+    """``-min(ratio*A, clamp(ratio, low, high)*A)`` and its counts (ppo and gspo).
+
+    ``torch.clamp`` passes gradient inside the band (bounds inclusive) and ``torch.minimum``
+    splits it at a tie, which gives PPO's documented gradient: ``-A*ratio`` unless the clipped
+    branch wins outside the band. Those positions are the clipped tokens.
+    """
+    objective = torch.minimum(ratio * advantages, torch.clamp(ratio, low, high) * advantages)
+    r = ratio.detach()
+    active = advantages != 0
+    clipped = ((advantages > 0) & (r > high)) | ((advantages < 0) & (r < low))
+    return LossOutput(
+        -objective, {"clipped_tokens": _count(clipped), "active_tokens": _count(active)}
+    )
+
+
+# ---------------------------------------------------------------- formulas (§2.1-2.7)
+
+
+def _cross_entropy(lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
     """``-lp * weights``. Any real weight is allowed: fractional for distillation, negative for
     the client-side custom-loss path (weights = -dC/dlp)."""
-    return -lp * inputs["weights"]
+    return LossOutput(-lp * inputs["weights"])
 
 
-def _importance_sampling(lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+def _importance_sampling(lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
     """``-exp(lp - q) * A``: REINFORCE corrected for sampling from q instead of the learner."""
     ratio = torch.exp(lp - inputs["logprobs"])
-    return -(ratio * inputs["advantages"])
+    return LossOutput(-(ratio * inputs["advantages"]))
 
 
-def _ppo(lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
-    """``-min(ratio*A, clamp(ratio, low, high)*A)``, token by token.
-
-    Per-position threshold tensors, when sent, override the config elementwise. ``torch.clamp``
-    passes gradient inside the band (bounds inclusive) and ``torch.minimum`` splits it at a tie,
-    which gives exactly PPO's documented gradient: ``-A*ratio`` unless the clipped branch wins
-    outside the band.
-    """
+def _ppo(lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
+    """The token-level clipped surrogate with ``ratio = exp(lp - q)``."""
+    low, high = _thresholds(lp, inputs, config)
     ratio = torch.exp(lp - inputs["logprobs"])
-    low = inputs.get(
-        "clip_low_threshold", torch.tensor(config["clip_low_threshold"], device=lp.device)
-    )
-    high = inputs.get(
-        "clip_high_threshold", torch.tensor(config["clip_high_threshold"], device=lp.device)
-    )
+    return _clipped_surrogate(ratio, inputs["advantages"], low, high)
+
+
+def _cispo(lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
+    """``-sg(clamp(ratio, low, high)) * lp * A``: the clipped IS weight is a stop-gradient
+    coefficient, so clipping bounds a token's gradient and never zeroes it."""
+    low, high = _thresholds(lp, inputs, config)
     advantages = inputs["advantages"]
-    objective = torch.minimum(ratio * advantages, torch.clamp(ratio, low, high) * advantages)
-    return -objective
+    ratio = torch.exp(lp.detach() - inputs["logprobs"])
+    coefficient = torch.clamp(ratio, low, high)
+    clipped = (advantages != 0) & ((ratio < low) | (ratio > high))
+    return LossOutput(
+        -(coefficient * lp * advantages),
+        {"clipped_tokens": _count(clipped), "active_tokens": _count(advantages != 0)},
+    )
+
+
+def _dro(lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
+    """``-(lp*A - beta/2 * (lp - q)^2)``, literally: no position is masked, so a prompt position
+    (A = 0, q padded to 0) contributes ``beta/2 * lp^2`` (losses.md §2.5)."""
+    q, advantages = inputs["logprobs"], inputs["advantages"]
+    return LossOutput(-(lp * advantages - 0.5 * config["beta"] * (lp - q) ** 2))
+
+
+def _gspo(lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
+    """GSPO-token: every position's ratio has the sequence ratio's value and its own gradient.
+
+    ``s = exp(mean over M of (sg(lp) - q))`` with M the positions where ``sequence_ratio_mask``
+    is nonzero (without the mask: where A != 0; padded prompt positions, q = 0, would distort a
+    mean over all positions). An empty M gives ``s = 1`` instead of NaN. Then
+    ``ratio_t = s * exp(lp_t - sg(lp_t))`` enters PPO's clipped surrogate, summed over all
+    positions; the mean uses detached logprobs, so no gradient flows between tokens.
+    """
+    low, high = _thresholds(lp, inputs, config)
+    advantages = inputs["advantages"]
+    mask = inputs.get("sequence_ratio_mask")
+    members = (mask != 0) if mask is not None else (advantages != 0)
+    log_ratio = torch.where(members, lp.detach() - inputs["logprobs"], 0.0)
+    log_s = log_ratio.sum() / members.sum().clamp(min=1)
+    ratio = torch.exp(log_s + lp - lp.detach())
+    return _clipped_surrogate(ratio, advantages, low, high)
+
+
+def _stable_reinforce(lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
+    """losses.md §2.7's proposal (Tinker's objective is undocumented).
+
+    On the sampled positions S: ``w = sg(clamp(rho, 0, clip_high_threshold))`` with
+    ``rho = exp(lp - q)``, and ``loss_t = -w*A*lp + kl_coeff * (rho - 1 - log rho)`` (the k3
+    estimator of KL(q || p) on the sampler's samples); other positions contribute 0.
+
+    The trainer receives no provenance spans and keeps no stability record, so q is the client's
+    ``logprobs`` and S is the positions with A != 0. The cookbook puts nonzero advantages only on
+    sampled tokens (its ``rl/train.py`` refuses anything else), so S is what the spans name.
+    """
+    advantages = inputs["advantages"]
+    sampled = advantages != 0
+    log_rho = torch.where(sampled, lp - inputs["logprobs"], 0.0)
+    rho = torch.exp(log_rho)
+    weight = torch.clamp(rho.detach(), max=config["clip_high_threshold"])
+    k3 = rho - 1 - log_rho  # 0 outside S, where log_rho = 0
+    elementwise = torch.where(sampled, -weight * advantages * lp + config["kl_coeff"] * k3, 0.0)
+    return LossOutput(
+        elementwise,
+        {
+            "clipped_tokens": _count(sampled & (rho.detach() > config["clip_high_threshold"])),
+            "active_tokens": _count(sampled),
+            "kl_k3": k3.detach().sum(),
+        },
+    )
 
 
 LOSSES: dict[str, LossFn] = {
@@ -204,15 +320,41 @@ LOSSES: dict[str, LossFn] = {
     "importance_sampling": LossFn(
         name="importance_sampling",
         compute=_importance_sampling,
-        required_inputs=("target_tokens", "logprobs", "advantages"),
+        required_inputs=RL_INPUTS,
         allow_2d=True,
     ),
     "ppo": LossFn(
         name="ppo",
         compute=_ppo,
-        required_inputs=("target_tokens", "logprobs", "advantages"),
-        optional_inputs=("clip_low_threshold", "clip_high_threshold"),
-        config_defaults=PPO_CLIP_DEFAULTS,
+        required_inputs=RL_INPUTS,
+        optional_inputs=CLIP_INPUTS,
+        config_defaults={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    ),
+    "cispo": LossFn(
+        name="cispo",
+        compute=_cispo,
+        required_inputs=RL_INPUTS,
+        optional_inputs=CLIP_INPUTS,
+        config_defaults={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
+    ),
+    "dro": LossFn(
+        name="dro",
+        compute=_dro,
+        required_inputs=RL_INPUTS,
+        config_defaults={"beta": 0.05},
+    ),
+    "gspo": LossFn(
+        name="gspo",
+        compute=_gspo,
+        required_inputs=RL_INPUTS,
+        optional_inputs=("sequence_ratio_mask", *CLIP_INPUTS),
+        config_defaults={"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4},
+    ),
+    "stable_reinforce": LossFn(
+        name="stable_reinforce",
+        compute=_stable_reinforce,
+        required_inputs=RL_INPUTS,
+        config_defaults={"kl_coeff": 0.0, "clip_high_threshold": 4.0},
     ),
 }
 

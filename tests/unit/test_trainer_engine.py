@@ -1,8 +1,11 @@
-"""TrainerEngine on a tiny random Qwen3 (CPU, float32): logprobs, gradients, AdamW, runs,
-checkpoints and the PEFT export, all checked against independent references."""
+"""TrainerEngine on a tiny random Qwen3 (CPU, float32): logprobs, every loss's outputs, metrics
+and gradients, the chunked unembedding, AdamW, runs, checkpoints and the PEFT export, all checked
+against independent references (a float64 AdamW and the losses' float64 reference written in
+``test_trainer_losses``)."""
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from services.trainer.engine import TrainerEngine, build_batch, num_tokens
+from tests.unit.test_trainer_losses import reference
 from whetstone.errors import Conflict, NotFound, UserError
 from whetstone.messages import AdamParams, Datum, ForwardBackward, LoraConfig
 from whetstone.tensors import Tensor
@@ -152,6 +156,137 @@ def test_two_dimensional_targets(engine: TrainerEngine) -> None:
     assert result.metrics["loss:sum"] == pytest.approx(float(-0.5 * expected.sum()), abs=1e-4)
 
 
+# ---------------------------------------------------------------- RL losses end to end
+
+RL_CONFIGS: dict[str, dict[str, float]] = {
+    "importance_sampling": {},
+    "ppo": {},
+    "cispo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
+    "dro": {"beta": 0.2},
+    "gspo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.05},
+    "stable_reinforce": {"kl_coeff": 0.1, "clip_high_threshold": 1.2},
+}
+
+
+def rl_data(engine: TrainerEngine, run_id: str, seed: int) -> list[tuple[Datum, dict]]:
+    """Cookbook-shaped datums: a prompt (targets 0, q 0, A 0) then sampled tokens whose sampler
+    logprobs are the learner's plus noise; with each datum's raw lists for the reference."""
+    rng = random.Random(seed)
+    seqs = sequences(3, seed, lengths=(8, 12))
+    probe = engine.forward_backward(run_id, ce([sft_datum(q) for q in seqs], forward_only=True))
+    out = []
+    for seq, result in zip(seqs, probe.outputs, strict=True):
+        lp = result["logprobs"].to_numpy().tolist()
+        prompt = rng.randint(2, 4)
+        q = [0.0] * prompt + [x + rng.gauss(0.0, 0.3) for x in lp[prompt:]]
+        a = [0.0] * prompt + [rng.choice([-1.0, 0.5, 1.0, 2.0])] * (len(lp) - prompt)
+        mask = [0.0] * prompt + [1.0] * (len(lp) - prompt)
+        targets = [0] * prompt + seq[1 + prompt :]
+        inputs = {
+            "target_tokens": Tensor.from_list(targets, "int64"),
+            "logprobs": Tensor.from_list(q, "float32"),
+            "advantages": Tensor.from_list(a, "float32"),
+            "sequence_ratio_mask": Tensor.from_list(mask, "float32"),
+        }
+        datum = Datum(model_input=Tensor.from_list(seq[:-1], "int64"), loss_fn_inputs=inputs)
+        out.append((datum, {"q": q, "a": a, "mask": mask, "targets": targets}))
+    return out
+
+
+@pytest.mark.parametrize("loss_fn", list(RL_CONFIGS))
+def test_rl_losses_match_reference_and_their_gradient(engine: TrainerEngine, loss_fn: str) -> None:
+    """Outputs, ``loss:sum`` and counts against the float64 reference at the engine's logprobs;
+    the parameter gradient against cross-entropy with weights = -dL/dlp (the custom-loss
+    identity), on an adapter trained one step so that every factor has a gradient."""
+    for run_id in ("rl", "ce"):
+        engine.create_run(run_id, LoraConfig(rank=4, seed=3))
+        train_a_little(engine, run_id, steps=1)
+    pairs = rl_data(engine, "rl", seed=8)
+    data, raw = [d for d, _ in pairs], [r for _, r in pairs]
+    config = RL_CONFIGS[loss_fn]
+    cmd = ForwardBackward(data=data, loss_fn=loss_fn, loss_fn_config=config)
+    result = engine.forward_backward("rl", cmd)
+
+    total, counts, weights = 0.0, {}, []
+    learner = engine.forward_backward("ce", ce([_ce_twin(d) for d in data], forward_only=True))
+    for out, r, twin in zip(result.outputs, raw, learner.outputs, strict=True):
+        lp = out["logprobs"].to_numpy().tolist()
+        assert out["logprobs"].dtype == "float32" and out["logprobs"].shape == (len(r["a"]),)
+        assert out["logprobs"] == twin["logprobs"]  # the same pre-update logprobs as CE's
+        mask = r["mask"] if loss_fn == "gspo" else None
+        loss, grad, ref_counts = reference(loss_fn, lp, r["q"], r["a"], config, mask)
+        elementwise = out["elementwise_loss"].to_numpy().tolist()
+        assert elementwise == pytest.approx(loss, abs=1e-5, rel=1e-5)
+        total += sum(loss)
+        for k, v in ref_counts.items():
+            counts[k] = counts.get(k, 0.0) + v
+        weights.append([-g for g in grad])
+    assert result.metrics["loss:sum"] == pytest.approx(total, abs=1e-4, rel=1e-5)
+    assert set(result.metrics) == {"loss:sum"} | {f"{k}:sum" for k in counts}
+    for k, v in counts.items():
+        assert result.metrics[f"{k}:sum"] == pytest.approx(v, abs=1e-4)
+    assert all(key.count(":") == 1 for key in result.metrics)
+
+    surrogate = [_ce_twin(d, w) for d, w in zip(data, weights, strict=True)]
+    engine.forward_backward("ce", ce(surrogate))
+    assert any(bool(g.abs().max() > 0) for g in grads(engine, "rl"))
+    assert_all_close(grads(engine, "rl"), grads(engine, "ce"), atol=1e-6, rtol=1e-4)
+
+    # Nothing is computed across datums: one call equals the sum of one call per datum.
+    parts = [
+        engine.forward_backward("rl", cmd.model_copy(update={"data": [d], "forward_only": True}))
+        for d in data
+    ]
+    joint = sum(p.metrics["loss:sum"] for p in parts)
+    assert joint == pytest.approx(result.metrics["loss:sum"], abs=1e-4)
+
+
+def _ce_twin(datum: Datum, weights: list[float] | None = None) -> Datum:
+    """The datum as cross_entropy input: same tokens and targets, the given weights (or ones)."""
+    targets = datum.loss_fn_inputs["target_tokens"]
+    w = weights if weights is not None else [1.0] * targets.shape[0]
+    inputs = {"target_tokens": targets, "weights": Tensor.from_list(w, "float32")}
+    return Datum(model_input=datum.model_input, loss_fn_inputs=inputs)
+
+
+def test_chunked_head_equals_one_block(engine: TrainerEngine) -> None:
+    """Blocks of 3 tokens against the whole batch in one block, with the unembedding trained,
+    and targets of mixed widths ((N,) and (N, 2)) in one request."""
+    engine.create_run("small", LoraConfig(rank=4, seed=5, train_unembed=True))
+    engine.create_run("whole", LoraConfig(rank=4, seed=5, train_unembed=True))
+    train_a_little(engine, "small", steps=1)
+    train_a_little(engine, "whole", steps=1)
+    seq = [5, 17, 42, 7, 99, 12, 250]
+    wide = Datum(
+        model_input=Tensor.from_list(seq[:-1], "int64"),
+        loss_fn_inputs={
+            "target_tokens": Tensor.from_numpy(
+                torch.tensor([[t, (t + 7) % VOCAB] for t in seq[1:]]).numpy()
+            ),
+            "weights": Tensor.from_numpy(torch.full((6, 2), 0.5).numpy()),
+        },
+    )
+    data = [*mixed_weights_data(seed=6), wide]
+    results = {}
+    for run_id, chunk in (("small", 3), ("whole", 10_000)):
+        engine.logprob_chunk_tokens = chunk
+        results[run_id] = engine.forward_backward(run_id, ce(data))
+    for a, b in zip(results["small"].outputs, results["whole"].outputs, strict=True):
+        assert a["logprobs"].shape == b["logprobs"].shape
+        torch.testing.assert_close(
+            torch.from_numpy(a["logprobs"].to_numpy().copy()),
+            torch.from_numpy(b["logprobs"].to_numpy().copy()),
+            atol=1e-6,
+            rtol=0,
+        )
+    assert results["small"].outputs[-1]["logprobs"].shape == (6, 2)
+    assert results["small"].metrics["loss:sum"] == pytest.approx(
+        results["whole"].metrics["loss:sum"], abs=1e-5
+    )
+    assert_all_close(grads(engine, "small"), grads(engine, "whole"), atol=1e-6, rtol=1e-5)
+    assert "lm_head" in engine.runs["small"].adapter.factors
+
+
 # ---------------------------------------------------------------- backward: accumulation
 
 
@@ -190,11 +325,37 @@ def test_two_calls_then_step_equal_one_call_with_all_data(engine: TrainerEngine)
 # ---------------------------------------------------------------- optimizer
 
 
-@pytest.mark.parametrize("grad_clip_norm", [0.0, 1e-3])
-def test_optim_step_matches_torch_adamw(engine: TrainerEngine, grad_clip_norm: float) -> None:
+def adamw_reference(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    moments: list[tuple[torch.Tensor, torch.Tensor]],
+    adam: AdamParams,
+    step: int,
+) -> float:
+    """One AdamW step in float64, in place, by the textbook: clip the gradient to
+    ``grad_clip_norm`` by global norm, update both moments, decay the weights (decoupled), step
+    by the bias-corrected moments. Returns the norm before clipping."""
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    scale = adam.grad_clip_norm / norm if 0 < adam.grad_clip_norm < norm else 1.0
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        g = g * scale
+        m, v = moments[i]
+        m = adam.beta1 * m + (1 - adam.beta1) * g
+        v = adam.beta2 * v + (1 - adam.beta2) * g * g
+        moments[i] = (m, v)
+        m_hat = m / (1 - adam.beta1**step)
+        v_hat = v / (1 - adam.beta2**step)
+        p.mul_(1 - adam.learning_rate * adam.weight_decay)
+        p.sub_(adam.learning_rate * m_hat / (v_hat.sqrt() + adam.eps))
+    return norm
+
+
+def test_optim_step_matches_float64_adamw(engine: TrainerEngine) -> None:
+    """Every AdamParams field changes between steps: clipping on (and biting), off, on but not
+    biting; weight decay on and off; betas, eps and learning rate."""
     engine.create_run("r", LoraConfig(rank=4, seed=1))
-    reference = [p.requires_grad_() for p in params(engine, "r")]
-    optimizer = torch.optim.AdamW(reference)
+    reference_params = [p.double() for p in params(engine, "r")]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in reference_params]
     steps = [
         AdamParams(
             learning_rate=1e-2,
@@ -202,36 +363,28 @@ def test_optim_step_matches_torch_adamw(engine: TrainerEngine, grad_clip_norm: f
             beta2=0.95,
             eps=1e-8,
             weight_decay=0.1,
-            grad_clip_norm=grad_clip_norm,
+            grad_clip_norm=1e-3,
         ),
+        AdamParams(learning_rate=3e-3, beta1=0.8, beta2=0.99, eps=1e-6),
         AdamParams(
-            learning_rate=3e-3,
-            beta1=0.8,
-            beta2=0.99,
-            eps=1e-6,
-            weight_decay=0.0,
-            grad_clip_norm=grad_clip_norm,
+            learning_rate=5e-3, beta1=0.5, beta2=0.9, eps=1e-4, weight_decay=0.3, grad_clip_norm=1e6
         ),
+        AdamParams(learning_rate=2e-2, beta1=0.0, beta2=0.0, eps=1e-12, grad_clip_norm=0.5),
     ]
-    for i, adam in enumerate(steps):
+    for i, adam in enumerate(steps, start=1):
         engine.forward_backward("r", ce(mixed_weights_data(seed=30 + i)))
-        for p, g in zip(reference, grads(engine, "r"), strict=True):
-            p.grad = g
-        norm = torch.nn.utils.clip_grad_norm_(reference, grad_clip_norm or float("inf"))
-        group = optimizer.param_groups[0]
-        group.update(
-            lr=adam.learning_rate,
-            betas=(adam.beta1, adam.beta2),
-            eps=adam.eps,
-            weight_decay=adam.weight_decay,
-        )
-        optimizer.step()
+        engine_grads = [g.double() for g in grads(engine, "r")]
+        norm = adamw_reference(reference_params, engine_grads, moments, adam, step=i)
         metrics = engine.optim_step("r", adam).metrics
-        assert metrics["grad_norm:mean"] == pytest.approx(float(norm), rel=1e-5)
+        assert metrics["grad_norm:mean"] == pytest.approx(norm, rel=1e-5)
+        assert metrics["learning_rate:mean"] == adam.learning_rate
         assert all(key.count(":") == 1 for key in metrics)
-        assert_all_close(params(engine, "r"), [p.detach() for p in reference], atol=1e-7, rtol=1e-6)
+        for got, want in zip(params(engine, "r"), reference_params, strict=True):
+            torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
         assert all(g is None for g in grads(engine, "r"))
-    assert engine.runs["r"].step == 2
+    assert engine.runs["r"].step == len(steps)
+    # The runs moved: a test of a no-op optimizer would pass the comparisons above too.
+    assert not torch.allclose(params(engine, "r")[1], torch.zeros(()))
 
 
 def test_training_lowers_the_loss(engine: TrainerEngine) -> None:
@@ -382,7 +535,15 @@ def test_bad_requests_raise_user_errors(model_dir: Path) -> None:
         ForwardBackward(data=[good], loss_fn="importance_sampling"),
         r"needs loss_fn_inputs\['logprobs'\]",
     )
-    fails(ForwardBackward(data=[good], loss_fn="cispo"), "loss_fn 'cispo' is not supported yet")
+    fails(ForwardBackward(data=[good], loss_fn="custom"), "loss_fn 'custom' is not supported yet")
+    fails(
+        ForwardBackward(data=[good], loss_fn="cispo"),
+        r"datum 0: loss_fn 'cispo' needs loss_fn_inputs\['logprobs'\]",
+    )
+    fails(
+        ForwardBackward(data=[good], loss_fn="gspo", loss_fn_config={"clip_high_threshold": 0.5}),
+        "must be >= 1",
+    )
     fails(
         ForwardBackward(data=[good], loss_fn="cross_entropy", loss_fn_config={"beta": 1.0}),
         "does not take config key 'beta'",
