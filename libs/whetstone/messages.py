@@ -357,6 +357,16 @@ UsageMeter = Literal[
     "checkpoint_bytes",
 ]
 Operation = Literal["forward_backward", "forward", "sample", "save_weights"]
+# What one unit of price buys, per meter: prices are USD per this many of the meter's quantity.
+PRICE_UNITS: dict[UsageMeter, tuple[int, str]] = {
+    "train_tokens": (1_000_000, "1M tokens"),
+    "forward_tokens": (1_000_000, "1M tokens"),
+    "prefill_tokens": (1_000_000, "1M tokens"),
+    "cached_prefill_tokens": (1_000_000, "1M tokens"),
+    "sample_tokens": (1_000_000, "1M tokens"),
+    "checkpoints": (1, "checkpoint"),
+    "checkpoint_bytes": (1_000_000_000, "GB"),
+}
 
 
 class UsageEvent(Message):

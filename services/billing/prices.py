@@ -44,25 +44,14 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import get_args
 
-from whetstone.messages import Meter, UsageMeter
+from whetstone.messages import PRICE_UNITS, Meter, UsageMeter
 from whetstone.models.registry import ModelRegistry
 
 METERS: tuple[Meter, ...] = get_args(Meter)  # a price must name these
 USAGE_METERS: tuple[UsageMeter, ...] = get_args(UsageMeter)
 TOKENS_PER_PRICE_UNIT = 1_000_000
-UNITS: Mapping[UsageMeter, int] = {
-    "train_tokens": TOKENS_PER_PRICE_UNIT,
-    "forward_tokens": TOKENS_PER_PRICE_UNIT,
-    "prefill_tokens": TOKENS_PER_PRICE_UNIT,
-    "cached_prefill_tokens": TOKENS_PER_PRICE_UNIT,
-    "sample_tokens": TOKENS_PER_PRICE_UNIT,
-    "checkpoints": 1,
-    "checkpoint_bytes": 1_000_000_000,
-}
-UNIT_NAMES: Mapping[UsageMeter, str] = {
-    m: ("1M tokens" if n == TOKENS_PER_PRICE_UNIT else "checkpoint" if n == 1 else "GB")
-    for m, n in UNITS.items()
-}
+UNITS: Mapping[UsageMeter, int] = {m: n for m, (n, _) in PRICE_UNITS.items()}
+UNIT_NAMES: Mapping[UsageMeter, str] = {m: name for m, (_, name) in PRICE_UNITS.items()}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

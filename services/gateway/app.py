@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 from structlog.stdlib import BoundLogger
 
-from services.gateway import metrics, sampling, training
+from services.gateway import billing, metrics, sampling, training
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
 from services.gateway.limits import BodyLimit
@@ -80,6 +80,7 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
     app.include_router(router)
     app.include_router(training.router)
     app.include_router(sampling.router)
+    app.include_router(billing.router)
     app.include_router(unrouted)  # last: it matches every POST that no route above matched
     # Added last, runs first: metrics see every answer, the 413s of the body limit included.
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
