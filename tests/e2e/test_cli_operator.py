@@ -200,8 +200,13 @@ def test_dlq_lists_and_replays_a_dead_letter(up: Up) -> None:
     replayed = cli("dlq", "replay", seq, "--state-dir", str(up.state))
     assert replayed.returncode == 0 and f"replayed {seq} to {s.PLACE_SUBJECT}" in replayed.stdout
     # Still garbage: the scheduler dead-letters it again, under a new sequence number.
-    wait_for(lambda: any(s.PLACE_SUBJECT in line and line.split()[0] != seq
-                         for line in listed().splitlines()[1:]), 20, "the replay dead-lettered")
+    wait_for(
+        lambda: any(
+            s.PLACE_SUBJECT in line and line.split()[0] != seq for line in listed().splitlines()[1:]
+        ),
+        20,
+        "the replay dead-lettered",
+    )
     missing = cli("dlq", "replay", "999999", "--state-dir", str(up.state))
     assert missing.returncode == 1 and "no dead letter 999999" in missing.stderr
 
