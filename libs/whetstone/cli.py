@@ -4,7 +4,7 @@
     whetstone down                              stop the platform running on the state directory
     whetstone status [--once]                   workers, runs, queues and recent errors, live
     whetstone keys create --tenant NAME [--admin]  mint an API key (printed once, stored hashed)
-    whetstone keys list                         tenant, key prefix, created, revoked
+    whetstone keys list                         tenant, prefix, key id, admin, created, revoked
     whetstone keys revoke PREFIX_OR_KEY         revoke a key; gateways refuse it at once
     whetstone usage [filters] [--group-by G,..] [--format table|csv|json]
                                                 usage and exact cost; filters: --tenant --key
@@ -32,7 +32,7 @@ from whetstone import bus as b
 from whetstone import reports
 from whetstone import subjects as s
 from whetstone.errors import WhetstoneError
-from whetstone.keys import create_key, list_keys, revoke_key
+from whetstone.keys import create_key, key_id_of_hash, list_keys, revoke_key
 from whetstone.messages import DEFAULT_GROUP_BY, GroupBy, UsageReport, UsageReportQuery
 from whetstone.platform import (
     AlreadyRunning,
@@ -271,13 +271,20 @@ async def _keys(nats_url: str, args: argparse.Namespace) -> int:
         if args.keys_command == "create":
             print(await create_key(bus, args.tenant, admin=args.admin))
         elif args.keys_command == "list":
-            header = f"{'tenant':<24} {'key prefix':<12} {'created (UTC)':<20} revoked"
+            header = (
+                f"{'tenant':<24} {'key prefix':<12} {'key id':<17} {'admin':<6}"
+                f"{'created (UTC)':<20} revoked"
+            )
             print(header)
             print("-" * len(header))
-            for _, record in await list_keys(bus):
+            for digest, record in await list_keys(bus):
                 created = f"{record.created_at:%Y-%m-%d %H:%M:%S}"
                 revoked = "yes" if record.revoked else "no"
-                print(f"{record.tenant:<24} {record.key_prefix:<12} {created:<20} {revoked}")
+                admin = "yes" if record.admin else "no"
+                print(
+                    f"{record.tenant:<24} {record.key_prefix:<12} {key_id_of_hash(digest):<17} "
+                    f"{admin:<6}{created:<20} {revoked}"
+                )
         else:
             record = await revoke_key(bus, args.key)
             print(f"revoked {record.key_prefix}... of tenant {record.tenant}")

@@ -185,12 +185,14 @@ def _aligned(ts: datetime | None, grain: str) -> bool:
     return on_hour and (grain == "hour" or t.hour == 0)
 
 
-def _truncate(bucket: datetime, grain: GroupBy) -> datetime:
-    if grain == "month":
-        return bucket.replace(day=1, hour=0)
-    if grain == "day":
-        return bucket.replace(hour=0)
-    return bucket
+def _period(bucket: str, changes: Sequence[datetime]) -> str:
+    """SQL for the start of the price period that holds ``bucket``: the latest price change at
+    or before it, or the epoch. The dates are the operator's price table, never user input."""
+    if not changes:
+        return "toDateTime(0, 'UTC')"
+    starts = [f"toDateTime({int(d.timestamp())}, 'UTC')" for d in reversed(changes)]
+    arms = [f"{bucket} >= {start}, {start}" for start in starts]
+    return f"multiIf({', '.join(arms)}, toDateTime(0, 'UTC'))"
 
 
 @dataclass
@@ -384,21 +386,35 @@ class Ledger:
             bucket, quantity, events = "bucket", "sum(quantity)", "sum(events)"
             table, time_column = f"{DATABASE}.{source}", "bucket"
         where, params = self._filters(query, time_column)
+        time_grain = next((g for g in group_by if g in ("hour", "day", "month")), None)
+        # The time column each SQL row carries: the asked-for bucket (prices are constant within
+        # an hour or a day), or, for a month or no time at all, the start of the price period
+        # (the last price change at or before the bucket), so that SQL returns few rows.
+        if time_grain == "hour":
+            when = bucket
+        elif time_grain == "day":
+            when = f"toDateTime(toStartOfDay({bucket}), 'UTC')"
+        else:
+            when = _period(bucket, prices.change_dates())
+        columns = [*sql_dims, f"{when} AS w"]
+        if time_grain == "month":
+            columns.append(f"toDateTime(toStartOfMonth({bucket}), 'UTC') AS m")
+        keys = [*sql_dims, "w", *(["m"] if time_grain == "month" else [])]
         sql = (
-            f"SELECT {', '.join(sql_dims)}, {bucket} AS b, {quantity} AS q, {events} AS e "
-            f"FROM {table} WHERE 1 = 1{where} GROUP BY {', '.join(sql_dims)}, b"
+            f"SELECT {', '.join(columns)}, {quantity} AS q, {events} AS e "
+            f"FROM {table} WHERE 1 = 1{where} GROUP BY {', '.join(keys)}"
         )
         groups: dict[tuple[object, ...], _Group] = {}
-        time_grain = next((g for g in group_by if g in ("hour", "day", "month")), None)
         for row in self._query(sql, params):
             values = dict(zip(sql_dims, row[: len(sql_dims)], strict=True))
-            b_start, q, e = _utc(row[-3]), int(row[-2]), int(row[-1])
+            at, q, e = _utc(row[len(sql_dims)]), int(row[-2]), int(row[-1])
             if q == 0 and e == 0:
                 continue  # a reconciled-away group
+            b_start = _utc(row[-3]) if time_grain == "month" else at
             meter, model = values["meter"], values["base_model"]
-            unit_price = prices.price_for(model, b_start).per_unit(meter)
+            unit_price = prices.price_for(model, at).per_unit(meter)
             key = (
-                _truncate(b_start, time_grain) if time_grain else None,
+                b_start if time_grain else None,
                 *(values[d] for d in dims),
                 unit_price if "price" in group_by else None,
             )
