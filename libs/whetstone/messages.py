@@ -10,10 +10,13 @@ Which subject carries what (``subjects.py`` has the names):
 * ``SampleRequest``     gateway -> sampler, on the base model's shared subject ``ws.sample.<base>``
 * ``PlaceRun``          gateway -> scheduler, durable ``ws.ctl.place``
 * ``AssignRun``         scheduler -> trainer worker, request/reply ``ws.ctl.assign.<worker>``
+* ``ReleaseRun``        scheduler -> trainer worker, request/reply ``ws.ctl.release.<worker>``
 * ``WorkerHeartbeat``   trainer/sampler -> scheduler, ``ws.ctl.heartbeat.<role>.<worker>``
 * ``UsageEvent``        trainer/sampler -> billing, durable ``ws.usage.<tenant>``
 * ``UsageReportQuery``  anyone -> billing, request/reply ``ws.ctl.billing.report``
 * ``FutureRecord``      worker -> gateway, KV ``ws_futures`` under the request id
+* ``RunProgress``       trainer -> trainer, KV ``ws_run_progress``: a run's snapshot and next seq_id
+* ``SchedulerLease``    scheduler replicas, KV ``ws_scheduler``: which one is active
 * the ``*Record`` types are the values of the state buckets.
 """
 
@@ -314,11 +317,15 @@ class CheckpointRecord(Message):
 
 
 class WorkerHeartbeat(Message):
+    """A worker's liveness and capacity. ``draining``: it is stopping and takes no new runs;
+    the scheduler moves the runs it names elsewhere at once."""
+
     worker_id: str
     role: Literal["trainer", "sampler"]
     base_models: list[str]
     runs: list[str] = []
     max_runs: int = 0
+    draining: bool = False
     sent_at: datetime = Field(default_factory=utcnow)
 
 
@@ -330,13 +337,50 @@ class PlaceRun(Message):
 
 
 class AssignRun(Message):
-    request_id: str
+    """Take ``run``. ``request_id`` is its create_model future, which the worker completes; None
+    for a run that moves or is loaded again (no one waits on a future for that)."""
+
+    request_id: str | None = None
     run: TrainingRunRecord
 
 
 class AssignReply(Message):
+    """A trainer's answer to ``AssignRun`` and to ``ReleaseRun``."""
+
     ok: bool
     error: str | None = None
+
+
+class ReleaseRun(Message):
+    """Unload a run from the worker that holds it: stop its consumer, snapshot it (every request
+    it ran is then acknowledged) and free its adapter and optimizer state. ``discard``: the run
+    belongs to another worker now; drop it without writing anything."""
+
+    run_id: str
+    discard: bool = False
+
+
+class RunProgress(Message):
+    """A training run's durable position (KV ``ws_run_progress``): every request below
+    ``next_seq_id`` is covered by the snapshot at ``snapshot_key`` (adapter, optimizer state and
+    any gradient not yet stepped) and acknowledged; its holder replays the rest from the stream.
+    ``holder`` wrote it last; every write compares the revision, so a holder that lost the run
+    finds out at its next write."""
+
+    run_id: str
+    next_seq_id: int = 1
+    snapshot_key: str | None = None
+    step: int = 0
+    holder: str = ""
+
+
+class SchedulerLease(Message):
+    """The active scheduler (KV ``ws_scheduler``, key ``leader``): renewed by its holder with a
+    compare-and-set; a standby takes it over when the revision has not moved for the lease's
+    time (measured on the standby's own clock)."""
+
+    holder: str
+    renewed_at: datetime = Field(default_factory=utcnow)
 
 
 # ---------------------------------------------------------------- billing

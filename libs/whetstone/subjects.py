@@ -28,6 +28,7 @@ USAGE_PREFIX = "ws.usage"  # ws.usage.<tenant token>: token-usage events for bil
 PLACE_SUBJECT = "ws.ctl.place"  # create_model requests waiting for the scheduler (durable)
 HEARTBEAT_PREFIX = "ws.ctl.heartbeat"  # ws.ctl.heartbeat.<role>.<worker>: liveness (core NATS)
 ASSIGN_PREFIX = "ws.ctl.assign"  # ws.ctl.assign.<worker>: scheduler -> trainer (request/reply)
+RELEASE_PREFIX = "ws.ctl.release"  # ws.ctl.release.<worker>: scheduler -> trainer (request/reply)
 USAGE_REPORT_SUBJECT = "ws.ctl.billing.report"  # request/reply: usage report
 
 # Durable consumers.
@@ -43,7 +44,9 @@ RUNS_BUCKET = "ws_runs"  # run token -> TrainingRunRecord
 SAMPLERS_BUCKET = "ws_samplers"  # sampler token -> SamplingSessionRecord
 CHECKPOINTS_BUCKET = "ws_checkpoints"  # <run token>.<kind>.<name token> -> CheckpointRecord
 PLACEMENTS_BUCKET = "ws_placements"  # run token -> worker id
-RUN_PROGRESS_BUCKET = "ws_run_progress"  # run token -> the next seq_id to run (decimal)
+RUN_PROGRESS_BUCKET = "ws_run_progress"  # run token -> RunProgress (snapshot, next seq_id)
+SCHEDULER_BUCKET = "ws_scheduler"  # "leader" -> SchedulerLease
+LEADER_KEY = "leader"
 
 # Object store: payloads over the bus limit (the message carries the object's name).
 PAYLOADS_BUCKET = "ws_payloads"
@@ -97,6 +100,10 @@ def heartbeat_subject(role: str, worker_id: str) -> str:
 
 def assign_subject(worker_id: str) -> str:
     return f"{ASSIGN_PREFIX}.{token(worker_id)}"
+
+
+def release_subject(worker_id: str) -> str:
+    return f"{RELEASE_PREFIX}.{token(worker_id)}"
 
 
 def deadletter_subject(subject: str) -> str:

@@ -1,21 +1,37 @@
-"""The trainer worker's bus side: assignments, per-run queues, results, usage, heartbeats.
+"""The trainer worker's bus side: assignments, releases, per-run queues, snapshots, heartbeats.
 
-Consumes ``ws.ctl.assign.<worker>`` (request/reply from the scheduler) and, for every run placed
-here, the run's durable queue ``ws.train.<run>`` through the run's own pull consumer, a FastStream
-subscriber created when the run arrives (``open_run``) and stopped when it leaves. Writes future
-results to KV ``ws_futures``, checkpoint records to ``ws_checkpoints``, and publishes
-``ws.usage.<tenant>`` events and ``ws.ctl.heartbeat.trainer.<worker>``.
+Consumes ``ws.ctl.assign.<worker>`` and ``ws.ctl.release.<worker>`` (request/reply from the
+scheduler) and, for every run held here, the run's durable queue ``ws.train.<run>`` through the
+run's own pull consumer, a FastStream subscriber created when the run arrives (``open_run``) and
+stopped when it leaves. Writes future results to KV ``ws_futures``, checkpoint records to
+``ws_checkpoints``, each run's position to ``ws_run_progress`` and its snapshots to the
+checkpoint store, and publishes ``ws.usage.<tenant>`` events and
+``ws.ctl.heartbeat.trainer.<worker>``.
 
-A run's next seq_id is kept in KV ``ws_run_progress`` (written before each ack), so that a
-restarted holder neither waits for seq_ids that already ran nor runs them again.
+Snapshots and acknowledgements (architecture.md §3.3). A request's message is acknowledged only
+once a snapshot covers it: the run's ``RunProgress`` in KV names a snapshot (``snapshots.py``)
+and the seq_id after the last request it contains. A request that leaves the run's state as the
+snapshot has it (a forward, a save, a Skip, a failure) moves the position on and is acknowledged
+at once; a ``forward_backward`` and an ``optim_step`` leave their messages unacknowledged until
+the next snapshot, taken after every ``snapshot_every_steps``-th ``optim_step`` and whenever a run
+with unacknowledged requests has been idle ``snapshot_idle_s`` (it then holds the gradient too).
+Results and usage are written as each request runs, before its acknowledgement, so a holder that
+dies loses nothing: the next one loads the snapshot, skips (acknowledges) redelivered seq_ids
+below its position, and replays the rest, which reproduces the same weights; replayed usage
+events carry the same ids, so nothing is billed twice. A run's position is written with a
+compare-and-set on its revision: a holder that lost the run to another worker finds out at its
+next write, hands its messages back and drops the run. A worker taking a run recreates the run's
+durable consumer, so the requests a dead holder had taken are delivered again at once instead of
+after their ack wait.
 
 The reorder buffer is the one place where a message outlives its handler unacknowledged: a
 run's handler only puts the request in the run's ``seq_id`` buffer and holds the message
 (``fate.hold``); the worker's executor loop runs every run's ready requests in order and settles
-each message with the same rules as the fate wrapper (``MessageFate.settle``) once its result
-and usage are written. A server error is retried in place (a nak would let later seq_ids run
-first), then dead-lettered. A gap that stays open ``gap_timeout_s`` fails the waiting requests.
-Torch work runs on one dedicated thread; the event loop stays free for I/O and heartbeats.
+each message with the same rules as the fate wrapper (``MessageFate.settle``) once a snapshot
+covers it (a failed request's future fails at once). A server error is retried in place (a nak
+would let later seq_ids run first), then dead-lettered. A gap that stays open ``gap_timeout_s``
+fails the waiting requests. Torch work runs on one dedicated thread; the event loop stays free for
+I/O and heartbeats.
 """
 
 from __future__ import annotations
@@ -28,11 +44,13 @@ from typing import Any
 import structlog
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from opentelemetry import context as otel_context
 
 from services.trainer.engine import TrainerEngine
 from services.trainer.reorder import ReorderBuffer
 from services.trainer.settings import TrainerSettings
+from services.trainer.snapshots import load_snapshot, save_snapshot, snapshot_key
 from whetstone import bus as b
 from whetstone import metrics
 from whetstone import subjects as s
@@ -43,7 +61,7 @@ from whetstone.checkpoints import (
     record_key,
     store_key,
 )
-from whetstone.errors import UserError
+from whetstone.errors import UserError, WhetstoneError
 from whetstone.fate import BACKOFF_S, MAX_DELIVER, Delivered, consumer_config, decoder_for, hold
 from whetstone.messages import (
     AssignReply,
@@ -54,12 +72,15 @@ from whetstone.messages import (
     FutureRecord,
     Meter,
     OptimStep,
+    ReleaseRun,
     Result,
+    RunProgress,
     SaveWeights,
     SaveWeightsResult,
     Skip,
     TrainingRunRecord,
     TrainRequest,
+    UsageEvent,
     WorkerHeartbeat,
 )
 from whetstone.observability import bind_work, tracer_provider
@@ -73,11 +94,23 @@ class Held:
     trace: Any  # the OpenTelemetry context of the message's delivery
 
 
+class LostRun(RuntimeError):
+    """The run's position was written by another worker: it holds the run now."""
+
+
 @dataclass
 class RunQueue:
     run: TrainingRunRecord
     subscriber: Any
+    progress: RunProgress  # as last written (the snapshot in force)
+    revision: int  # of ``progress`` in KV, for the compare-and-set of the next write
     buffer: ReorderBuffer[Held] = field(default_factory=ReorderBuffer)
+    # Requests that ran since the snapshot, with their outcome: acknowledged by the next one.
+    unacked: list[tuple[Held, BaseException | None]] = field(default_factory=list)
+    ran_through: int = 1  # the seq_id after the last request that ran
+    dirty: bool = False  # a gradient or a step that the snapshot does not hold
+    steps_since_snapshot: int = 0
+    last_ran_at: float = 0.0  # monotonic
 
 
 class TrainerWorker:
@@ -96,8 +129,9 @@ class TrainerWorker:
         self.log = log
         self._torch = Offload("torch")
         self.runs: dict[str, RunQueue] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
         self._wake = asyncio.Event()
-        self._executing = asyncio.Lock()  # held while a request runs; stop() waits for it
+        self._executing = asyncio.Lock()  # held while a request runs or a run changes hands
         self._draining = False
         self._tracer = tracer_provider("trainer").get_tracer("whetstone.trainer")
 
@@ -113,16 +147,25 @@ class TrainerWorker:
             decoder=decoder_for(AssignRun),
             title="run assignments",
         )
+        await b.subscribe(
+            self.bus,
+            self.handle_release,
+            s.release_subject(self.settings.worker_id),
+            decoder=decoder_for(ReleaseRun),
+            title="run releases",
+        )
 
     async def start(self) -> None:
-        await self._rebind_placed_runs()
-        spawn(self._execute_loop(), self.log, "executor")
+        # Heartbeats first: the scheduler must see this worker alive while it takes its runs
+        # back, or it would move them elsewhere meanwhile.
         subject = s.heartbeat_subject("trainer", self.settings.worker_id)
         spawn(
             heartbeats(self.bus, subject, self._beat, self.settings.heartbeat_interval_s, self.log),
             self.log,
             "heartbeat",
         )
+        await self._rebind_placed_runs()
+        spawn(self._execute_loop(), self.log, "executor")
         self.log.info(
             "trainer ready", worker=self.settings.worker_id, base_model=self.settings.base_model
         )
@@ -135,36 +178,99 @@ class TrainerWorker:
             base_models=[self.settings.base_model],
             runs=sorted(self.runs),
             max_runs=self.settings.max_runs,
+            draining=self._draining,
         )
 
-    # ------------------------------------------------------------ assignment
+    # ------------------------------------------------------------ assignment and release
 
     async def handle_assign(self, assign: AssignRun) -> bytes:
         run = assign.run
-        pending = FutureRecord(request_id=assign.request_id, tenant=run.tenant, op="create_model")
+        rid = assign.request_id  # None: a run that moves here, with no future to complete
+        pending = FutureRecord(request_id=rid or "", tenant=run.tenant, op="create_model")
         try:
             await self.open_run(run)
-            await b.finish_future(self.bus, pending, CreateModelResult(model_id=run.run_id))
+            if rid:
+                await b.finish_future(self.bus, pending, CreateModelResult(model_id=run.run_id))
             reply = AssignReply(ok=True)
         except UserError as exc:
-            await b.fail_future(self.bus, pending, exc.message, exc.category)
-            reply = AssignReply(ok=True)  # placed and answered: the user's error is final
+            if rid:
+                await b.fail_future(self.bus, pending, exc.message, exc.category)
+            reply = AssignReply(ok=rid is not None, error=exc.message)  # a user's error is final
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler, which retries
             self.log.exception("assignment failed", run=run.run_id)
             reply = AssignReply(ok=False, error=str(exc))
         return reply.encode()
 
+    async def handle_release(self, release: ReleaseRun) -> bytes:
+        try:
+            await self.close_run(release.run_id, discard=release.discard)
+            reply = AssignReply(ok=True)
+        except Exception as exc:  # noqa: BLE001 - reported to the scheduler, which retries
+            self.log.exception("release failed", run=release.run_id)
+            reply = AssignReply(ok=False, error=str(exc))
+        return reply.encode()
+
     async def open_run(self, run: TrainingRunRecord) -> None:
-        """Hold ``run``: its adapter and optimizer state, and its queue's consumer."""
-        if self._draining:
-            raise RuntimeError("worker is draining")
-        if not self.engine.has_run(run.run_id):
-            await self._torch(self.engine.create_run, run.run_id, run.lora)
-        if run.run_id in self.runs:
-            return
-        queue = self.runs[run.run_id] = RunQueue(run, None)
-        queue.buffer = ReorderBuffer(next_seq=await self._progress(run.run_id))
-        queue.subscriber = await self.subscribe_run(run.run_id)
+        """Hold ``run``: restore its snapshot (a new run: write its first), claim its position,
+        and consume its queue from the first unacknowledged request."""
+        async with self._opening.setdefault(run.run_id, asyncio.Lock()):
+            if self._draining:
+                raise RuntimeError("worker is draining")
+            if run.run_id in self.runs:
+                return
+            kv = self.bus.kv[s.RUN_PROGRESS_BUCKET]
+            progress, revision = await self._read_progress(run.run_id)
+            if self.engine.has_run(run.run_id):  # a leftover: the snapshot is the truth
+                await self._torch(self.engine.drop_run, run.run_id)
+            if progress is not None and progress.snapshot_key:
+                if not self.store.exists(progress.snapshot_key):
+                    raise RuntimeError(f"snapshot {progress.snapshot_key} of {run.run_id} is gone")
+                directory = self.store.path(progress.snapshot_key)
+                await self._torch(load_snapshot, self.engine, run.run_id, run.lora, directory)
+                claim = progress.model_copy(update={"holder": self.settings.worker_id})
+            else:  # new: the first snapshot pins the adapter's random initialisation
+                await self._torch(self.engine.create_run, run.run_id, run.lora)
+                next_seq = progress.next_seq_id if progress else 1
+                claim = RunProgress(
+                    run_id=run.run_id,
+                    next_seq_id=next_seq,
+                    snapshot_key=await self._write_snapshot(run, next_seq),
+                    holder=self.settings.worker_id,
+                )
+            try:
+                if revision is None:
+                    revision = await kv.create(s.token(run.run_id), claim.encode())
+                else:
+                    revision = await kv.update(s.token(run.run_id), claim.encode(), last=revision)
+            except KeyWrongLastSequenceError:
+                await self._torch(self.engine.drop_run, run.run_id)
+                raise RuntimeError(f"{run.run_id} is being taken by another worker") from None
+            await self._reset_consumer(run.run_id)
+            queue = RunQueue(run, None, claim, revision, ReorderBuffer(claim.next_seq_id))
+            queue.ran_through = claim.next_seq_id
+            self.runs[run.run_id] = queue
+            queue.subscriber = await self.subscribe_run(run.run_id)
+
+    async def _read_progress(self, run_id: str) -> tuple[RunProgress | None, int | None]:
+        """The run's position and its revision; (None, None) for a run that never ran here."""
+        try:
+            entry = await self.bus.kv[s.RUN_PROGRESS_BUCKET].get(s.token(run_id))
+        except NotFoundError:
+            return None, None
+        if entry.value is None:
+            return None, entry.revision
+        raw = entry.value.decode()
+        if raw.isdigit():  # written before snapshots existed: a position with no snapshot
+            return RunProgress(run_id=run_id, next_seq_id=int(raw)), entry.revision
+        return RunProgress.decode(entry.value), entry.revision
+
+    async def _reset_consumer(self, run_id: str) -> None:
+        """Recreate the run's durable consumer (the subscriber makes it again): whatever a
+        previous holder had taken and not acknowledged is delivered again at once."""
+        try:
+            await self.bus.js.delete_consumer(s.TRAIN_STREAM, s.train_consumer(run_id))
+        except NotFoundError:
+            pass
 
     async def subscribe_run(self, run_id: str) -> Any:
         """The run's own durable pull consumer, a FastStream subscriber made at run time."""
@@ -182,29 +288,51 @@ class TrainerWorker:
             title="one training run's requests, in seq_id order",
         )
 
-    async def _progress(self, run_id: str) -> int:
-        """The next seq_id of ``run_id``: 1 for a new run, else where its last holder stopped."""
-        try:
-            entry = await self.bus.kv[s.RUN_PROGRESS_BUCKET].get(s.token(run_id))
-        except Exception:  # noqa: BLE001 - KeyNotFoundError: the run never ran a request
-            return 1
-        return int((entry.value or b"1").decode())
+    async def close_run(self, run_id: str, *, discard: bool = False) -> None:
+        """Unload ``run_id``: stop its consumer, snapshot what ran (its messages are then
+        acknowledged; with ``discard`` nothing is written and they go back), hand back what
+        waits in its buffer, and free its adapter and optimizer state."""
+        queue = self.runs.get(run_id)
+        if queue is None:
+            return
+        if queue.subscriber is not None:
+            await queue.subscriber.stop()
+        async with self._executing:
+            if self.runs.get(run_id) is not queue:
+                return
+            waiting = [i.msg for i in queue.buffer.clear()]
+            if discard:
+                waiting += [i.msg for i, _ in queue.unacked]
+                queue.unacked.clear()
+            elif queue.unacked or queue.dirty:
+                await self._commit(queue)
+            del self.runs[run_id]
+            await self._torch(self.engine.drop_run, run_id)
+        await asyncio.gather(*(m.nack() for m in waiting), return_exceptions=True)
+        self.log.info("run released", run=run_id, discarded=discard)
 
     async def _rebind_placed_runs(self) -> None:
         """A restarted worker takes back the runs placed on it (same worker id): their queues
-        still hold every unacknowledged request."""
+        still hold every unacknowledged request, their snapshots the state before them."""
         placements = self.bus.kv[s.PLACEMENTS_BUCKET]
         try:
             keys = await placements.keys()
         except Exception:  # noqa: BLE001 - NoKeysError: nothing placed anywhere yet
             return
         for key in keys:
-            entry = await placements.get(key)
+            try:
+                entry = await placements.get(key)
+            except NotFoundError:
+                continue
             if (entry.value or b"").decode() != self.settings.worker_id:
                 continue
             run = await b.kv_get(self.bus.kv[s.RUNS_BUCKET], key, TrainingRunRecord)
             if run is not None and run.base_model == self.settings.base_model:
-                await self.open_run(run)
+                try:
+                    await self.open_run(run)
+                except RuntimeError as exc:
+                    self.log.warning("run not taken back", run=run.run_id, error=str(exc))
+                    continue
                 self.log.info("run taken back after a restart", run=run.run_id)
 
     # ------------------------------------------------------------ the run's queue
@@ -215,7 +343,18 @@ class TrainerWorker:
             raise RuntimeError(f"run {req.run_id} is not held here")  # nak: redelivered
         buffer = queue.buffer
         if req.seq_id < buffer.next_seq:
-            await self._late(req)  # a redelivery of a request that already ran: ack
+            ran = [n for n, (i, _) in enumerate(queue.unacked) if i.req.seq_id == req.seq_id]
+            same = all(queue.unacked[n][0].req.request_id == req.request_id for n in ran)
+            if req.seq_id >= queue.progress.next_seq_id and same:
+                # A redelivery of a request that ran (or runs now) and waits for a snapshot:
+                # this delivery stays unacknowledged too.
+                hold(msg)
+                for n in ran:
+                    item, outcome = queue.unacked[n]
+                    queue.unacked[n] = (Held(req, msg, item.trace), outcome)
+                await msg.in_progress()
+                return
+            await self._late(req)  # already covered by a snapshot, or another copy: ack
             return
         item = Held(req, msg, otel_context.get_current())
         hold(msg)
@@ -246,15 +385,21 @@ class TrainerWorker:
             now = time.monotonic()
             for queue in list(self.runs.values()):
                 for item in queue.buffer.pop_ready():
-                    if self._draining:  # handed back: it runs after the restart, in order
-                        await item.msg.nack()
-                        continue
                     async with self._executing:
-                        await self._run_one(item)
+                        if self._draining or self.runs.get(queue.run.run_id) is not queue:
+                            await item.msg.nack()  # handed back: it runs later, in order
+                            continue
+                        await self._run_one(queue, item)
                 if queue.buffer.gap_open_s(now) > self.settings.gap_timeout_s:
                     await self._fail_gap(queue)
+                idle_s = time.monotonic() - queue.last_ran_at
+                if queue.unacked and idle_s > self.settings.snapshot_idle_s:
+                    async with self._executing:
+                        if self.runs.get(queue.run.run_id) is queue and not self._draining:
+                            await self._commit_or_lose(queue)
             if now - last_keepalive > self.settings.ack_wait_s / 3:
                 held = [i.msg for q in self.runs.values() for i in q.buffer.held()]
+                held += [i.msg for q in self.runs.values() for i, _ in q.unacked]
                 await asyncio.gather(*(m.in_progress() for m in held), return_exceptions=True)
                 last_keepalive = now
 
@@ -268,9 +413,15 @@ class TrainerWorker:
             f"{self.settings.gap_timeout_s:.0f} s, so the requests after it ({seqs}) cannot run "
             "in order; resubmit them"
         )
-        await asyncio.gather(*(self.bus.fate.settle(i.msg, error) for i in items))
+        async with self._executing:
+            for item in items:
+                await self._fail_now(item, error)
+                queue.unacked.append((item, error))
+                queue.ran_through = item.req.seq_id + 1
+            if self.runs.get(queue.run.run_id) is queue and not queue.dirty:
+                await self._commit_or_lose(queue)
 
-    async def _run_one(self, item: Held) -> None:
+    async def _run_one(self, queue: RunQueue, item: Held) -> None:
         req = item.req
         token = otel_context.attach(item.trace)
         bind_work(request_id=req.request_id, run_id=req.run_id, tenant=req.tenant)
@@ -281,13 +432,87 @@ class TrainerWorker:
                 attributes={"whetstone.run_id": req.run_id, "whetstone.seq_id": req.seq_id},
             ):
                 outcome = await self._with_retries(req)
-                # Before the ack: a restarted holder must not wait for seq_ids that ran.
-                await self.bus.kv[s.RUN_PROGRESS_BUCKET].put(
-                    s.token(req.run_id), str(req.seq_id + 1).encode()
-                )
-                await self.bus.fate.settle(item.msg, outcome, final=outcome is not None)
+                if outcome is not None:
+                    await self._fail_now(item, outcome)
+                elif isinstance(req.command, OptimStep):
+                    queue.dirty = True
+                    queue.steps_since_snapshot += 1
+                elif isinstance(req.command, ForwardBackward) and not req.command.forward_only:
+                    queue.dirty = True
+                queue.unacked.append((item, outcome))
+                queue.ran_through = req.seq_id + 1
+                queue.last_ran_at = time.monotonic()
+                stepped = queue.steps_since_snapshot >= self.settings.snapshot_every_steps
+                if not queue.dirty or (isinstance(req.command, OptimStep) and stepped):
+                    await self._commit_or_lose(queue)
         finally:
             otel_context.detach(token)
+
+    async def _fail_now(self, item: Held, error: BaseException) -> None:
+        """Fail the request's future at once; its message waits for the next snapshot."""
+        if isinstance(error, UserError):
+            message, category = error.message, "user"
+        else:
+            message = (
+                error.message if isinstance(error, WhetstoneError) else f"internal error: {error}"
+            )
+            category = "server"
+        await self.bus.fate.fail_from_headers(item.msg.headers or {}, message, category)
+
+    # ------------------------------------------------------------ snapshots
+
+    async def _write_snapshot(self, run: TrainingRunRecord, next_seq: int) -> str:
+        key = snapshot_key(run.tenant, run.run_id, next_seq)
+        staged = self.store.staging(key)
+        await self._torch(save_snapshot, self.engine, run.run_id, staged)
+        self.store.commit(staged, key)
+        return key
+
+    async def _commit_or_lose(self, queue: RunQueue) -> None:
+        try:
+            await self._commit(queue)
+        except LostRun:
+            self.log.warning("run taken by another worker; dropping it", run=queue.run.run_id)
+            if queue.subscriber is not None:
+                await queue.subscriber.stop()
+            back = [i.msg for i in queue.buffer.clear()] + [i.msg for i, _ in queue.unacked]
+            queue.unacked.clear()
+            self.runs.pop(queue.run.run_id, None)
+            await self._torch(self.engine.drop_run, queue.run.run_id)
+            await asyncio.gather(*(m.nack() for m in back), return_exceptions=True)
+
+    async def _commit(self, queue: RunQueue) -> None:
+        """Make a snapshot cover every request that ran (a new one when the state moved since
+        the last), record the run's position, then acknowledge those requests."""
+        run = queue.run
+        key = queue.progress.snapshot_key
+        if queue.dirty:
+            key = await self._write_snapshot(run, queue.ran_through)
+        step = self.engine.runs[run.run_id].step
+        progress = RunProgress(
+            run_id=run.run_id,
+            next_seq_id=queue.ran_through,
+            snapshot_key=key,
+            step=step,
+            holder=self.settings.worker_id,
+        )
+        kv = self.bus.kv[s.RUN_PROGRESS_BUCKET]
+        try:
+            revision = await kv.update(s.token(run.run_id), progress.encode(), last=queue.revision)
+        except KeyWrongLastSequenceError:
+            if key != queue.progress.snapshot_key and key is not None:
+                self.store.delete(key)
+            raise LostRun(run.run_id) from None
+        old_key = queue.progress.snapshot_key
+        queue.progress, queue.revision = progress, revision
+        queue.dirty, queue.steps_since_snapshot = False, 0
+        if old_key and old_key != key:
+            self.store.delete(old_key)
+        done, queue.unacked = queue.unacked, []
+        for item, outcome in done:
+            await self.bus.fate.settle(item.msg, outcome, final=outcome is not None)
+
+    # ------------------------------------------------------------ executing one request
 
     async def _with_retries(self, req: TrainRequest) -> BaseException | None:
         """Run ``req``; None on success, else the error that ends it (a user error at once, a
@@ -334,8 +559,6 @@ class TrainerWorker:
         await asyncio.gather(*writes)  # both land before the message is acknowledged
 
     async def _usage(self, req: TrainRequest, meter: Meter, tokens: int) -> None:
-        from whetstone.messages import UsageEvent
-
         event = UsageEvent.of(
             req.request_id, req.tenant, self.settings.base_model, meter, tokens, req.run_id
         )
@@ -368,17 +591,27 @@ class TrainerWorker:
     # ------------------------------------------------------------ shutdown
 
     async def stop(self) -> None:
-        """Stop taking work, let the request that runs now finish, and hand every held request
-        back to its queue at once (nak), for this worker restarted or another one."""
+        """Stop taking work, let the request that runs now finish, snapshot what ran (so it is
+        acknowledged) and hand every request still waiting back to its queue at once (nak), for
+        this worker restarted or another one. Heartbeats say ``draining`` from here on."""
         self._draining = True
         await asyncio.gather(
             *(q.subscriber.stop() for q in self.runs.values() if q.subscriber),
             return_exceptions=True,
         )
+        back: list[NatsMessage] = []
         async with self._executing:
-            held = [i.msg for q in self.runs.values() for i in q.buffer.clear()]
-        await asyncio.gather(*(m.nack() for m in held), return_exceptions=True)
-        self.log.info("trainer drained", handed_back=len(held))
+            for queue in list(self.runs.values()):
+                back += [i.msg for i in queue.buffer.clear()]
+                if not (queue.unacked or queue.dirty):
+                    continue
+                try:
+                    await self._commit(queue)
+                except Exception:  # noqa: BLE001 - replayed from the last snapshot instead
+                    self.log.exception("no snapshot at shutdown", run=queue.run.run_id)
+                    back += [i.msg for i, _ in queue.unacked]
+        await asyncio.gather(*(m.nack() for m in back), return_exceptions=True)
+        self.log.info("trainer drained", handed_back=len(back))
 
 
 def _op(req: TrainRequest) -> str:

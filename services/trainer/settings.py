@@ -17,3 +17,8 @@ class TrainerSettings(ServiceSettings):
     # A missing seq_id that holds later requests back this long fails them (the client spent
     # it on a call that never reached the run's queue).
     gap_timeout_s: float = 120.0
+    # A run is snapshotted after every this many optim_steps (its requests are acknowledged only
+    # then; a failover replays the ones since), and when it has had unacknowledged requests and
+    # no work for snapshot_idle_s.
+    snapshot_every_steps: int = 1
+    snapshot_idle_s: float = 2.0
