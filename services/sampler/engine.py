@@ -1,105 +1,188 @@
-"""Whetstone's generation engine: one base model, many LoRA adapters, one batched decode.
+"""Whetstone's generation engine: continuous batching over many LoRA adapters, a paged KV cache.
 
-The sampler's handlers call :meth:`SamplerEngine.generate` from a worker thread with every
-``SampleRequest`` they have gathered, each paired with the adapter id to sample with (``None``:
-the base model). Every sequence of every request (``num_samples`` rows per request) goes through
-the same forward passes:
+Two ways in, one engine, driven by one thread (it owns no bus code and is not thread-safe):
 
-* rows are grouped by adapter so each adapter owns a contiguous block of the batch, the layout
-  ``LoraModel.route`` needs to apply many adapters in one pass;
-* prompts are left-padded, so the last column is every row's newest token, and run with an
-  attention mask plus explicit ``position_ids`` (padding must not shift the rotary positions);
-* one prefill fills a ``DynamicCache``; each decode step then feeds only the newest token.
-  Finished rows stay in the batch (their outputs are ignored) so the adapter segments never move.
+* :meth:`SamplerEngine.add` queues a request (validated at once) and :meth:`SamplerEngine.step`
+  runs one engine step and returns the requests that finished in it: requests join and leave
+  between steps, which is what a continuous-batching loop drives;
+* :meth:`SamplerEngine.generate` does that for a list of jobs and returns their results in order.
 
-Sampling is vectorised over rows; the only per-request Python in the loop draws that request's
-uniforms from its own ``torch.Generator`` (same seed, same request, same batch -> same output)
-and checks stop strings, which needs the decoded text. The engine owns no bus code, is not
-thread-safe, and is meant to be driven by one thread.
+One step:
+
+1. **admit** waiting requests while rows (``max_seqs``) and KV blocks allow. A request's blocks
+   are promised at admission for its worst case (prompt + ``max_tokens`` for every sample), so a
+   running sequence never waits for memory and nothing is ever preempted;
+2. **prefill** up to ``prefill_tokens`` prompt tokens (chunks of one or more prompts packed in one
+   forward; a long prompt takes several steps). A prompt whose last chunk ran is **forked** into
+   its ``num_samples`` sequences, which share its full KV blocks (prefill once), and each draws its
+   first token from the same last-position logits;
+3. **decode** one token for every running sequence in one forward (a CUDA graph per batch and
+   context bucket on GPU, the same function eagerly on CPU), sample, and retire the sequences that
+   hit a stop token, a stop string or ``max_tokens``.
+
+Every adapter of a batch is applied in the same forward (``model.LoraStacks``): rows need not be
+grouped by adapter, so sequences come and go freely. Seeded requests draw every uniform they will
+need at admission from their own ``torch.Generator`` (row ``i`` of a ``[num_samples, max_tokens]``
+draw for sample ``i``), so their output does not depend on their neighbours or on when they were
+scheduled. Logprobs are those of the distribution actually sampled (``sampling``'s docstring).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, PreTrainedModel
 
+from services.sampler.graphs import DecodeGraphs
+from services.sampler.kvcache import CacheShape, PagedKVCache
+from services.sampler.model import (
+    FUSED,
+    HEAD,
+    DecodeBatch,
+    Layer,
+    LoraStacks,
+    PrefillBatch,
+    Qwen3Decoder,
+    Shape,
+)
+from services.sampler.sampling import SamplingRows, sample
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.messages import SampledSequence, SampleRequest, SampleResult
 from whetstone.models.registry import ModelSpec
 from whetstone.tensors import Tensor
 from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
-from whetstone_ml.lora import LoraAdapter, LoraModel, Segment
+from whetstone_ml.lora import LoraAdapter, LoraFactors
 
 # Tokens that end a turn in ChatML-style tokenizers, on top of the tokenizer's own eos token.
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
-@dataclass(frozen=True)
-class _Job:
-    """One validated request: its prompt as a Python list, its adapter and its stop tokens."""
+@dataclass
+class _Request:
+    """One admitted or waiting request and what its samples have produced so far."""
 
+    handle: int
     request: SampleRequest
     adapter_id: str | None
     prompt: list[int]
-    stop_ids: list[int]
+    stop_ids: frozenset[int]
+    uniforms: torch.Tensor  # [num_samples, max(1, max_tokens)], CPU
+    promised_blocks: int
+    blocks: list[int] = field(default_factory=list)  # the prompt's KV, until the fork
+    prefilled: int = 0
+    prompt_logprobs: torch.Tensor | None = None
+    sequences: list[SampledSequence | None] = field(default_factory=list)
+
+
+@dataclass
+class _Seq:
+    """One sample being decoded: its KV blocks, how many tokens they hold, what it sampled."""
+
+    req: _Request
+    index: int
+    blocks: list[int]
+    length: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class ModuleAdapters:
+    """The factors every resident adapter has for one HF module (``model.layers.3.mlp.up_proj``)."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        self.out_features = out_features
+        self.in_features = in_features
+        self.adapters: dict[str, LoraFactors] = {}
+
+
+class ResidentAdapters:
+    """Resident adapters by module name; the source ``LoraStacks`` are rebuilt from."""
+
+    def __init__(self, layers: dict[str, ModuleAdapters]) -> None:
+        self.layers = layers
+        self.order: list[str] = []
+
+    def has(self, adapter_id: str) -> bool:
+        return adapter_id in self.order
 
 
 class SamplerEngine:
-    """A base model wrapped in ``LoraModel``, a tokenizer (for stop strings) and an LRU of adapters.
+    """A Qwen3 base model, a tokenizer (stop strings, EOS), a paged KV cache, an LRU of adapters.
 
-    ``max_adapters`` bounds how many adapters stay resident; the least recently used one is
-    unloaded when a new one arrives, so a handler must call :meth:`ensure_adapter` for every
-    adapter of a batch right before :meth:`generate`.
-
-    ``dtype`` (a torch dtype or its registry name) is the base weights' dtype; adapters are cast
-    to it when loaded, and sampling and logprobs run in float32 on the logits. ``context_length``
-    defaults to the config's ``max_position_embeddings``. :meth:`from_spec` builds one from a
-    registry entry.
+    ``max_adapters`` bounds the resident adapters (least recently used evicted), so a caller must
+    :meth:`ensure_adapter` every adapter of its requests right before adding them. ``dtype`` is
+    the weights' (adapters are cast to it); sampling runs in float32 on the logits.
+    ``max_seqs`` bounds the sequences decoded together, ``kv_cache_tokens`` the cache,
+    ``prefill_tokens`` the prompt tokens run per step, ``cuda_graphs`` (default: on for CUDA)
+    captures the decode step.
     """
 
     def __init__(
         self,
-        model_dir: Path,
+        model_dir: Path | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = torch.float32,
         max_adapters: int = 32,
         context_length: int | None = None,
+        *,
+        model: PreTrainedModel | None = None,
+        tokenizer_dir: Path | None = None,
+        max_seqs: int = 256,
+        kv_cache_tokens: int = 65_536,
+        block_size: int = 16,
+        prefill_tokens: int = 8192,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
         self.max_adapters = max_adapters
-        base = load_base_model(model_dir, self.dtype, self.device)
-        self.lora = LoraModel(base)
-        # Decoder and head are called separately: the prefill then only projects the positions
-        # it needs onto the vocabulary (the last one, plus the prompt where logprobs are asked).
-        self.decoder = base.get_decoder()
-        self.lm_head = base.get_output_embeddings()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.config = base.config
-        self.vocab_size = int(base.config.vocab_size)
-        self.context_length = context_length or int(base.config.max_position_embeddings)
+        if model is None:
+            assert model_dir is not None, "give a model directory or a loaded model"
+            model = load_base_model(model_dir, self.dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
+        self.config = model.config
+        self.vocab_size = int(model.config.vocab_size)
+        self.context_length = context_length or int(model.config.max_position_embeddings)
+        self.model = _decoder_from_hf(model, self.context_length)
+        self.resident = _resident_from_hf(model)
+        del model  # the decoder holds every weight it needs (q/k/v and gate/up fused copies)
         vocab = self.tokenizer.get_vocab()
         eos = {vocab[t] for t in EOS_TOKENS if t in vocab}
         if self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_ids = sorted(eos)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad) if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self._adapters: OrderedDict[str, Path] = OrderedDict()
+
+        s = self.model.shape
+        self.max_seqs = max_seqs
+        self.prefill_tokens = prefill_tokens
+        self.block_size = block_size
+        num_blocks = math.ceil(kv_cache_tokens / block_size) + 1  # + the scratch block
+        self.cache = PagedKVCache(
+            CacheShape(s.layers, s.kv_heads, s.head_dim, block_size, num_blocks),
+            self.dtype,
+            self.device,
+        )
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: DecodeGraphs | None = None
+        self._waiting: deque[_Request] = deque()
+        self._prefilling: list[_Request] = []
+        self._running: list[_Seq] = []
+        self._free_blocks = num_blocks - 1  # not promised to any admitted request
+        self._free_rows = max_seqs
+        self._next_handle = 0
 
     @classmethod
     def from_spec(
         cls, spec: ModelSpec, *, device: str | None = None, max_adapters: int = 32
     ) -> SamplerEngine:
         """The engine for a registry entry: its directory (the built-in model is generated there
-        if missing), dtype, device and context length. ``device`` overrides the registry's device
-        (see ``ModelSpec.on_device`` for what that does to the dtype)."""
+        if missing), dtype, device and context length. ``device`` overrides the registry's."""
         if device:
             spec = spec.on_device(device)
         return cls(
@@ -110,36 +193,107 @@ class SamplerEngine:
             context_length=spec.context_length,
         )
 
+    @property
+    def lora(self) -> ResidentAdapters:
+        return self.resident
+
     # ------------------------------------------------------------------------------ adapters
 
     def ensure_adapter(self, adapter_id: str, directory: Path) -> None:
         """Load the PEFT adapter in ``directory`` as ``adapter_id`` unless it is resident already.
 
         An adapter whose modules or shapes do not fit the base model is a ``UserError``: it came
-        from a client's checkpoint, not from us.
+        from a client's checkpoint, not from us. Adding or evicting one rebuilds the stacks.
         """
         if adapter_id in self._adapters:
             self._adapters.move_to_end(adapter_id)
             return
         adapter = LoraAdapter.load_peft(Path(directory), device=self.device, dtype=self.dtype)
         for name, f in adapter.factors.items():
-            layer = self.lora.layers.get(name)
-            if layer is None:
+            module = self.resident.layers.get(name)
+            if module is None:
                 raise UserError(
                     f"adapter {adapter_id!r} targets {name!r}, absent from the base model"
                 )
-            if f.a.shape[1] != layer.base.in_features or f.b.shape[0] != layer.base.out_features:
+            if f.a.shape[1] != module.in_features or f.b.shape[0] != module.out_features:
                 raise UserError(f"adapter {adapter_id!r} does not fit the shape of {name!r}")
-        self.lora.add(adapter_id, adapter)
+        for name, f in adapter.factors.items():
+            self.resident.layers[name].adapters[adapter_id] = f
         self._adapters[adapter_id] = Path(directory)
+        # Restacking moves columns, which is safe between steps (masks are rebuilt every step),
+        # but an adapter a queued or running request needs is never evicted.
+        busy = {r.adapter_id for r in (*self._waiting, *self._prefilling)}
+        busy |= {q.req.adapter_id for q in self._running}
         while len(self._adapters) > self.max_adapters:
-            evicted, _ = self._adapters.popitem(last=False)
-            self.lora.remove(evicted)
+            evicted = next((a for a in self._adapters if a not in busy), None)
+            if evicted is None:
+                break  # every resident adapter is in use; shrink once they finish
+            del self._adapters[evicted]
+            for module in self.resident.layers.values():
+                module.adapters.pop(evicted, None)
+        self.resident.order = list(self._adapters)
+        self._restack()
+
+    def _restack(self) -> None:
+        """Rebuild ``LoraStacks`` from the resident adapters (columns in residency order)."""
+        s = self.model.shape
+        sizes = {
+            "qkv": [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim],
+            "o": [s.hidden],
+            "gate_up": [s.intermediate, s.intermediate],
+            "down": [s.hidden],
+            HEAD: [s.vocab],
+        }
+        kinds: dict[str, tuple[str, ...]] = {**FUSED, HEAD: ("",)}
+        stacks = LoraStacks()
+        for kind, subs in kinds.items():
+            names = (
+                [[f"model.layers.{i}.{sub}" for sub in subs] for i in range(s.layers)]
+                if kind != HEAD
+                else [[HEAD]]
+            )
+            offsets = np.cumsum([0] + sizes[kind]).tolist()
+            spans: dict[str, tuple[int, int]] = {}
+            columns: list[tuple[str, int, int]] = []  # (adapter, sub index, rank)
+            width = 0
+            for adapter_id in self.resident.order:
+                start = width
+                for j in range(len(subs)):
+                    ranks = [
+                        self.resident.layers[row[j]].adapters[adapter_id].a.shape[0]
+                        for row in names
+                        if adapter_id in self.resident.layers[row[j]].adapters
+                    ]
+                    if ranks:
+                        columns.append((adapter_id, j, max(ranks)))
+                        width += max(ranks)
+                if width > start:
+                    spans[adapter_id] = (start, width)
+            if not width:
+                continue
+            a_list, b_list = [], []
+            for row in names:
+                in_features = self.resident.layers[row[0]].in_features
+                a = torch.zeros(width, in_features, dtype=self.dtype, device=self.device)
+                b = torch.zeros(offsets[-1], width, dtype=self.dtype, device=self.device)
+                col = 0
+                for adapter_id, j, rank in columns:
+                    f = self.resident.layers[row[j]].adapters.get(adapter_id)
+                    if f is not None:
+                        r = f.a.shape[0]
+                        a[col : col + r] = f.a
+                        b[offsets[j] : offsets[j + 1], col : col + r] = f.b * f.scale
+                    col += rank
+                a_list.append(a)
+                b_list.append(b)
+            stacks.a[kind], stacks.b[kind], stacks.spans[kind] = a_list, b_list, spans
+        self.model.lora = stacks
+        self._graphs = None  # captured graphs hold the old stacks' addresses
 
     # ------------------------------------------------------------------------------ validation
 
-    def _validate(self, request: SampleRequest, adapter_id: str | None) -> _Job:
-        """Reject what the client can fix before any compute is spent on the batch."""
+    def _validate(self, request: SampleRequest, adapter_id: str | None) -> _Request:
+        """Reject what the client can fix before any compute is spent on it."""
         p = request.params
         prompt = request.prompt.to_numpy().reshape(-1).astype(np.int64).tolist()
         if not prompt:
@@ -153,266 +307,368 @@ class SamplerEngine:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
                 f"context length {self.context_length}"
             )
-        if request.num_samples < 1:
+        n = request.num_samples
+        if n < 1:
             raise UserError("num_samples must be at least 1")
+        if n > self.max_seqs:
+            raise UserError(f"num_samples ({n}) exceeds this sampler's {self.max_seqs} sequences")
         if not math.isfinite(p.temperature) or p.temperature < 0:
             raise UserError("temperature must be a finite number >= 0")
         if not 0 < p.top_p <= 1:
             raise UserError("top_p must be in (0, 1]")
         if adapter_id is not None and adapter_id not in self._adapters:
-            # The handler forgot ensure_adapter (or evicted it within one batch): our fault.
+            # The handler forgot ensure_adapter (or it was evicted): our fault, not the client's.
             raise WhetstoneError(f"adapter {adapter_id!r} is not loaded")
-        stop_ids = list(p.stop_token_ids) + (self.eos_ids if p.stop_on_eos else [])
-        return _Job(request, adapter_id, prompt, stop_ids)
+        promised = self._blocks_needed(len(prompt), p.max_tokens, n)
+        if promised > self.cache.shape.num_blocks - 1:
+            raise UserError("prompt, max_tokens and num_samples exceed this sampler's KV cache")
+        stop_ids = frozenset(list(p.stop_token_ids) + (self.eos_ids if p.stop_on_eos else []))
+        gen = torch.Generator()
+        if p.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(p.seed)
+        uniforms = torch.rand(n, max(1, p.max_tokens), generator=gen)
+        handle, self._next_handle = self._next_handle, self._next_handle + 1
+        return _Request(
+            handle, request, adapter_id, prompt, stop_ids, uniforms, promised,
+            sequences=[None] * n,
+        )  # fmt: skip
 
-    # ------------------------------------------------------------------------------ generation
+    def _blocks_needed(self, prompt: int, max_tokens: int, samples: int) -> int:
+        """Worst case: sample 0 keeps the prompt's blocks, the others share its full ones."""
+        bs = self.block_size
+        per_seq = math.ceil((prompt + max(max_tokens - 1, 0)) / bs)
+        return per_seq + (samples - 1) * (per_seq - prompt // bs)
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def add(self, request: SampleRequest, adapter_id: str | None) -> int:
+        """Queue ``request``; its handle comes back from :meth:`step` with its result."""
+        req = self._validate(request, adapter_id)
+        if adapter_id is not None:
+            self._adapters.move_to_end(adapter_id)
+        self._waiting.append(req)
+        return req.handle
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, SampleResult]]:
+        """Admit, prefill one chunk budget, decode one token: the requests that finished."""
+        finished: list[tuple[int, SampleResult]] = []
+        while self._waiting:
+            req = self._waiting[0]
+            n = req.request.num_samples
+            if n > self._free_rows or req.promised_blocks > self._free_blocks:
+                break
+            self._waiting.popleft()
+            self._free_rows -= n
+            self._free_blocks -= req.promised_blocks
+            self._prefilling.append(req)
+        if self._prefilling:
+            self._prefill(finished)
+        if self._running:
+            self._decode(finished)
+        return finished
 
     @torch.inference_mode()
     def generate(self, jobs: list[tuple[SampleRequest, str | None]]) -> list[SampleResult]:
-        """Sample every request of ``jobs`` in one batched decode; results in ``jobs`` order."""
-        if not jobs:
-            return []
+        """Sample every request of ``jobs`` together; results in ``jobs`` order. Every request is
+        validated before any runs, so one bad request fails the call before compute is spent."""
+        assert not self.has_work, "generate() needs an idle engine; use add()/step() instead"
         checked = [self._validate(request, adapter_id) for request, adapter_id in jobs]
-        for job in checked:
-            if job.adapter_id is not None:
-                self._adapters.move_to_end(job.adapter_id)
+        for req in checked:
+            if req.adapter_id is not None:
+                self._adapters.move_to_end(req.adapter_id)
+        self._waiting.extend(checked)
+        results: dict[int, SampleResult] = {}
+        while self.has_work:
+            results.update(self.step())
+        return [results[req.handle] for req in checked]
 
-        # Row layout: group jobs by adapter (first-seen order), each job's samples adjacent.
-        adapters = list(dict.fromkeys(job.adapter_id for job in checked))
-        order = [j for a in adapters for j, job in enumerate(checked) if job.adapter_id == a]
-        first_row: dict[int, int] = {}  # job index -> its first batch row
-        row_job: list[int] = []  # batch row -> job index
-        segments: list[Segment] = []
-        for j in order:
-            job = checked[j]
-            first_row[j] = len(row_job)
-            row_job += [j] * job.request.num_samples
-            if segments and segments[-1].adapter_id == job.adapter_id:
-                segments[-1] = Segment(job.adapter_id, segments[-1].start, len(row_job))
-            else:
-                segments.append(Segment(job.adapter_id, first_row[j], len(row_job)))
-        rows = len(row_job)
-        dev = self.device
+    # ------------------------------------------------------------------------------ prefill
 
-        # Per-row sampling parameters as tensors, so the loop below handles all rows at once.
-        def per_row(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([values[j] for j in row_job], dtype=dtype, device=dev)
-
-        params = [job.request.params for job in checked]
-        temperature = per_row([p.temperature for p in params], torch.float32)
-        greedy = temperature == 0
-        temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-        top_k = per_row([p.top_k if p.top_k > 0 else self.vocab_size for p in params], torch.long)
-        top_p = per_row([p.top_p for p in params], torch.float32)
-        max_tokens = per_row([p.max_tokens for p in params], torch.long)
-        # Stop ids padded with -1 (never a token) into one [rows, width] table.
-        width = max(1, max(len(job.stop_ids) for job in checked))
-        stop_table = [
-            checked[j].stop_ids + [-1] * (width - len(checked[j].stop_ids)) for j in row_job
-        ]
-        stop_ids = torch.tensor(stop_table, dtype=torch.long, device=dev)
-        generators = [self._generator(job.request.params.seed) for job in checked]
-        string_rows = [r for r, j in enumerate(row_job) if checked[j].request.params.stop_strings]
-
-        # Left-padded prompts; positions count real tokens only, so padding never shifts RoPE.
-        prompt_len = max(len(job.prompt) for job in checked)
-        padded = [
-            [self.pad_id] * (prompt_len - len(checked[j].prompt)) + checked[j].prompt
-            for j in row_job
-        ]
-        mask = [
-            [0] * (prompt_len - len(checked[j].prompt)) + [1] * len(checked[j].prompt)
-            for j in row_job
-        ]
-        input_ids = torch.tensor(padded, dtype=torch.long, device=dev)
-        attention = torch.tensor(mask, dtype=torch.long, device=dev)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-
-        cache = DynamicCache(config=self.config)
-        with self.lora.route.use(segments):
-            hidden = self._decode(input_ids, attention, positions, cache)
-            logits = self.lm_head(hidden[:, -1]).float()
-        prompt_logprobs = {
-            j: self._prompt_logprobs(hidden[first_row[j]], job)
-            for j, job in enumerate(checked)
-            if job.request.prompt_logprobs
-        }
-        del hidden
-
-        steps = int(max_tokens.max())
-        tokens = torch.full((rows, max(steps, 1)), self.pad_id, dtype=torch.long, device=dev)
-        logprobs = torch.zeros((rows, max(steps, 1)), dtype=torch.float32, device=dev)
-        lengths = torch.zeros(rows, dtype=torch.long, device=dev)
-        done = max_tokens == 0
-        stopped = torch.zeros(rows, dtype=torch.bool, device=dev)
-        for step in range(steps):
-            # Logprobs are reported under the temperature-scaled distribution before any
-            # truncation; greedy rows (temperature 0) report the temperature-1 distribution.
-            scaled = torch.log_softmax(logits / temperature[:, None], dim=-1)
-            uniforms = self._uniforms(generators, checked, order)
-            sampled = _sample_truncated(scaled, top_k, top_p, uniforms)
-            token = torch.where(greedy, logits.argmax(dim=-1), sampled)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
-
-            active = ~done
-            tokens[active, step] = token[active]
-            logprobs[active, step] = scaled.gather(-1, token[:, None]).squeeze(-1)[active]
-            lengths += active.long()
-            hit = (stop_ids == token[:, None]).any(-1) | self._stop_strings(
-                string_rows, row_job, checked, tokens, lengths, active
-            )
-            stopped |= active & hit
-            done = done | stopped | (lengths >= max_tokens)
-            if bool(done.all()) or step == steps - 1:
+    def _prefill(self, finished: list[tuple[int, SampleResult]]) -> None:
+        budget = self.prefill_tokens
+        picked: list[tuple[_Request, int, int]] = []
+        for req in self._prefilling:
+            if budget <= 0:
                 break
-
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
-            positions = positions[:, -1:] + 1
-            with self.lora.route.use(segments):
-                hidden = self._decode(token[:, None], attention, positions, cache)
-                logits = self.lm_head(hidden[:, -1]).float()
-
-        return self._results(
-            checked, first_row, tokens, logprobs, lengths, stopped, prompt_logprobs
+            start = req.prefilled
+            stop = min(len(req.prompt), start + budget)
+            picked.append((req, start, stop))
+            budget -= stop - start
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        adapters: list[str | None] = []
+        chunks = []
+        for req, start, stop in picked:
+            while len(req.blocks) * bs < stop:
+                req.blocks.append(self.cache.allocator.allocate())
+            row = len(ids)
+            ids += req.prompt[start:stop]
+            positions += range(start, stop)
+            slots += self.cache.slots(req.blocks, start, stop)
+            adapters += [req.adapter_id] * (stop - start)
+            table = torch.tensor(req.blocks[: math.ceil(stop / bs)], device=dev)
+            chunks.append((row, len(ids), start, table))
+        masks = self._masks(adapters)
+        hidden = self.model.forward(
+            torch.tensor(ids, device=dev),
+            torch.tensor(positions, device=dev),
+            self.cache,
+            PrefillBatch(torch.tensor(slots, device=dev), chunks),
+            masks,
         )
+        done: list[tuple[_Request, int]] = []
+        for (req, start, stop), (row, _, _, _) in zip(picked, chunks, strict=True):
+            if req.request.prompt_logprobs:
+                self._prompt_logprobs(req, hidden, row, start, stop, masks)
+            req.prefilled = stop
+            if stop == len(req.prompt):
+                done.append((req, row + stop - start - 1))
+        self._prefilling = [r for r in self._prefilling if r.prefilled < len(r.prompt)]
+        if not done:
+            return
+        rows = [row for _, row in done]
+        logits = self.model.logits(hidden[rows], _rows(masks, rows))
+        forked: list[_Seq] = []
+        forked_rows: list[int] = []
+        for i, (req, _) in enumerate(done):
+            n = len(req.prompt)
+            seqs = [
+                _Seq(req, k, req.blocks if k == 0 else self.cache.fork(req.blocks, n), n)
+                for k in range(req.request.num_samples)
+            ]
+            req.blocks = []
+            forked += seqs
+            forked_rows += [i] * len(seqs)
+        self._sample(forked, logits[forked_rows], finished)
 
-    # ------------------------------------------------------------------------------ pieces
-
-    def _decode(
+    def _prompt_logprobs(
         self,
-        input_ids: torch.Tensor,
-        attention: torch.Tensor,
-        positions: torch.Tensor,
-        cache: DynamicCache,
-    ) -> torch.Tensor:
-        """Hidden states of the new columns; appends their keys and values to ``cache``."""
-        out = self.decoder(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
+        req: _Request,
+        hidden: torch.Tensor,
+        row: int,
+        start: int,
+        stop: int,
+        masks: dict[str, torch.Tensor] | None,
+    ) -> None:
+        """log p(prompt[p + 1] | prompt[: p + 1]) at temperature 1 for this chunk's positions;
+        NaN at position 0 by contract."""
+        n = len(req.prompt)
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = torch.full((n,), float("nan"), dtype=torch.float32)
+        count = min(stop, n - 1) - start
+        if count <= 0:
+            return
+        rows = list(range(row, row + count))
+        scores = torch.log_softmax(self.model.logits(hidden[rows], _rows(masks, rows)), dim=-1)
+        target = torch.tensor(req.prompt[start + 1 : start + 1 + count], device=scores.device)
+        values = scores.gather(-1, target[:, None]).squeeze(-1)
+        req.prompt_logprobs[start + 1 : start + 1 + count] = values.float().cpu()
+
+    # ------------------------------------------------------------------------------ decode
+
+    def _decode(self, finished: list[tuple[int, SampleResult]]) -> None:
+        seqs, bs = self._running, self.block_size
+        for seq in seqs:  # the block for the token fed now
+            if seq.length // bs == len(seq.blocks):
+                seq.blocks.append(self.cache.allocator.allocate())
+        positions = [seq.length for seq in seqs]
+        n_blocks = max(math.ceil((p + 1) / bs) for p in positions)
+        table = np.zeros((len(seqs), n_blocks), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            table[row, : len(seq.blocks)] = seq.blocks[:n_blocks]
+        inputs = torch.tensor(
+            [
+                [seq.tokens[-1] for seq in seqs],
+                positions,
+                [seq.blocks[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)],
+                [p + 1 for p in positions],
+            ],
+            device=self.device,
         )
-        return out.last_hidden_state
-
-    def _prompt_logprobs(self, hidden_row: torch.Tensor, job: _Job) -> torch.Tensor:
-        """log p(prompt[i] | prompt[:i]) at temperature 1 from the prefill's hidden states.
-
-        Only this request's prompt positions are projected onto the vocabulary (one request at a
-        time keeps the ``[positions, vocab]`` logits bounded); NaN at position 0 by contract.
-        """
-        n = len(job.prompt)
-        out = torch.full((n,), float("nan"), dtype=torch.float32)
-        if n > 1:
-            states = hidden_row[-n:-1][None]  # positions that predict prompt[1:]
-            with self.lora.route.use([Segment(job.adapter_id, 0, 1)]):
-                scores = torch.log_softmax(self.lm_head(states)[0].float(), dim=-1)
-            target = torch.tensor(job.prompt[1:], dtype=torch.long, device=scores.device)
-            out[1:] = scores.gather(-1, target[:, None]).squeeze(-1).cpu()
-        return out
-
-    @staticmethod
-    def _generator(seed: int | None) -> torch.Generator:
-        """A CPU generator per request, so a seeded request is reproducible whatever the device."""
-        gen = torch.Generator()
-        if seed is None:
-            gen.seed()
+        table_t = torch.from_numpy(table).to(self.device)
+        masks = self._masks([seq.req.adapter_id for seq in seqs])
+        if self.cuda_graphs:
+            if self._graphs is None:
+                self._graphs = DecodeGraphs(self.model, self.cache, self.max_seqs, self._max_blocks)
+            logits = self._graphs.run(inputs[0], inputs[1], inputs[2], table_t, inputs[3], masks)
         else:
-            gen.manual_seed(seed)
-        return gen
+            batch = DecodeBatch(inputs[2], table_t, inputs[3])
+            hidden = self.model.forward(inputs[0], inputs[1], self.cache, batch, masks)
+            logits = self.model.logits(hidden, masks)
+        for seq in seqs:
+            seq.length += 1
+        self._running = []
+        self._sample(seqs, logits, finished)
 
-    def _uniforms(
-        self, generators: list[torch.Generator], checked: list[_Job], order: list[int]
-    ) -> torch.Tensor:
-        """One uniform per row for this step, each request drawing from its own generator.
+    @property
+    def _max_blocks(self) -> int:
+        return math.ceil(self.context_length / self.block_size)
 
-        Every request draws ``num_samples`` values each step, finished rows included, so its
-        stream does not depend on the other requests in the batch.
+    def _masks(self, adapters: list[str | None]) -> dict[str, torch.Tensor] | None:
+        """LoRA masks for these rows, or ``None`` when no row uses an adapter."""
+        if all(a is None for a in adapters) or not self.model.lora.spans:
+            return None
+        return self.model.lora.masks(adapters, self.device)
+
+    # ------------------------------------------------------------------------------ sampling
+
+    def _sample(
+        self, seqs: list[_Seq], logits: torch.Tensor, finished: list[tuple[int, SampleResult]]
+    ) -> None:
+        """Draw each sequence's next token, record it, retire the ones that stop."""
+        params = [seq.req.request.params for seq in seqs]
+        live = [seq for seq, p in zip(seqs, params, strict=True) if p.max_tokens > 0]
+        for seq, p in zip(seqs, params, strict=True):
+            if p.max_tokens == 0:
+                self._retire(seq, stopped=False, finished=finished)
+        if not live:
+            return
+        if len(live) < len(seqs):
+            keep = [i for i, p in enumerate(params) if p.max_tokens > 0]
+            logits, params = logits[keep], [params[i] for i in keep]
+        rows = self._sampling_rows(live, params)
+        tokens_t, logprobs_t = sample(logits, rows)
+        tokens, logprobs = tokens_t.tolist(), logprobs_t.tolist()
+        for seq, p, token, logprob in zip(live, params, tokens, logprobs, strict=True):
+            seq.tokens.append(token)
+            seq.logprobs.append(logprob)
+            stopped = token in seq.req.stop_ids or self._hits_stop_string(seq, p.stop_strings)
+            if stopped or len(seq.tokens) >= p.max_tokens:
+                self._retire(seq, stopped=stopped, finished=finished)
+            else:
+                self._running.append(seq)
+
+    def _sampling_rows(self, seqs: list[_Seq], params: list) -> SamplingRows:
+        vocab = self.vocab_size
+        temperature = [p.temperature for p in params]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        uniforms = [float(seq.req.uniforms[seq.index, len(seq.tokens)]) for seq in seqs]
+        floats = torch.tensor(
+            [[t if t > 0 else 1.0 for t in temperature], top_p, uniforms, top_k],
+            dtype=torch.float64,
+        ).to(self.device)
+        greedy = [t == 0 for t in temperature]
+        finite_k = [k for k in top_k if k < vocab]
+        return SamplingRows(
+            temperature=floats[0].float(),
+            greedy=torch.tensor(greedy, device=self.device),
+            top_k=floats[3].long(),
+            top_p=floats[1].float(),
+            uniforms=floats[2].float(),
+            any_greedy=any(greedy),
+            all_greedy=all(greedy),
+            any_truncated=any(k < vocab or p < 1 for k, p in zip(top_k, top_p, strict=True)),
+            max_top_k=max(finite_k, default=0),
+        )
+
+    def _hits_stop_string(self, seq: _Seq, strings: list[str]) -> bool:
+        """Whether the newest token completes a stop string (which may span token boundaries).
+
+        Only the tail is decoded: a string of ``c`` characters spans at most ``4c`` byte-level
+        tokens, and an earlier occurrence would have stopped the row already. Special tokens are
+        kept in the text so that ``stop=["<|im_end|>"]`` works as a string.
         """
-        draws = [torch.rand(checked[j].request.num_samples, generator=generators[j]) for j in order]
-        return torch.cat(draws).to(self.device)
+        if not strings:
+            return False
+        window = 4 * max(len(s) for s in strings) + 2
+        text = self.tokenizer.decode(seq.tokens[-window:], skip_special_tokens=False)
+        return any(s and s in text for s in strings)
 
-    def _stop_strings(
-        self,
-        string_rows: list[int],
-        row_job: list[int],
-        checked: list[_Job],
-        tokens: torch.Tensor,
-        lengths: torch.Tensor,
-        active: torch.Tensor,
-    ) -> torch.Tensor:
-        """Rows whose newest token completes one of their stop strings.
-
-        Only the tail of each row is decoded: a string of ``c`` characters spans at most ``4c``
-        byte-level tokens, and any earlier occurrence would have stopped the row already.
-        Special tokens are kept in the text so that ``stop=["<|im_end|>"]`` works as a string.
-        """
-        hit = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        if not string_rows:
-            return hit
-        active_list, lengths_list = active.tolist(), lengths.tolist()
-        for r in string_rows:
-            if not active_list[r]:
-                continue
-            strings = checked[row_job[r]].request.params.stop_strings
-            n = lengths_list[r]
-            window = 4 * max(len(s) for s in strings) + 2
-            tail = tokens[r, max(0, n - window) : n].tolist()
-            text = self.tokenizer.decode(tail, skip_special_tokens=False)
-            hit[r] = any(s and s in text for s in strings)
-        return hit
-
-    @staticmethod
-    def _results(
-        checked: list[_Job],
-        first_row: dict[int, int],
-        tokens: torch.Tensor,
-        logprobs: torch.Tensor,
-        lengths: torch.Tensor,
-        stopped: torch.Tensor,
-        prompt_logprobs: dict[int, torch.Tensor],
-    ) -> list[SampleResult]:
-        token_rows, logprob_rows = tokens.cpu().numpy(), logprobs.cpu().numpy()
-        lengths_list, stopped_list = lengths.tolist(), stopped.tolist()
-        results = []
-        for j, job in enumerate(checked):
-            sequences = []
-            for r in range(first_row[j], first_row[j] + job.request.num_samples):
-                n = lengths_list[r]
-                sequences.append(
-                    SampledSequence(
-                        tokens=Tensor.from_numpy(token_rows[r, :n].astype(np.int64)),
-                        logprobs=Tensor.from_numpy(logprob_rows[r, :n].astype(np.float32)),
-                        stop_reason="stop" if stopped_list[r] else "length",
-                    )
-                )
-            plp = prompt_logprobs.get(j)
-            results.append(
-                SampleResult(
-                    sequences=sequences,
-                    prompt_logprobs=Tensor.from_numpy(plp.numpy()) if plp is not None else None,
+    def _retire(
+        self, seq: _Seq, *, stopped: bool, finished: list[tuple[int, SampleResult]]
+    ) -> None:
+        req = seq.req
+        self.cache.allocator.release(seq.blocks)
+        seq.blocks = []
+        self._free_rows += 1
+        req.sequences[seq.index] = SampledSequence(
+            tokens=Tensor.from_numpy(np.asarray(seq.tokens, dtype=np.int64)),
+            logprobs=Tensor.from_numpy(np.asarray(seq.logprobs, dtype=np.float32)),
+            stop_reason="stop" if stopped else "length",
+        )
+        if all(s is not None for s in req.sequences):
+            self._free_blocks += req.promised_blocks
+            plp = req.prompt_logprobs
+            finished.append(
+                (
+                    req.handle,
+                    SampleResult(
+                        sequences=[s for s in req.sequences if s is not None],
+                        prompt_logprobs=Tensor.from_numpy(plp.numpy()) if plp is not None else None,
+                    ),
                 )
             )
-        return results
 
 
-def _sample_truncated(
-    scaled_logprobs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
-) -> torch.Tensor:
-    """Draw one token per row by inverse CDF over the top-k, then top-p, truncated distribution.
+def _rows(masks: dict[str, torch.Tensor] | None, rows: list[int]) -> dict[str, torch.Tensor] | None:
+    return None if masks is None else {kind: m[rows] for kind, m in masks.items()}
 
-    Top-p is applied to the distribution renormalised after top-k (as vLLM does); the most likely
-    token always survives. The sort is stable so ties break by token id, deterministically.
-    Inverse-CDF sampling with ``side="right"`` can never pick a zero-probability token.
-    """
-    probs = scaled_logprobs.exp()
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)
-    ranks = torch.arange(probs.shape[-1], device=probs.device)
-    sorted_probs = sorted_probs * (ranks[None] < top_k[:, None])
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs * (mass_before < top_p[:, None])
-    cdf = sorted_probs.cumsum(dim=-1)
-    target = (uniforms * cdf[:, -1])[:, None]
-    pick = torch.searchsorted(cdf, target, side="right").clamp(max=probs.shape[-1] - 1)
-    return sorted_ids.gather(-1, pick).squeeze(-1)
+
+def _decoder_from_hf(model: PreTrainedModel, max_positions: int) -> Qwen3Decoder:
+    """Our decoder over an HF ``Qwen3ForCausalLM``'s weights (q/k/v and gate/up fused)."""
+    c = model.config
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"RoPE scaling {rope.get('rope_type')!r} is not supported")
+    if getattr(c, "use_sliding_window", False) or getattr(c, "attention_bias", False):
+        raise NotImplementedError("sliding-window attention and attention biases")
+    theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10_000.0)))
+    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    shape = Shape(
+        vocab=int(c.vocab_size),
+        hidden=int(c.hidden_size),
+        layers=int(c.num_hidden_layers),
+        heads=int(c.num_attention_heads),
+        kv_heads=int(c.num_key_value_heads),
+        head_dim=head_dim,
+        intermediate=int(c.intermediate_size),
+        eps=float(c.rms_norm_eps),
+        rope_theta=theta,
+        max_positions=max(max_positions, 1),
+    )
+    decoder = model.get_decoder()
+    layers = []
+    for block in decoder.layers:
+        attn, mlp = block.self_attn, block.mlp
+        layers.append(
+            Layer(
+                input_norm=block.input_layernorm.weight.detach(),
+                qkv=torch.cat(
+                    [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+                ).detach(),
+                q_norm=attn.q_norm.weight.detach(),
+                k_norm=attn.k_norm.weight.detach(),
+                o=attn.o_proj.weight.detach(),
+                post_norm=block.post_attention_layernorm.weight.detach(),
+                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                down=mlp.down_proj.weight.detach(),
+            )
+        )
+    return Qwen3Decoder(
+        shape,
+        decoder.embed_tokens.weight.detach(),
+        layers,
+        decoder.norm.weight.detach(),
+        model.get_output_embeddings().weight.detach(),
+    )
+
+
+def _resident_from_hf(model: PreTrainedModel) -> ResidentAdapters:
+    """Every module name an adapter may target, with its shape."""
+    targets = {sub.rsplit(".", 1)[-1] for subs in FUSED.values() for sub in subs} | {HEAD}
+    layers = {
+        name: ModuleAdapters(module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear)
+    }
+    return ResidentAdapters(layers)

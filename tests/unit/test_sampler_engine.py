@@ -18,7 +18,7 @@ from whetstone.errors import UserError
 from whetstone.messages import LoraConfig, SampleRequest, SamplingParams
 from whetstone.tensors import Tensor
 from whetstone_ml.builtin import ensure_builtin_model
-from whetstone_ml.lora import LoraAdapter
+from whetstone_ml.lora import LoraAdapter, LoraModel
 
 PROMPTS = [
     "Q: What is the capital of France?\nA:",
@@ -37,9 +37,12 @@ def engine(model_dir: Path) -> SamplerEngine:
     return SamplerEngine(model_dir)
 
 
-def _make_adapter(engine: SamplerEngine, directory: Path, seed: int, model_dir: Path) -> Path:
+def _make_adapter(
+    engine: SamplerEngine, directory: Path, seed: int, model_dir: Path, rank: int = 8
+) -> Path:
     """A PEFT adapter whose B is random, so that it really changes the model's outputs."""
-    adapter = LoraAdapter.init(engine.lora, LoraConfig(rank=8, seed=seed))
+    base = LoraModel(AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32))
+    adapter = LoraAdapter.init(base, LoraConfig(rank=rank, seed=seed))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for f in adapter.factors.values():
@@ -223,19 +226,20 @@ def test_seeded_request_independent_of_batch_neighbours(engine, adapters):
 
 @pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 1e-6}])
 def test_extreme_truncation_equals_greedy(engine, truncation):
+    """Same tokens as greedy; logprob 0, since the distribution sampled is a point mass."""
     [greedy] = engine.generate(
         [(_request(engine, PROMPTS[0], max_tokens=10, temperature=0.0), None)]
     )
     sampled_request = _request(engine, PROMPTS[0], max_tokens=10, temperature=1.0, **truncation)
     [sampled] = engine.generate([(sampled_request, None)])
     assert _tokens(sampled) == _tokens(greedy)
-    np.testing.assert_allclose(_logprobs(sampled), _logprobs(greedy), atol=1e-5)
+    np.testing.assert_allclose(_logprobs(sampled), 0.0, atol=1e-6)
 
 
-def test_top_k_restricts_support(engine):
+def test_top_k_restricts_support(engine, model_dir):
     """With top_k=3 every sampled token must be among the 3 greedy-best at its step."""
     prompt = engine.tokenizer.encode(PROMPTS[2])
-    reference = engine.lora.model
+    reference = _peft_model(model_dir, None)
     request = _request(engine, prompt, max_tokens=6, temperature=1.0, top_k=3, seed=3)
     [result] = engine.generate([(request, None)])
     ids = prompt + _tokens(result)

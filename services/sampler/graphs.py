@@ -1,0 +1,103 @@
+"""The decode step captured as CUDA graphs: one per (batch bucket, context bucket, LoRA on/off).
+
+The decode step is the same ``Qwen3Decoder.forward`` + ``logits`` the engine runs eagerly on CPU;
+here its inputs live in static device buffers sized for the largest batch and context, each step
+copies the real inputs into their leading rows, and the graph of the smallest bucket that fits
+is replayed (captured on first use). Padded rows decode token 0 at position 0 into the scratch
+block 0 with a context of one token; their logits are dropped. Batch buckets are powers of two;
+context buckets are multiples of ``BLOCKS_PER_BUCKET`` blocks, so attention reads at most that
+many blocks of padding per row.
+
+A graph records tensor addresses: rebuilding the LoRA stacks (an adapter loaded or evicted) must
+drop this object, which the engine does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.sampler.kvcache import PagedKVCache
+from services.sampler.model import DecodeBatch, Qwen3Decoder
+
+BLOCKS_PER_BUCKET = 4
+
+
+class DecodeGraphs:
+    def __init__(
+        self, model: Qwen3Decoder, cache: PagedKVCache, max_batch: int, max_blocks: int
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.max_batch = max_batch
+        self.max_blocks = max_blocks
+        dev = cache.k.device
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.table = torch.zeros(max_batch, max_blocks, dtype=torch.long, device=dev)
+        self.context = torch.ones(max_batch, dtype=torch.long, device=dev)
+        self.masks = {
+            kind: torch.zeros(max_batch, model.lora.width(kind), dtype=a[0].dtype, device=dev)
+            for kind, a in model.lora.a.items()
+        }
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        table: torch.Tensor,
+        context: torch.Tensor,
+        masks: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Logits ``[B, V]`` of one decode step (the same values the eager step computes)."""
+        b, n = table.shape
+        batch = min(self.max_batch, 1 << (b - 1).bit_length())
+        blocks = min(self.max_blocks, -(-n // BLOCKS_PER_BUCKET) * BLOCKS_PER_BUCKET)
+        self.ids[:b].copy_(ids)
+        self.positions[:b].copy_(positions)
+        self.slots[:b].copy_(slots)
+        self.context[:b].copy_(context)
+        self.table[:batch, :blocks].zero_()
+        self.table[:b, :n].copy_(table)
+        if b < batch:  # padding rows: scratch block, one token of context
+            self.ids[b:batch].zero_()
+            self.positions[b:batch].zero_()
+            self.slots[b:batch].zero_()
+            self.context[b:batch].fill_(1)
+        if masks is not None:
+            for kind, mask in masks.items():
+                self.masks[kind][:b].copy_(mask)
+                self.masks[kind][b:batch].zero_()
+        key = (batch, blocks, masks is not None)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:b]
+
+    def _step(self, batch: int, blocks: int, lora: bool) -> torch.Tensor:
+        decode = DecodeBatch(self.slots[:batch], self.table[:batch, :blocks], self.context[:batch])
+        masks = {k: m[:batch] for k, m in self.masks.items()} if lora else None
+        hidden = self.model.forward(
+            self.ids[:batch], self.positions[:batch], self.cache, decode, masks
+        )
+        return self.model.logits(hidden, masks)
+
+    def _capture(
+        self, batch: int, blocks: int, lora: bool
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm-up runs write this step's real keys and values to their real slots, which the
+        # replay then writes again: harmless.
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(batch, blocks, lora)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(batch, blocks, lora)
+        return graph, logits

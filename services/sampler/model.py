@@ -1,0 +1,243 @@
+"""The sampler's own Qwen3 decoder: packed tokens in, hidden states out, over a paged KV cache.
+
+It holds the Hugging Face model's weights (q/k/v and gate/up fused into one matrix each, so each
+layer runs four GEMMs) and runs them on a flat ``[T, D]`` batch of tokens from any number of
+sequences, each at its own position. Attention goes through a ``PrefillBatch`` (chunks of
+prompts, one SDPA per chunk) or a ``DecodeBatch`` (one token per sequence, one SDPA for all);
+neither ever repeats the KV heads: queries are reshaped so that the ``group`` query heads that
+share a KV head sit in the same SDPA "head" (``[kv_heads, group * n, head_dim]`` for a chunk,
+``[B, kv_heads, group, head_dim]`` for decode), so every KV head is read once.
+
+Multi-LoRA: ``LoraStacks`` holds, per fused projection, every resident adapter's factors stacked
+along the rank axis (adapters of different ranks simply take different widths; the scale is
+folded into B). A per-token 0/1 mask over those columns selects each token's adapter, so a batch
+that mixes adapters costs one shrink GEMM, one mask multiply and one expand GEMM per projection.
+The products with zeros keep it exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from services.sampler.kvcache import PagedKVCache
+
+# Fused projections and the HF sub-modules each one stacks, in output order.
+FUSED: dict[str, tuple[str, ...]] = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+HEAD = "lm_head"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a Qwen3 config that the decoder needs."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    rope_theta: float
+    max_positions: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(H + 2 KVH) * hd, D]
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 F, D]
+    down: torch.Tensor
+
+
+@dataclass
+class LoraStacks:
+    """Every resident adapter's factors, stacked per fused projection and layer.
+
+    ``a[kind][layer]`` is ``[R_kind, in]``, ``b[kind][layer]`` is ``[out, R_kind]`` (scale folded
+    in, zero outside the sub-projection's rows); ``spans[kind][adapter]`` is that adapter's column
+    range ``[start, stop)``. The head (``lm_head``) is the kind ``HEAD`` with one "layer".
+    """
+
+    a: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    b: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    spans: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+
+    def width(self, kind: str) -> int:
+        return int(self.a[kind][0].shape[0]) if kind in self.a else 0
+
+    def masks(self, adapters: list[str | None], device: torch.device) -> dict[str, torch.Tensor]:
+        """0/1 masks ``[T, R_kind]`` selecting each token's adapter columns (none for ``None``)."""
+        out = {}
+        for kind, spans in self.spans.items():
+            mask = torch.zeros(len(adapters), self.width(kind))
+            for row, adapter in enumerate(adapters):
+                if adapter is not None and adapter in spans:
+                    start, stop = spans[adapter]
+                    mask[row, start:stop] = 1
+            out[kind] = mask.to(device=device, dtype=self.a[kind][0].dtype)
+        return out
+
+
+@dataclass
+class PrefillBatch:
+    """Chunks of prompts packed into one ``[T, D]`` batch.
+
+    ``chunks`` holds ``(row_start, row_stop, position_start, block_ids)`` per chunk: rows of the
+    pack, the position of its first token in its sequence, and the sequence's block ids (a
+    ``[n_blocks]`` long tensor covering the context up to the chunk's end).
+    """
+
+    slots: torch.Tensor
+    chunks: list[tuple[int, int, int, torch.Tensor]]
+
+    def attend(self, cache: PagedKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+        shape = cache.shape
+        kvh, hd = shape.kv_heads, shape.head_dim
+        g = q.shape[1] // kvh
+        outs = []
+        for start, stop, pos, blocks in self.chunks:
+            n, ctx = stop - start, pos + stop - start
+            k, v = cache.gather(layer, blocks[None])  # [1, n_blocks * bs, KVH, hd]
+            k, v = k[0, :ctx].transpose(0, 1), v[0, :ctx].transpose(0, 1)  # [KVH, ctx, hd]
+            # Query heads of one KV head side by side: [KVH, G * n, hd], rows (g, token).
+            qc = q[start:stop].view(n, kvh, g, hd).permute(1, 2, 0, 3).reshape(kvh, g * n, hd)
+            q_pos = torch.arange(pos, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None] <= q_pos[:, None]  # [n, ctx] causal
+            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask.repeat(g, 1))
+            outs.append(o.view(kvh, g, n, hd).permute(2, 0, 1, 3).reshape(n, kvh * g * hd))
+        return torch.cat(outs)
+
+
+@dataclass
+class DecodeBatch:
+    """One new token per sequence: its KV slot, the sequence's block table and context length
+    (new token included). Rows past the real batch (CUDA-graph padding) point at the scratch
+    block and have context length 1."""
+
+    slots: torch.Tensor  # [B]
+    block_table: torch.Tensor  # [B, n_blocks]
+    context_lens: torch.Tensor  # [B]
+
+    def attend(self, cache: PagedKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+        shape = cache.shape
+        b, kvh, hd = q.shape[0], shape.kv_heads, shape.head_dim
+        k, v = cache.gather(layer, self.block_table)  # [B, L, KVH, hd]
+        length = k.shape[1]
+        valid = torch.arange(length, device=q.device)[None] < self.context_lens[:, None]
+        o = F.scaled_dot_product_attention(
+            q.view(b, kvh, -1, hd),  # [B, KVH, G, hd]: the G heads of a KV head as its queries
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=valid[:, None, None, :],
+        )
+        return o.reshape(b, -1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's RMSNorm: statistics in float32 (float64 stays float64), weight in the model dtype."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half); ``x`` is ``[T, heads, hd]``, cos/sin ``[T, hd]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Qwen3Decoder:
+    """Qwen3's forward over packed tokens; weights borrowed from (or fused out of) an HF model."""
+
+    def __init__(
+        self,
+        shape: Shape,
+        embed: torch.Tensor,
+        layers: list[Layer],
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+    ) -> None:
+        self.shape = shape
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.lora = LoraStacks()
+        dtype, device = embed.dtype, embed.device
+        # RoPE tables in float64, cast once: the same values whatever the model dtype.
+        inv_freq = 1.0 / (
+            shape.rope_theta
+            ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float64) / shape.head_dim)
+        )
+        angles = torch.arange(shape.max_positions, dtype=torch.float64)[:, None] * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        self.cos = angles.cos().to(device=device, dtype=dtype)
+        self.sin = angles.sin().to(device=device, dtype=dtype)
+
+    def _linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        kind: str,
+        layer: int,
+        masks: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        y = x @ weight.T
+        if masks is not None and kind in masks:
+            shrunk = (x @ self.lora.a[kind][layer].T) * masks[kind]
+            y = y.addmm_(shrunk, self.lora.b[kind][layer].T)
+        return y
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        batch: PrefillBatch | DecodeBatch,
+        masks: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states ``[T, D]`` of the tokens ``ids`` at ``positions``; their keys
+        and values are written to ``cache`` at ``batch.slots`` before attention reads it."""
+        s = self.shape
+        t = ids.shape[0]
+        q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        cos, sin = self.cos[positions], self.sin[positions]
+        h = self.embed[ids]
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, s.eps)
+            q, k, v = torch.split(
+                self._linear(x, layer.qkv, "qkv", i, masks), [q_size, kv_size, kv_size], dim=-1
+            )
+            q = rope(rms_norm(q.view(t, s.heads, s.head_dim), layer.q_norm, s.eps), cos, sin)
+            k = rope(rms_norm(k.view(t, s.kv_heads, s.head_dim), layer.k_norm, s.eps), cos, sin)
+            cache.write(i, batch.slots, k, v.view(t, s.kv_heads, s.head_dim))
+            attn = batch.attend(cache, i, q)
+            h = h + self._linear(attn, layer.o, "o", i, masks)
+            x = rms_norm(h, layer.post_norm, s.eps)
+            gate, up = self._linear(x, layer.gate_up, "gate_up", i, masks).chunk(2, dim=-1)
+            h = h + self._linear(F.silu(gate) * up, layer.down, "down", i, masks)
+        return rms_norm(h, self.norm, s.eps)
+
+    def logits(
+        self, hidden: torch.Tensor, masks: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Float32 logits ``[T, V]`` of final hidden states (the head's LoRA included)."""
+        return self._linear(hidden, self.lm_head, HEAD, 0, masks).float()
