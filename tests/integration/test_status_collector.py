@@ -3,6 +3,8 @@ from KV, consumer depths and the last dead letters with their headers."""
 
 from __future__ import annotations
 
+import asyncio
+
 from nats.js import api
 
 from whetstone import bus as b
@@ -39,8 +41,17 @@ async def test_collector_reads_every_part(bus: b.Bus, nats_url: str) -> None:
         beat = WorkerHeartbeat(
             worker_id="trainer-x", role="trainer", base_models=["m"], runs=[RUN], max_runs=4
         )
-        await bus.nc.publish(s.heartbeat_subject("trainer", "trainer-x"), beat.encode())
-        await collector.wait_for_workers(["trainer"], timeout_s=5)
+
+        async def beating() -> None:  # as a worker does: the collector may subscribe late
+            while True:
+                await bus.nc.publish(s.heartbeat_subject("trainer", "trainer-x"), beat.encode())
+                await asyncio.sleep(0.1)
+
+        beats = asyncio.create_task(beating())
+        try:
+            await collector.wait_for_workers(["trainer"], timeout_s=5)
+        finally:
+            beats.cancel()
         snap = await collector.snapshot()
     finally:
         await collector.close()
