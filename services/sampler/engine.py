@@ -29,6 +29,7 @@ scheduled. Logprobs are those of the distribution actually sampled (``sampling``
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -119,7 +120,8 @@ class SamplerEngine:
     the weights' (adapters are cast to it); sampling runs in float32 on the logits.
     ``max_seqs`` bounds the sequences decoded together, ``kv_cache_tokens`` the cache,
     ``prefill_tokens`` the prompt tokens run per step, ``cuda_graphs`` (default: on for CUDA)
-    captures the decode step.
+    captures the decode step, ``decode_attention`` picks ``"triton"`` (paged kernel, the CUDA
+    default) or ``"sdpa"`` (gathered blocks, the CPU path).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class SamplerEngine:
         block_size: int = 16,
         prefill_tokens: int = 8192,
         cuda_graphs: bool | None = None,
+        decode_attention: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
@@ -169,6 +172,7 @@ class SamplerEngine:
             self.device,
         )
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.decode_attention = decode_attention or _default_decode_attention(self.device)
         self._graphs: DecodeGraphs | None = None
         self._waiting: deque[_Request] = deque()
         self._prefilling: list[_Request] = []
@@ -498,10 +502,12 @@ class SamplerEngine:
         masks = self._masks([seq.req.adapter_id for seq in seqs])
         if self.cuda_graphs:
             if self._graphs is None:
-                self._graphs = DecodeGraphs(self.model, self.cache, self.max_seqs, self._max_blocks)
+                self._graphs = DecodeGraphs(
+                    self.model, self.cache, self.max_seqs, self._max_blocks, self.decode_attention
+                )
             logits = self._graphs.run(inputs[0], inputs[1], inputs[2], table_t, inputs[3], masks)
         else:
-            batch = DecodeBatch(inputs[2], table_t, inputs[3])
+            batch = DecodeBatch(inputs[2], table_t, inputs[3], self.decode_attention)
             hidden = self.model.forward(inputs[0], inputs[1], self.cache, batch, masks)
             logits = self.model.logits(hidden, masks)
         for seq in seqs:
@@ -610,6 +616,13 @@ class SamplerEngine:
             )
 
 
+def _default_decode_attention(device: torch.device) -> str:
+    """The Triton paged kernel on CUDA where Triton is installed, else SDPA over gathered blocks."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "sdpa"
+
+
 def _rows(masks: dict[str, torch.Tensor] | None, rows: list[int]) -> dict[str, torch.Tensor] | None:
     return None if masks is None else {kind: m[rows] for kind, m in masks.items()}
 
@@ -646,8 +659,12 @@ def _decoder_from_hf(model: PreTrainedModel, max_positions: int) -> Qwen3Decoder
                 qkv=torch.cat(
                     [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
                 ).detach(),
-                q_norm=attn.q_norm.weight.detach(),
-                k_norm=attn.k_norm.weight.detach(),
+                qk_norm=torch.cat(
+                    [
+                        attn.q_norm.weight.detach().expand(shape.heads, -1),
+                        attn.k_norm.weight.detach().expand(shape.kv_heads, -1),
+                    ]
+                ),
                 o=attn.o_proj.weight.detach(),
                 post_norm=block.post_attention_layernorm.weight.detach(),
                 gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),

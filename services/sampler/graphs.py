@@ -24,9 +24,15 @@ BLOCKS_PER_BUCKET = 4
 
 class DecodeGraphs:
     def __init__(
-        self, model: Qwen3Decoder, cache: PagedKVCache, max_batch: int, max_blocks: int
+        self,
+        model: Qwen3Decoder,
+        cache: PagedKVCache,
+        max_batch: int,
+        max_blocks: int,
+        kernel: str = "sdpa",
     ) -> None:
         self.model = model
+        self.kernel = kernel
         self.cache = cache
         self.max_batch = max_batch
         self.max_blocks = max_blocks
@@ -79,7 +85,10 @@ class DecodeGraphs:
         return logits[:b]
 
     def _step(self, batch: int, blocks: int, lora: bool) -> torch.Tensor:
-        decode = DecodeBatch(self.slots[:batch], self.table[:batch, :blocks], self.context[:batch])
+        # A contiguous copy of the table's slice: with a strided index tensor the KV gather can
+        # leave the vectorised gather kernel for a slow element-wise one.
+        table = self.table[:batch, :blocks].contiguous()
+        decode = DecodeBatch(self.slots[:batch], table, self.context[:batch], self.kernel)
         masks = {k: m[:batch] for k, m in self.masks.items()} if lora else None
         hidden = self.model.forward(
             self.ids[:batch], self.positions[:batch], self.cache, decode, masks

@@ -3,7 +3,8 @@
 It holds the Hugging Face model's weights (q/k/v and gate/up fused into one matrix each, so each
 layer runs four GEMMs) and runs them on a flat ``[T, D]`` batch of tokens from any number of
 sequences, each at its own position. Attention goes through a ``PrefillBatch`` (chunks of
-prompts, one SDPA per chunk) or a ``DecodeBatch`` (one token per sequence, one SDPA for all);
+prompts, one SDPA per chunk) or a ``DecodeBatch`` (one token per sequence: one SDPA over the
+gathered blocks, or on CUDA a Triton kernel that reads the blocks in place);
 neither ever repeats the KV heads: queries are reshaped so that the ``group`` query heads that
 share a KV head sit in the same SDPA "head" (``[kv_heads, group * n, head_dim]`` for a chunk,
 ``[B, kv_heads, group, head_dim]`` for decode), so every KV head is read once.
@@ -58,8 +59,7 @@ class Shape:
 class Layer:
     input_norm: torch.Tensor
     qkv: torch.Tensor  # [(H + 2 KVH) * hd, D]
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor
+    qk_norm: torch.Tensor  # [H + KVH, hd]: q_norm's weight for every query head, then k_norm's
     o: torch.Tensor
     post_norm: torch.Tensor
     gate_up: torch.Tensor  # [2 F, D]
@@ -117,7 +117,7 @@ class PrefillBatch:
             k, v = cache.gather(layer, blocks[None])  # [1, n_blocks * bs, KVH, hd]
             k, v = k[0, :ctx].transpose(0, 1), v[0, :ctx].transpose(0, 1)  # [KVH, ctx, hd]
             # Query heads of one KV head side by side: [KVH, G * n, hd], rows (g, token).
-            qc = q[start:stop].view(n, kvh, g, hd).permute(1, 2, 0, 3).reshape(kvh, g * n, hd)
+            qc = q[start:stop].reshape(n, kvh, g, hd).permute(1, 2, 0, 3).reshape(kvh, g * n, hd)
             q_pos = torch.arange(pos, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None] <= q_pos[:, None]  # [n, ctx] causal
             o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask.repeat(g, 1))
@@ -134,15 +134,22 @@ class DecodeBatch:
     slots: torch.Tensor  # [B]
     block_table: torch.Tensor  # [B, n_blocks]
     context_lens: torch.Tensor  # [B]
+    kernel: str = "sdpa"  # or "triton": read the paged cache in place (CUDA only)
 
     def attend(self, cache: PagedKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton":
+            from services.sampler.paged_attention import paged_decode_attention
+
+            return paged_decode_attention(
+                q, cache.k[layer], cache.v[layer], self.block_table, self.context_lens
+            )
         shape = cache.shape
         b, kvh, hd = q.shape[0], shape.kv_heads, shape.head_dim
         k, v = cache.gather(layer, self.block_table)  # [B, L, KVH, hd]
         length = k.shape[1]
         valid = torch.arange(length, device=q.device)[None] < self.context_lens[:, None]
         o = F.scaled_dot_product_attention(
-            q.view(b, kvh, -1, hd),  # [B, KVH, G, hd]: the G heads of a KV head as its queries
+            q.reshape(b, kvh, -1, hd),  # [B, KVH, G, hd]: the G heads of a KV head as its queries
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=valid[:, None, None, :],
@@ -151,10 +158,9 @@ class DecodeBatch:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen3's RMSNorm: statistics in float32 (float64 stays float64), weight in the model dtype."""
-    xf = x if x.dtype == torch.float64 else x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """Qwen3's RMSNorm over the last axis: normalised (statistics in float32 for half types),
+    rounded to the model dtype, then scaled by ``weight`` (broadcast), as HF does."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -223,12 +229,12 @@ class Qwen3Decoder:
         h = self.embed[ids]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, s.eps)
-            q, k, v = torch.split(
-                self._linear(x, layer.qkv, "qkv", i, masks), [q_size, kv_size, kv_size], dim=-1
-            )
-            q = rope(rms_norm(q.view(t, s.heads, s.head_dim), layer.q_norm, s.eps), cos, sin)
-            k = rope(rms_norm(k.view(t, s.kv_heads, s.head_dim), layer.k_norm, s.eps), cos, sin)
-            cache.write(i, batch.slots, k, v.view(t, s.kv_heads, s.head_dim))
+            qkv = self._linear(x, layer.qkv, "qkv", i, masks)
+            # q and k heads normed and rotated together: the same ops on each head, fewer kernels.
+            qk = qkv[:, : q_size + kv_size].view(t, s.heads + s.kv_heads, s.head_dim)
+            qk = rope(rms_norm(qk, layer.qk_norm, s.eps), cos, sin)
+            q, k = qk[:, : s.heads], qk[:, s.heads :]
+            cache.write(i, batch.slots, k, qkv[:, q_size + kv_size :].view(t, s.kv_heads, -1))
             attn = batch.attend(cache, i, q)
             h = h + self._linear(attn, layer.o, "o", i, masks)
             x = rms_norm(h, layer.post_norm, s.eps)
