@@ -1,12 +1,17 @@
-"""Billing ledger throughput: ingestion rate and report latency on the embedded engine (chdb).
+"""Billing ledger throughput (P6): ingestion rate and report latency on the embedded engine.
 
 Run:  .venv/bin/python bench/bench_billing.py [N_EVENTS] [--dir DIR]     (default N = 200000)
+      .venv/bin/python bench/bench_billing.py 10000000                   (P6: a month, 10M events)
 
-Inserts N synthetic usage events (100 tenants, 3 base models, 3 meters, spread over one month)
-in batches of 10k, the way the billing handler batches bus messages, then times a month's
-report for all tenants and for one tenant, with ``FINAL`` deduplication as in production, both
-before and after forcing a merge (reports must be correct and fast while parts are unmerged).
-A fresh temporary data directory is used (and removed) unless --dir is given.
+Inserts N synthetic usage events (100 tenants, 3 base models, 3 meters, 1000 runs, 200 API keys,
+spread over one month) in batches of 10k, the way the billing handler batches bus messages; each
+insert also feeds the hourly and daily roll-ups (materialized views). The events are built batch
+by batch (not counted in the ingest time), so 10M fit in memory. Then it times a month's report
+(read from the daily roll-up), one tenant's, the monthly statement's query (model x meter x
+price), a report the roll-ups cannot answer (a window off the hour: the raw events with
+``FINAL``), and a reconciliation of one day; and checks that the reports count each token once
+after a batch was inserted again. A fresh temporary data directory is used (and removed) unless
+--dir is given.
 """
 
 from __future__ import annotations
@@ -34,22 +39,30 @@ METERS: tuple[Meter, ...] = ("train_tokens", "prefill_tokens", "sample_tokens")
 MODELS = ("whetstone/tiny-qwen3", "Qwen/Qwen3-8B", "Qwen/Qwen3-32B")
 
 
-def make_events(n: int, seed: int = 0) -> list[UsageEvent]:
-    rng = random.Random(seed)
+def make_events(start: int, n: int, rng: random.Random) -> list[UsageEvent]:
+    """Events ``start .. start + n`` (three meters per request). A session belongs to one
+    tenant, API key and base model, as in the service; ``model_construct`` skips validation,
+    so building 10M events takes a minute rather than five."""
     span_ms = int((MONTH_END - MONTH_START).total_seconds() * 1000)
     events = []
-    for i in range(n):
+    for i in range(start, start + n):
         meter = METERS[i % 3]
         rid = f"req-{i // 3}"
+        s = rng.randrange(1000)
+        session = f"sess-{s}"
         events.append(
-            UsageEvent(
+            UsageEvent.model_construct(
                 event_id=f"{rid}:{meter}",
                 request_id=rid,
-                tenant=f"tenant-{rng.randrange(100):03d}",
-                base_model=rng.choice(MODELS),
+                tenant=f"tenant-{s % 100:03d}",
+                base_model=MODELS[s % 3],
                 meter=meter,
                 tokens=rng.randrange(1, 4096),
-                run_id=f"sess-{rng.randrange(1000)}:train:0",
+                run_id=f"{session}:train:0",
+                session_id=session,
+                sampler_id=None,
+                api_key_id=f"key-{s % 200:03d}",
+                operation=None,
                 occurred_at=MONTH_START + timedelta(milliseconds=rng.randrange(span_ms)),
             )
         )
@@ -80,35 +93,62 @@ def main() -> None:
     ledger = Ledger.connect(f"chdb://{Path(data_dir).resolve()}")
     ledger.ensure_schema()
 
-    t = time.perf_counter()
-    events = make_events(args.n)
-    build_s = time.perf_counter() - t
-
+    rng = random.Random(0)
+    build_s, expected = 0.0, 0
     batch_s: list[float] = []
-    for i in range(0, len(events), BATCH):
+    first: list[UsageEvent] = []
+    last: list[UsageEvent] = []
+    for i in range(0, args.n, BATCH):
         t = time.perf_counter()
-        ledger.insert(events[i : i + BATCH])
+        batch = make_events(i, min(BATCH, args.n - i), rng)
+        build_s += time.perf_counter() - t
+        expected += sum(e.tokens for e in batch)
+        first, last = first or batch, batch
+        t = time.perf_counter()
+        ledger.insert(batch)
         batch_s.append(time.perf_counter() - t)
-    # Redeliver the first batch: reports must not change, and we see what duplicates cost.
+    # Redeliver the last batch (what a billing restart does): dropped before the roll-ups.
     t = time.perf_counter()
-    ledger.insert(events[:BATCH])
+    ledger.insert(last)
     dup_s = time.perf_counter() - t
 
     month = UsageReportQuery(since=MONTH_START, until=MONTH_END)
     one = UsageReportQuery(tenant="tenant-007", since=MONTH_START, until=MONTH_END)
+    statement = UsageReportQuery(
+        tenant="tenant-007",
+        since=MONTH_START,
+        until=MONTH_END,
+        group_by=["model", "meter", "price"],
+    )
+    off_hour = UsageReportQuery(
+        tenant="tenant-007", since=MONTH_START + timedelta(minutes=1), until=MONTH_END
+    )
     all_unmerged = time_report(ledger, month)
     one_unmerged = time_report(ledger, one)
+    statement_t = time_report(ledger, statement)
+    raw_t = time_report(ledger, off_hour, repeats=3)
     total = sum(r.tokens for r in ledger.report(month, DEFAULT_PRICE_TABLE).rows)
-    expected = sum(e.tokens for e in events)
+    t = time.perf_counter()
+    corrections = ledger.reconcile(MONTH_START, MONTH_START + timedelta(days=1))
+    reconcile_s = time.perf_counter() - t
+    # The first batch again, long after its ids left the recent window (at 10M events): the raw
+    # table still counts it once, the roll-ups twice until a reconciliation of the month.
+    ledger.insert(first)
+    stale = sum(r.tokens for r in ledger.report(month, DEFAULT_PRICE_TABLE).rows)
+    t = time.perf_counter()
+    ledger.reconcile(MONTH_START, MONTH_END)
+    month_reconcile_s = time.perf_counter() - t
+    healed = sum(r.tokens for r in ledger.report(month, DEFAULT_PRICE_TABLE).rows)
 
     ledger._client.command(f"OPTIMIZE TABLE {DATABASE}.{TABLE} FINAL")  # bench-only peek inside
     all_merged = time_report(ledger, month)
     one_merged = time_report(ledger, one)
+    n_events = args.n
 
     ingest_s = sum(batch_s)
-    rate = len(events) / ingest_s if ingest_s else float("nan")
-    starts = range(0, len(events), BATCH)
-    per_batch = [len(events[i : i + BATCH]) / s for i, s in zip(starts, batch_s, strict=True)]
+    rate = n_events / ingest_s if ingest_s else float("nan")
+    starts = range(0, n_events, BATCH)
+    per_batch = [min(BATCH, n_events - i) / s for i, s in zip(starts, batch_s, strict=True)]
     print(f"\nbilling ledger bench: {args.n} events, batches of {BATCH}, chdb at {data_dir}")
     print(f"(building the UsageEvent objects took {build_s:.2f} s, not counted below)\n")
     print(f"{'measure':<48}{'value':>20}")
@@ -135,8 +175,13 @@ def main() -> None:
             "month report, one tenant, merged (p50/max)",
             f"{one_merged[0]:.1f}/{one_merged[1]:.1f} ms",
         ),
+        ("monthly statement query (p50/max)", f"{statement_t[0]:.1f}/{statement_t[1]:.1f} ms"),
+        ("one tenant, window off the hour: raw (p50/max)", f"{raw_t[0]:.0f}/{raw_t[1]:.0f} ms"),
+        ("reconcile one day (corrections)", f"{reconcile_s * 1000:.0f} ms ({corrections})"),
         ("report rows (all tenants / one tenant)", f"{all_merged[2]} / {one_merged[2]}"),
         ("tokens reported == tokens sent (dups once)", str(total == expected)),
+        ("an old duplicate batch: roll-ups before reconcile", str(stale == expected)),
+        ("reconcile the month, then equal", f"{month_reconcile_s:.1f} s, {healed == expected}"),
     ]
     for name, value in rows:
         print(f"{name:<48}{value:>20}")
