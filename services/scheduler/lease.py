@@ -14,7 +14,7 @@ import time
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from whetstone import subjects as s
+import whetstone.subjects as s
 from whetstone.messages import SchedulerLease
 
 

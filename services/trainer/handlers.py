@@ -9,20 +9,18 @@ checkpoint store, and publishes ``ws.usage.<tenant>`` events and
 ``ws.ctl.heartbeat.trainer.<worker>``.
 
 Snapshots and acknowledgements (architecture.md §3.3). A request's message is acknowledged only
-once a snapshot covers it: the run's ``RunProgress`` in KV names a snapshot (``snapshots.py``)
-and the seq_id after the last request it contains. A request that leaves the run's state as the
-snapshot has it (a forward, a save, a Skip, a failure) moves the position on and is acknowledged
-at once; a ``forward_backward`` and an ``optim_step`` leave their messages unacknowledged until
-the next snapshot, taken after every ``snapshot_every_steps``-th ``optim_step`` and whenever a run
-with unacknowledged requests has been idle ``snapshot_idle_s`` (it then holds the gradient too).
-Results and usage are written as each request runs, before its acknowledgement, so a holder that
-dies loses nothing: the next one loads the snapshot, skips (acknowledges) redelivered seq_ids
-below its position, and replays the rest, which reproduces the same weights; replayed usage
-events carry the same ids, so nothing is billed twice. A run's position is written with a
-compare-and-set on its revision: a holder that lost the run to another worker finds out at its
-next write, hands its messages back and drops the run. A worker taking a run recreates the run's
-durable consumer, so the requests a dead holder had taken are delivered again at once instead of
-after their ack wait.
+once a snapshot (``snapshots.py``) covers it; the run's ``RunProgress`` in KV names the snapshot
+and the seq_id after the last request in it. A forward, a save, a Skip or a failure leaves the
+state as the snapshot has it, so it moves the position on and is acknowledged at once; a
+``forward_backward`` or an ``optim_step`` waits for the next snapshot, taken after every
+``snapshot_every_steps``-th step and when a run with unacknowledged requests has been idle
+``snapshot_idle_s`` (with its gradient). Results and usage are written as each request runs, so
+a holder that dies loses nothing: the next one loads the snapshot, acknowledges redelivered
+seq_ids below its position and replays the rest, reproducing the same weights; replayed usage
+events keep their ids, so nothing is billed twice. Positions are written with a compare-and-set:
+a holder that lost the run finds out at its next write, hands its messages back and drops it.
+A worker taking a run recreates its durable consumer, so what a dead holder had taken comes
+again at once, not after the ack wait.
 
 The reorder buffer is the one place where a message outlives its handler unacknowledged: a
 run's handler only puts the request in the run's ``seq_id`` buffer and holds the message
@@ -31,7 +29,9 @@ each message with the same rules as the fate wrapper (``MessageFate.settle``) on
 covers it (a failed request's future fails at once). A server error is retried in place (a nak
 would let later seq_ids run first), then dead-lettered. A gap that stays open ``gap_timeout_s``
 fails the waiting requests. Torch work runs on one dedicated thread; the event loop stays free for
-I/O and heartbeats.
+I/O and heartbeats. (Just past 600 lines: the buffer, the snapshots that release its messages and
+the run's ownership are one protocol, read best in one place; the snapshot files themselves live
+in ``snapshots.py``.)
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from opentelemetry import context as otel_context
 from services.trainer.engine import TrainerEngine
 from services.trainer.reorder import ReorderBuffer
 from services.trainer.settings import TrainerSettings
-from services.trainer.snapshots import load_snapshot, save_snapshot, snapshot_key
+from services.trainer.snapshots import load_snapshot, parse_progress, save_snapshot, snapshot_key
 from whetstone import bus as b
 from whetstone import metrics
 from whetstone import subjects as s
@@ -252,17 +252,12 @@ class TrainerWorker:
             queue.subscriber = await self.subscribe_run(run.run_id)
 
     async def _read_progress(self, run_id: str) -> tuple[RunProgress | None, int | None]:
-        """The run's position and its revision; (None, None) for a run that never ran here."""
+        """The run's position and its revision; (None, None) for a run that never ran."""
         try:
             entry = await self.bus.kv[s.RUN_PROGRESS_BUCKET].get(s.token(run_id))
         except NotFoundError:
             return None, None
-        if entry.value is None:
-            return None, entry.revision
-        raw = entry.value.decode()
-        if raw.isdigit():  # written before snapshots existed: a position with no snapshot
-            return RunProgress(run_id=run_id, next_seq_id=int(raw)), entry.revision
-        return RunProgress.decode(entry.value), entry.revision
+        return parse_progress(run_id, entry.value), entry.revision
 
     async def _reset_consumer(self, run_id: str) -> None:
         """Recreate the run's durable consumer (the subscriber makes it again): whatever a

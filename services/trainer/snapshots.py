@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from services.trainer.engine import TrainerEngine
-from whetstone.messages import LoraConfig
+from whetstone.messages import LoraConfig, RunProgress
 from whetstone.subjects import token
 
 GRADS_FILE = "grads.pt"
@@ -33,6 +33,16 @@ GRADS_FILE = "grads.pt"
 def snapshot_key(tenant: str, run_id: str, next_seq_id: int) -> str:
     nonce = secrets.token_hex(4)
     return "/".join((token(tenant), token(run_id), "snapshot", f"{next_seq_id}-{nonce}"))
+
+
+def parse_progress(run_id: str, value: bytes | None) -> RunProgress | None:
+    """A run's position as KV holds it; a bare number is one written before snapshots existed
+    (a position with no snapshot)."""
+    if not value:
+        return None
+    if value.isdigit():
+        return RunProgress(run_id=run_id, next_seq_id=int(value))
+    return RunProgress.decode(value)
 
 
 def save_snapshot(engine: TrainerEngine, run_id: str, directory: Path) -> int:

@@ -4,8 +4,8 @@ platform's supervisor restarts it under the same worker id, it takes the run bac
 placement, and the SDK's loop completes every call with no error. Each request ran once: the
 ledger's train tokens equal the tokens sent.
 
-(The run's weights restart from its LoRA seed when no snapshot exists yet; snapshots and
-weight-preserving failover belong to the scheduler's failover work.)"""
+(The trainer snapshots what ran before it exits, so the restart continues from those weights;
+SIGKILL, which leaves no time for that, is tests/e2e/test_sigkill_failover.py.)"""
 
 from __future__ import annotations
 
