@@ -29,7 +29,6 @@ scheduled. Logprobs are those of the distribution actually sampled (``sampling``
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -120,8 +119,8 @@ class SamplerEngine:
     the weights' (adapters are cast to it); sampling runs in float32 on the logits.
     ``max_seqs`` bounds the sequences decoded together, ``kv_cache_tokens`` the cache,
     ``prefill_tokens`` the prompt tokens run per step, ``cuda_graphs`` (default: on for CUDA)
-    captures the decode step, ``decode_attention`` picks ``"triton"`` (paged kernel, the CUDA
-    default) or ``"sdpa"`` (gathered blocks, the CPU path).
+    captures the decode step, ``decode_attention`` picks ``"sdpa"`` (gathered blocks, the
+    default) or ``"triton"`` (the paged kernel of ``paged_attention``, CUDA only).
     """
 
     def __init__(
@@ -172,7 +171,9 @@ class SamplerEngine:
             self.device,
         )
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.decode_attention = decode_attention or _default_decode_attention(self.device)
+        # SDPA over gathered blocks until the Triton kernel (checked on CPU by Triton's
+        # interpreter only) has been measured on a GPU; see bench/RESULTS.md.
+        self.decode_attention = decode_attention or "sdpa"
         self._graphs: DecodeGraphs | None = None
         self._waiting: deque[_Request] = deque()
         self._prefilling: list[_Request] = []
@@ -614,13 +615,6 @@ class SamplerEngine:
                     ),
                 )
             )
-
-
-def _default_decode_attention(device: torch.device) -> str:
-    """The Triton paged kernel on CUDA where Triton is installed, else SDPA over gathered blocks."""
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return "triton"
-    return "sdpa"
 
 
 def _rows(masks: dict[str, torch.Tensor] | None, rows: list[int]) -> dict[str, torch.Tensor] | None:

@@ -35,6 +35,7 @@ def _paged_decode(
     D: tl.constexpr,
     BS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    N_TILES: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -49,8 +50,10 @@ def _paged_decode(
     l_sum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     tokens = tl.arange(0, BLOCK_N)
-    for start in range(0, ctx, BLOCK_N):
-        t = start + tokens
+    # A static trip count (the table's width, a bucket under CUDA graphs): tiles past a short
+    # row's context are fully masked and load nothing.
+    for i in range(0, N_TILES):
+        t = i * BLOCK_N + tokens
         t_ok = t < ctx
         block = tl.load(table_ptr + b * table_stride + t // BS, mask=t_ok, other=0)
         kv_off = ((block * BS + t % BS) * KVH + kvh) * D
@@ -97,6 +100,7 @@ def paged_decode_attention(
         D=d,
         BS=bs,
         BLOCK_N=64,
+        N_TILES=triton.cdiv(block_table.shape[1] * bs, 64),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
         num_stages=2,

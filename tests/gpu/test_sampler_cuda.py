@@ -1,6 +1,7 @@
 """The sampler's CUDA path (CUDA-graphed decode, eager prefill) against its CPU eager path.
 
-Same engine code, same built-in tiny model in float32 on both devices: greedy tokens must match
+Same engine code, same built-in tiny model in float32 on both devices, with either decode
+attention (SDPA over gathered blocks, the Triton paged kernel): greedy tokens must match
 and logprobs agree to 1e-3; a seeded top-k request draws the same tokens; mixed adapters and
 requests joining mid-flight go through the graphs too. Marked ``gpu``: run with
 ``pytest -m gpu tests/gpu``.
@@ -58,7 +59,8 @@ def request(prompt: list[int], **params: object) -> SampleRequest:
     )
 
 
-def test_cuda_graphs_match_cpu_eager(model_dir: Path, adapter_dir: Path) -> None:
+@pytest.mark.parametrize("kernel", ["sdpa", "triton"])
+def test_cuda_graphs_match_cpu_eager(model_dir: Path, adapter_dir: Path, kernel: str) -> None:
     jobs = [
         (request([1, 20, 30, 40, 50, 60], max_tokens=24, temperature=0.0), None),
         (request(list(range(5, 45)), max_tokens=20, temperature=0.0), "a"),
@@ -66,7 +68,12 @@ def test_cuda_graphs_match_cpu_eager(model_dir: Path, adapter_dir: Path) -> None
     ]
     outputs = {}
     for device in ("cpu", "cuda"):
-        engine = SamplerEngine(model_dir, device=device, prefill_tokens=16)
+        engine = SamplerEngine(
+            model_dir,
+            device=device,
+            prefill_tokens=16,
+            decode_attention=kernel if device == "cuda" else "sdpa",
+        )
         assert engine.cuda_graphs == (device == "cuda")
         engine.ensure_adapter("a", adapter_dir)
         outputs[device] = engine.generate(jobs)
