@@ -39,7 +39,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from services.sampler.graphs import DecodeGraphs
-from services.sampler.kvcache import CacheShape, PagedKVCache
+from services.sampler.kvcache import BlockAllocator, CacheShape, PagedKVCache
 from services.sampler.model import (
     FUSED,
     HEAD,
@@ -355,6 +355,18 @@ class SamplerEngine:
             self._adapters.move_to_end(adapter_id)
         self._waiting.append(req)
         return req.handle
+
+    def abort(self) -> list[int]:
+        """Drop every request in flight (after a failed step) and free their blocks and rows;
+        their handles."""
+        handles = [r.handle for r in (*self._waiting, *self._prefilling)]
+        handles += list(dict.fromkeys(q.req.handle for q in self._running))
+        shape = self.cache.shape
+        self.cache.allocator = BlockAllocator(shape.num_blocks)
+        self._waiting.clear()
+        self._prefilling, self._running = [], []
+        self._free_blocks, self._free_rows = shape.num_blocks - 1, self.max_seqs
+        return handles
 
     @property
     def has_work(self) -> bool:

@@ -2,11 +2,12 @@
 
 Pulls from the shared durable queue of its base model (``ws.sample.<base>``, consumer
 ``sampler-<base>``; every replica of that base model pulls from the same consumer, so load
-balancing and failover come from JetStream). Each message's handler waits for its request's
-turn in the ``Batcher``, which decodes together every request that is queued when the engine
-becomes free; the handler then writes the future's result to KV ``ws_futures`` and publishes
-prefill and sample token usage on ``ws.usage.<tenant>``. The message-fate wrapper acknowledges it
-after that, or fails the future on a user error. Heartbeats on ``ws.ctl.heartbeat.sampler.<id>``.
+balancing and failover come from JetStream). Each message's handler hands its request to the
+``Batcher``, which adds it to the engine's continuous batch between two decode steps and returns
+its result when its last sequence finishes; the handler then writes the future's result to KV
+``ws_futures`` and publishes prefill and sample token usage on ``ws.usage.<tenant>``. The
+message-fate wrapper acknowledges it after that, or fails the future on a user error. Heartbeats
+on ``ws.ctl.heartbeat.sampler.<id>``.
 """
 
 from __future__ import annotations
@@ -39,14 +40,18 @@ Job = tuple[SampleRequest, str | None, "asyncio.Future[SampleResult]"]
 
 
 class Batcher:
-    """Runs queued generation jobs together: whatever is waiting when the engine is free forms
-    the next batch. A user error in a batch re-runs its jobs one by one, so one bad request does
-    not fail its batch-mates."""
+    """Continuous batching: queued jobs join the engine between its steps and leave as they finish.
+
+    Each job is added on its own (validated alone, so a bad request fails only itself); while the
+    engine has work the loop runs one ``engine.step()`` at a time on the torch thread and hands
+    each finished result to its handler. If a step fails, every request in flight fails with it
+    and the engine is reset.
+    """
 
     def __init__(self, engine: SamplerEngine, torch: Offload, max_batch: int) -> None:
         self.engine = engine
         self._torch = torch
-        self.max_batch = max_batch
+        self.max_batch = max_batch  # jobs added per step at most
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
 
     async def generate(self, req: SampleRequest, adapter_id: str | None) -> SampleResult:
@@ -55,30 +60,38 @@ class Batcher:
         return await fut
 
     async def run(self) -> None:
+        in_flight: dict[int, asyncio.Future[SampleResult]] = {}
         while True:
-            jobs = [await self._queue.get()]
-            await asyncio.sleep(0)  # let the other handlers of the same fetch enqueue theirs
+            jobs = [] if self.engine.has_work else [await self._queue.get()]
             while not self._queue.empty() and len(jobs) < self.max_batch:
                 jobs.append(self._queue.get_nowait())
+            if jobs:
+                added = await self._torch(self._add, [(r, a) for r, a, _ in jobs])
+                for (_, _, fut), handle in zip(jobs, added, strict=True):
+                    if isinstance(handle, Exception):
+                        fut.set_exception(handle)
+                    else:
+                        in_flight[handle] = fut
             try:
-                results = await self._torch(self.engine.generate, [(r, a) for r, a, _ in jobs])
-                for (_, _, fut), result in zip(jobs, results, strict=True):  # one per job
-                    fut.set_result(result)
-            except UserError:
-                for req, adapter_id, fut in jobs:
-                    await self._one(req, adapter_id, fut)
+                finished = await self._torch(self.engine.step)
             except Exception as exc:  # noqa: BLE001 - every handler learns, the loop carries on
-                for _, _, fut in jobs:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                await self._torch(self.engine.abort)
+                for fut in in_flight.values():
+                    fut.set_exception(exc)
+                in_flight.clear()
+                continue
+            for handle, result in finished:
+                in_flight.pop(handle).set_result(result)
 
-    async def _one(
-        self, req: SampleRequest, adapter_id: str | None, fut: asyncio.Future[SampleResult]
-    ) -> None:
-        try:
-            fut.set_result((await self._torch(self.engine.generate, [(req, adapter_id)]))[0])
-        except Exception as exc:  # noqa: BLE001 - handed to the request's handler
-            fut.set_exception(exc)
+    def _add(self, jobs: list[tuple[SampleRequest, str | None]]) -> list[int | Exception]:
+        """Add each job to the engine (on the torch thread): its handle, or why it was refused."""
+        out: list[int | Exception] = []
+        for req, adapter_id in jobs:
+            try:
+                out.append(self.engine.add(req, adapter_id))
+            except Exception as exc:  # noqa: BLE001 - handed to the request's handler
+                out.append(exc)
+        return out
 
 
 class SamplerWorker:
