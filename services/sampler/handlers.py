@@ -166,7 +166,9 @@ class SamplerWorker:
             "sample_tokens": sum(seq.tokens.numel for seq in result.sequences),
         }
         events = [
-            UsageEvent.of(req.request_id, req.tenant, req.base_model, meter, tokens)
+            UsageEvent.of(
+                req.request_id, req.tenant, req.base_model, meter, tokens, operation="sample"
+            )
             for meter, tokens in usage.items()
         ]
         for meter, tokens in usage.items():

@@ -70,7 +70,7 @@ from whetstone.messages import (
     CreateModelResult,
     ForwardBackward,
     FutureRecord,
-    Meter,
+    Operation,
     OptimStep,
     ReleaseRun,
     Result,
@@ -81,6 +81,7 @@ from whetstone.messages import (
     TrainingRunRecord,
     TrainRequest,
     UsageEvent,
+    UsageMeter,
     WorkerHeartbeat,
 )
 from whetstone.observability import bind_work, tracer_provider
@@ -544,22 +545,35 @@ class TrainerWorker:
         elif isinstance(cmd, OptimStep):
             result = await self._torch(self.engine.optim_step, req.run_id, cmd.adam)
         else:
-            result = await self._save(req, cmd)
+            result, saved_bytes = await self._save(req, cmd)
         writes = [b.finish_future(self.bus, pending, result)]
         if isinstance(cmd, ForwardBackward):
-            meter: Meter = "prefill_tokens" if cmd.forward_only else "train_tokens"
+            meter: UsageMeter = "forward_tokens" if cmd.forward_only else "train_tokens"
             tokens = self.engine.num_tokens(cmd)
             metrics.TOKENS.labels("trainer", meter, self.settings.base_model).inc(tokens)
-            writes.append(self._usage(req, meter, tokens))
+            writes.append(self._usage(req, {meter: tokens}))
+        elif isinstance(cmd, SaveWeights) and cmd.sampler_id is None:
+            # A listed checkpoint: counted and measured (priced at zero by default).
+            writes.append(self._usage(req, {"checkpoints": 1, "checkpoint_bytes": saved_bytes}))
         await asyncio.gather(*writes)  # both land before the message is acknowledged
 
-    async def _usage(self, req: TrainRequest, meter: Meter, tokens: int) -> None:
-        event = UsageEvent.of(
-            req.request_id, req.tenant, self.settings.base_model, meter, tokens, req.run_id
-        )
-        await b.publish_usage(self.bus, [event])
+    async def _usage(self, req: TrainRequest, amounts: dict[UsageMeter, int]) -> None:
+        events = [
+            UsageEvent.of(
+                req.request_id,
+                req.tenant,
+                self.settings.base_model,
+                meter,
+                amount,
+                req.run_id,
+                operation=_USAGE_OPERATION.get(_op(req)),
+            )
+            for meter, amount in amounts.items()
+        ]
+        await b.publish_usage(self.bus, events)
 
-    async def _save(self, req: TrainRequest, cmd: SaveWeights) -> SaveWeightsResult:
+    async def _save(self, req: TrainRequest, cmd: SaveWeights) -> tuple[SaveWeightsResult, int]:
+        """Save, list the checkpoint (unless ephemeral); the result and the bytes written."""
         path = TinkerPath(req.run_id, cmd.kind, check_name(cmd.name))
         key = store_key(req.tenant, path)
         if cmd.kind == "training" and not cmd.overwrite and self.store.exists(key):
@@ -581,7 +595,7 @@ class TrainerWorker:
                 size_bytes=size,
             )
             await b.kv_put(self.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), record)
-        return SaveWeightsResult(kind=cmd.kind, path=str(path), sampler_id=cmd.sampler_id)
+        return SaveWeightsResult(kind=cmd.kind, path=str(path), sampler_id=cmd.sampler_id), size
 
     # ------------------------------------------------------------ shutdown
 
@@ -607,6 +621,13 @@ class TrainerWorker:
                     back += [i.msg for i, _ in queue.unacked]
         await asyncio.gather(*(m.nack() for m in back), return_exceptions=True)
         self.log.info("trainer drained", handed_back=len(back))
+
+
+_USAGE_OPERATION: dict[str, Operation] = {
+    "forward": "forward",
+    "forward_backward": "forward_backward",
+    "save_weights": "save_weights",
+}
 
 
 def _op(req: TrainRequest) -> str:

@@ -42,6 +42,7 @@ class Tally:
 
     train_tokens = 0
     prefill_tokens = 0
+    forward_tokens = 0
     sample_tokens = 0
 
 
@@ -98,9 +99,9 @@ def test_sft_lowers_the_loss(trained) -> None:
 def test_forward_matches_the_trained_weights(trained) -> None:
     training, _, data = trained
     out = training.forward(data[:4], "cross_entropy").result()
-    Tally.prefill_tokens += sum(d.model_input.length for d in data[:4])
+    Tally.forward_tokens += sum(d.model_input.length for d in data[:4])
     again = training.forward(data[:4], "cross_entropy").result()
-    Tally.prefill_tokens += sum(d.model_input.length for d in data[:4])
+    Tally.forward_tokens += sum(d.model_input.length for d in data[:4])
     # forward applies no gradient: the same call gives the same numbers
     assert out.metrics["loss:sum"] == pytest.approx(again.metrics["loss:sum"], rel=1e-6)
     logprobs = out.loss_fn_outputs[0]["logprobs"].tolist()
@@ -162,7 +163,7 @@ def test_compute_logprobs(service, trained) -> None:
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
     )
     forward = training.forward([datum], "cross_entropy").result()
-    Tally.prefill_tokens += len(tokens) - 1
+    Tally.forward_tokens += len(tokens) - 1
     assert logprobs[1:] == pytest.approx(forward.loss_fn_outputs[0]["logprobs"].tolist(), abs=1e-4)
 
 
@@ -181,7 +182,7 @@ def test_token_outside_vocabulary_is_rejected(trained) -> None:
         training.forward_backward([bad], "cross_entropy").result()
     # the run carries on: the rejected call consumed nothing
     ok = training.forward(data[:1], "cross_entropy").result()
-    Tally.prefill_tokens += data[0].model_input.length
+    Tally.forward_tokens += data[0].model_input.length
     assert "loss:sum" in ok.metrics
 
 
@@ -234,20 +235,26 @@ def test_usage_report_matches_the_tokens_sent_and_received(platform, trained) ->
     expected = {
         "train_tokens": Tally.train_tokens,
         "prefill_tokens": Tally.prefill_tokens,
+        "forward_tokens": Tally.forward_tokens,
         "sample_tokens": Tally.sample_tokens,
+        "checkpoints": 2,  # save_state and save_weights_for_sampler (ephemeral ones are free)
     }
     deadline = time.monotonic() + 30
     while True:  # billing ingests asynchronously; wait until it has caught up
         report = asyncio.run(
             request_usage_report(platform.nats_url, UsageReportQuery(tenant="default"))
         )
-        billed = {row.meter: row.tokens for row in report.rows}
+        billed = {row.meter: row.tokens for row in report.rows if row.meter != "checkpoint_bytes"}
         if billed == expected or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert report.error is None
     assert billed == expected
-    assert all(row.base_model == BUILTIN_MODEL_NAME and row.cost_usd > 0 for row in report.rows)
+    assert all(row.base_model == BUILTIN_MODEL_NAME for row in report.rows)
+    assert all(row.cost_usd > 0 for row in report.rows if row.meter.endswith("_tokens"))
+    assert all(row.cost_usd == 0 for row in report.rows if row.meter.startswith("checkpoint"))
+    stored = [row.tokens for row in report.rows if row.meter == "checkpoint_bytes"]
+    assert stored and stored[0] > 0
     others = asyncio.run(
         request_usage_report(platform.nats_url, UsageReportQuery(tenant="other-tenant"))
     )

@@ -175,7 +175,7 @@ async def test_out_of_order_requests_run_in_seq_order_like_an_in_process_engine(
 
     events = await usage_events(bus, 2)
     by_id = {e.event_id: (e, msg_id) for e, msg_id in events}
-    assert set(by_id) == {f"{rid1}:train_tokens", f"{rid3}:prefill_tokens"}  # optim_step is free
+    assert set(by_id) == {f"{rid1}:train_tokens", f"{rid3}:forward_tokens"}  # optim_step is free
     for event_id, (event, msg_id) in by_id.items():
         assert msg_id == event_id  # JetStream dedups a re-publish of the same event
         assert (event.tenant, event.run_id, event.base_model) == (
@@ -226,7 +226,7 @@ async def test_skip_fills_a_gap_and_a_user_error_fails_only_its_future(
     assert "moved past it" in (dup_record.error or "")
 
     events = await usage_events(bus, 2)  # the failed request and the Skip bill nothing
-    assert {e.event_id for e, _ in events} == {f"{rid2}:prefill_tokens", f"{rid4}:train_tokens"}
+    assert {e.event_id for e, _ in events} == {f"{rid2}:forward_tokens", f"{rid4}:train_tokens"}
 
 
 async def test_a_held_request_stays_unacknowledged_after_redelivery(
