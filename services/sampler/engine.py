@@ -45,6 +45,7 @@ from services.sampler.model import (
     HEAD,
     DecodeBatch,
     Layer,
+    LoraRuns,
     LoraStacks,
     PrefillBatch,
     Qwen3Decoder,
@@ -71,7 +72,7 @@ class _Request:
     adapter_id: str | None
     prompt: list[int]
     stop_ids: frozenset[int]
-    uniforms: torch.Tensor  # [num_samples, max(1, max_tokens)], CPU
+    uniforms: list[list[float]]  # [num_samples][max(1, max_tokens)], drawn at admission
     promised_blocks: int
     blocks: list[int] = field(default_factory=list)  # the prompt's KV, until the fork
     prefilled: int = 0
@@ -333,7 +334,7 @@ class SamplerEngine:
             gen.seed()
         else:
             gen.manual_seed(p.seed)
-        uniforms = torch.rand(n, max(1, p.max_tokens), generator=gen)
+        uniforms = torch.rand(n, max(1, p.max_tokens), generator=gen).tolist()
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         return _Request(
             handle, request, adapter_id, prompt, stop_ids, uniforms, promised,
@@ -434,18 +435,22 @@ class SamplerEngine:
             adapters += [req.adapter_id] * (stop - start)
             table = torch.tensor(req.blocks[: math.ceil(stop / bs)], device=dev)
             chunks.append((row, len(ids), start, table))
-        masks = self._masks(adapters)
         hidden = self.model.forward(
             torch.tensor(ids, device=dev),
             torch.tensor(positions, device=dev),
             self.cache,
             PrefillBatch(torch.tensor(slots, device=dev), chunks),
-            masks,
+            _runs(
+                [
+                    (row, stop, req.adapter_id)
+                    for (req, _, _), (row, stop, _, _) in zip(picked, chunks, strict=True)
+                ]
+            ),
         )
         done: list[tuple[_Request, int]] = []
         for (req, start, stop), (row, _, _, _) in zip(picked, chunks, strict=True):
             if req.request.prompt_logprobs:
-                self._prompt_logprobs(req, hidden, row, start, stop, masks)
+                self._prompt_logprobs(req, hidden, row, start, stop)
             req.prefilled = stop
             if stop == len(req.prompt):
                 done.append((req, row + stop - start - 1))
@@ -453,7 +458,7 @@ class SamplerEngine:
         if not done:
             return
         rows = [row for _, row in done]
-        logits = self.model.logits(hidden[rows], _rows(masks, rows))
+        logits = self.model.logits(hidden[rows], self._masks([adapters[r] for r in rows]))
         forked: list[_Seq] = []
         forked_rows: list[int] = []
         for i, (req, _) in enumerate(done):
@@ -474,7 +479,6 @@ class SamplerEngine:
         row: int,
         start: int,
         stop: int,
-        masks: dict[str, torch.Tensor] | None,
     ) -> None:
         """log p(prompt[p + 1] | prompt[: p + 1]) at temperature 1 for this chunk's positions;
         NaN at position 0 by contract."""
@@ -485,7 +489,8 @@ class SamplerEngine:
         if count <= 0:
             return
         rows = list(range(row, row + count))
-        scores = torch.log_softmax(self.model.logits(hidden[rows], _rows(masks, rows)), dim=-1)
+        masks = self._masks([req.adapter_id] * count)
+        scores = torch.log_softmax(self.model.logits(hidden[rows], masks), dim=-1)
         target = torch.tensor(req.prompt[start + 1 : start + 1 + count], device=scores.device)
         values = scores.gather(-1, target[:, None]).squeeze(-1)
         req.prompt_logprobs[start + 1 : start + 1 + count] = values.float().cpu()
@@ -556,7 +561,9 @@ class SamplerEngine:
             logits, params = logits[keep], [params[i] for i in keep]
         rows = self._sampling_rows(live, params)
         tokens_t, logprobs_t = sample(logits, rows)
-        tokens, logprobs = tokens_t.tolist(), logprobs_t.tolist()
+        # One device-to-host copy for both (token ids are exact in float64).
+        drawn = torch.stack([tokens_t.double(), logprobs_t.double()]).tolist()
+        tokens, logprobs = [int(t) for t in drawn[0]], drawn[1]
         for seq, p, token, logprob in zip(live, params, tokens, logprobs, strict=True):
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
@@ -571,7 +578,7 @@ class SamplerEngine:
         temperature = [p.temperature for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
-        uniforms = [float(seq.req.uniforms[seq.index, len(seq.tokens)]) for seq in seqs]
+        uniforms = [seq.req.uniforms[seq.index][len(seq.tokens)] for seq in seqs]
         floats = torch.tensor(
             [[t if t > 0 else 1.0 for t in temperature], top_p, uniforms, top_k],
             dtype=torch.float64,
@@ -629,8 +636,17 @@ class SamplerEngine:
             )
 
 
-def _rows(masks: dict[str, torch.Tensor] | None, rows: list[int]) -> dict[str, torch.Tensor] | None:
-    return None if masks is None else {kind: m[rows] for kind, m in masks.items()}
+def _runs(chunks: list[tuple[int, int, str | None]]) -> LoraRuns | None:
+    """Runs of rows with one adapter, from the packed chunks (base-model rows left out)."""
+    runs: list[tuple[int, int, str]] = []
+    for start, stop, adapter in chunks:
+        if adapter is None:
+            continue
+        if runs and runs[-1][2] == adapter and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], stop, adapter)
+        else:
+            runs.append((start, stop, adapter))
+    return LoraRuns(runs) if runs else None
 
 
 def _decoder_from_hf(model: PreTrainedModel, max_positions: int) -> Qwen3Decoder:

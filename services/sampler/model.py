@@ -11,9 +11,10 @@ share a KV head sit in the same SDPA "head" (``[kv_heads, group * n, head_dim]``
 
 Multi-LoRA: ``LoraStacks`` holds, per fused projection, every resident adapter's factors stacked
 along the rank axis (adapters of different ranks simply take different widths; the scale is
-folded into B). A per-token 0/1 mask over those columns selects each token's adapter, so a batch
-that mixes adapters costs one shrink GEMM, one mask multiply and one expand GEMM per projection.
-The products with zeros keep it exact.
+folded into B). In decode a per-token 0/1 mask over those columns selects each token's adapter,
+so a batch that mixes adapters costs one shrink GEMM, one mask multiply and one expand GEMM per
+projection (the products with zeros keep it exact); prefill instead runs each run of rows
+against its own adapter's columns (``LoraRuns``), so its FLOPs do not grow with the adapters.
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ class LoraStacks:
                     mask[row, start:stop] = 1
             out[kind] = mask.to(device=device, dtype=self.a[kind][0].dtype)
         return out
+
+
+@dataclass(frozen=True)
+class LoraRuns:
+    """Prefill's routing: runs of contiguous rows ``(start, stop, adapter_id)``. Each run costs
+    one shrink and one expand over its own rows and its adapter's columns (exact FLOPs, which
+    matter at prefill sizes); decode uses the 0/1 masks instead (one GEMM pair for any mix)."""
+
+    runs: list[tuple[int, int, str]]
 
 
 @dataclass
@@ -204,11 +214,18 @@ class Qwen3Decoder:
         weight: torch.Tensor,
         kind: str,
         layer: int,
-        masks: dict[str, torch.Tensor] | None,
+        lora: dict[str, torch.Tensor] | LoraRuns | None,
     ) -> torch.Tensor:
         y = x @ weight.T
-        if masks is not None and kind in masks:
-            shrunk = (x @ self.lora.a[kind][layer].T) * masks[kind]
+        if isinstance(lora, LoraRuns):
+            spans = self.lora.spans.get(kind, {})
+            for start, stop, adapter in lora.runs:
+                if adapter in spans:
+                    c0, c1 = spans[adapter]
+                    shrunk = x[start:stop] @ self.lora.a[kind][layer][c0:c1].T
+                    y[start:stop].addmm_(shrunk, self.lora.b[kind][layer][:, c0:c1].T)
+        elif lora is not None and kind in lora:
+            shrunk = (x @ self.lora.a[kind][layer].T) * lora[kind]
             y = y.addmm_(shrunk, self.lora.b[kind][layer].T)
         return y
 
@@ -218,7 +235,7 @@ class Qwen3Decoder:
         positions: torch.Tensor,
         cache: PagedKVCache,
         batch: PrefillBatch | DecodeBatch,
-        masks: dict[str, torch.Tensor] | None = None,
+        masks: dict[str, torch.Tensor] | LoraRuns | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states ``[T, D]`` of the tokens ``ids`` at ``positions``; their keys
         and values are written to ``cache`` at ``batch.slots`` before attention reads it."""
