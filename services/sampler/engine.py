@@ -72,7 +72,7 @@ class _Request:
     adapter_id: str | None
     prompt: list[int]
     stop_ids: frozenset[int]
-    uniforms: list[list[float]]  # [num_samples][max(1, max_tokens)], drawn at admission
+    uniforms: np.ndarray  # [num_samples, max(1, max_tokens)] float32, drawn at admission
     promised_blocks: int
     blocks: list[int] = field(default_factory=list)  # the prompt's KV, until the fork
     prefilled: int = 0
@@ -334,7 +334,7 @@ class SamplerEngine:
             gen.seed()
         else:
             gen.manual_seed(p.seed)
-        uniforms = torch.rand(n, max(1, p.max_tokens), generator=gen).tolist()
+        uniforms = torch.rand(n, max(1, p.max_tokens), generator=gen).numpy()
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         return _Request(
             handle, request, adapter_id, prompt, stop_ids, uniforms, promised,
@@ -578,7 +578,7 @@ class SamplerEngine:
         temperature = [p.temperature for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
-        uniforms = [seq.req.uniforms[seq.index][len(seq.tokens)] for seq in seqs]
+        uniforms = [float(seq.req.uniforms[seq.index, len(seq.tokens)]) for seq in seqs]
         floats = torch.tensor(
             [[t if t > 0 else 1.0 for t in temperature], top_p, uniforms, top_k],
             dtype=torch.float64,
