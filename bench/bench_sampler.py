@@ -9,6 +9,7 @@ Whetstone's engine eagerly and with its decode step as CUDA graphs on the same 6
 random tokens, 256 new tokens each (no stopping). The roofline is the fewest bytes a step must
 read (every weight once, plus each sequence's KV at its context length) over the measured copy
 bandwidth, summed over the decode steps, plus the prefill's FLOPs at the measured matmul rate.
+P4 runs the same batch with one random rank-32 adapter on every row, then 8 different ones.
 Before timing, the engine's prompt logprobs are checked against an HF forward, and the graphed
 greedy tokens against the eager ones. Prints a table last; ``--json`` writes every number.
 """
@@ -102,6 +103,34 @@ def build_model(args: argparse.Namespace, tiny_dir: Path):
     return model.eval()
 
 
+def make_adapters(model, n: int, rank: int, root: Path) -> list[Path]:
+    """``n`` random PEFT adapters of ``rank`` on every attention and MLP linear (B nonzero)."""
+    from whetstone.messages import LoraConfig
+    from whetstone_ml.lora import LORA_ALPHA, LoraAdapter, LoraFactors
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear)
+    }
+    gen = torch.Generator().manual_seed(0)
+    dirs = []
+    for i in range(n):
+        factors = {
+            name: LoraFactors(
+                (torch.rand(rank, m.in_features, generator=gen) * 2 - 1) / m.in_features**0.5,
+                torch.randn(m.out_features, rank, generator=gen) * 0.01,
+                LORA_ALPHA / rank,
+            )
+            for name, m in linears.items()
+        }
+        directory = root / f"lora{i}"
+        LoraAdapter(LoraConfig(rank=rank), factors).save_peft(directory, "bench")
+        dirs.append(directory)
+    return dirs
+
+
 def requests(prompts: np.ndarray, new: int, temperature: float) -> list[SampleRequest]:
     return [
         SampleRequest(
@@ -117,12 +146,15 @@ def requests(prompts: np.ndarray, new: int, temperature: float) -> list[SampleRe
     ]
 
 
-def run_engine(engine: SamplerEngine, reqs: list[SampleRequest]) -> dict[str, float]:
-    """One full run through add/step; wall times of the prefill phase and of the decode phase."""
+def run_engine(
+    engine: SamplerEngine, reqs: list[SampleRequest], adapters: list[str] | None = None
+) -> dict[str, float]:
+    """One full run through add/step (request ``i`` on adapter ``i % len(adapters)``, or the
+    base model); wall times of the prefill phase and of the decode phase."""
     sync()
     t0 = time.perf_counter()
-    for r in reqs:
-        engine.add(r, None)
+    for i, r in enumerate(reqs):
+        engine.add(r, adapters[i % len(adapters)] if adapters else None)
     done, t_prefilled, decode_steps = 0, None, 0
     while engine.has_work:
         done += len(engine.step())
@@ -149,6 +181,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--adapter-rank", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dir", default="/tmp/whetstone-bench-models")
     parser.add_argument("--json")
@@ -160,6 +194,7 @@ def main() -> None:
             min(args.prompt, 32),
             min(args.new, 16),
         )
+        args.adapters, args.adapter_rank = min(args.adapters, 2), min(args.adapter_rank, 4)
     tiny_dir = ensure_builtin_model(Path(args.dir))
     dtype = getattr(torch, args.dtype)
     out: dict[str, object] = {"args": vars(args), "device_name": _device_name(args.device)}
@@ -228,23 +263,33 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - report and time what works
         out["check"] = f"failed: {exc!r}"
 
-    variants = [("Whetstone eager", False, "sdpa")]
-    if args.device == "cuda":
+    graphs_on = args.device == "cuda"
+    variants = [("Whetstone eager", False, "sdpa", 0)]
+    if graphs_on:
         variants += [
-            ("Whetstone eager, Triton paged attention", False, "triton"),
-            ("Whetstone CUDA graphs, SDPA over gathered blocks", True, "sdpa"),
-            ("Whetstone CUDA graphs, Triton paged attention", True, "triton"),
+            ("Whetstone eager, Triton paged attention", False, "triton", 0),
+            ("Whetstone CUDA graphs, SDPA over gathered blocks", True, "sdpa", 0),
+            ("Whetstone CUDA graphs, Triton paged attention", True, "triton", 0),
         ]
-    for label, graphs, kernel in variants:
+    # P4: the same batch with one adapter for every row, then `--adapters` different ones.
+    variants += [
+        (f"P4: {n} adapter(s) of rank {args.adapter_rank}", graphs_on, "sdpa", n)
+        for n in (1, args.adapters)
+    ]
+    adapter_dirs = make_adapters(model, args.adapters, args.adapter_rank, Path(args.dir) / "lora")
+    for label, graphs, kernel, n_adapters in variants:
         engine = SamplerEngine(
             **common,  # type: ignore[arg-type]
             cuda_graphs=graphs,
             decode_attention=kernel,
         )
+        names = [f"lora{i}" for i in range(n_adapters)]
+        for name, directory in zip(names, adapter_dirs, strict=False):
+            engine.ensure_adapter(name, directory)
         reqs = requests(prompts, args.new, 1.0)
         try:
-            run_engine(engine, reqs)  # warm-up (and graph capture)
-            runs = [run_engine(engine, reqs) for _ in range(args.repeats if graphs else 1)]
+            run_engine(engine, reqs, names)  # warm-up (and graph capture)
+            runs = [run_engine(engine, reqs, names) for _ in range(args.repeats if graphs else 1)]
         except Exception as exc:  # noqa: BLE001 - report and time the other variants
             out[label] = f"failed: {exc!r}"
             rows.append((label, float("nan"), float("nan"), "failed"))
@@ -272,6 +317,9 @@ def main() -> None:
         f"({roofline_decode_s / (args.new - 1) * 1e3:.2f} ms/step) + prefill "
         f"{roofline_prefill_s:.3f} s = {new_tokens / roof_total:,.0f} tok/s"
     )
+    p4 = [r for r in rows if r[0].startswith("P4")]
+    if len(p4) == 2 and p4[0][2] == p4[0][2] and p4[1][2] == p4[1][2]:  # neither is NaN
+        print(f"{p4[1][0]} vs {p4[0][0]}: {p4[1][2] / p4[0][2]:.2f}x (target >= 0.8x)")
     print("| engine | total s | tokens/s | decode phase vs decode roofline |")
     print("|---|---|---|---|")
     for label, secs, tps, pct in rows:
