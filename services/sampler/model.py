@@ -112,27 +112,60 @@ class PrefillBatch:
     ``chunks`` holds ``(row_start, row_stop, position_start, block_ids)`` per chunk: rows of the
     pack, the position of its first token in its sequence, and the sequence's block ids (a
     ``[n_blocks]`` long tensor covering the context up to the chunk's end).
+
+    Chunks that start a prompt attend only to their own fresh keys: those of equal length run as
+    one batched SDPA (the usual case: a batch of whole prompts); a chunk that continues a prompt
+    reads its context back from the cache, one SDPA each.
     """
 
     slots: torch.Tensor
     chunks: list[tuple[int, int, int, torch.Tensor]]
+    _groups: list[tuple[int, torch.Tensor]] | None = None  # (length, row ids) of fresh chunks
 
-    def attend(self, cache: PagedKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def _fresh_groups(self, device: torch.device) -> list[tuple[int, torch.Tensor]]:
+        if self._groups is None:
+            by_length: dict[int, list[int]] = {}
+            for start, stop, pos, _ in self.chunks:
+                if pos == 0:
+                    by_length.setdefault(stop - start, []).extend(range(start, stop))
+            self._groups = [(n, torch.tensor(rows, device=device)) for n, rows in by_length.items()]
+        return self._groups
+
+    def attend(
+        self,
+        cache: PagedKVCache,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
         shape = cache.shape
         kvh, hd = shape.kv_heads, shape.head_dim
-        g = q.shape[1] // kvh
-        outs = []
+        t, g = q.shape[0], q.shape[1] // kvh
+        out = q.new_empty(t, kvh * g * hd)
+        for n, rows in self._fresh_groups(q.device):
+            c = rows.shape[0] // n
+            # Query heads of one KV head side by side: [C, KVH, G * n, hd], rows (g, token).
+            qc = q.index_select(0, rows).reshape(c, n, kvh, g, hd)
+            qc = qc.permute(0, 2, 3, 1, 4).reshape(c, kvh, g * n, hd)
+            kc = k.index_select(0, rows).view(c, n, kvh, hd).transpose(1, 2)
+            vc = v.index_select(0, rows).view(c, n, kvh, hd).transpose(1, 2)
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=causal.repeat(g, 1))
+            o = o.view(c, kvh, g, n, hd).permute(0, 3, 1, 2, 4).reshape(c * n, -1)
+            out.index_copy_(0, rows, o)
         for start, stop, pos, blocks in self.chunks:
+            if pos == 0:
+                continue
             n, ctx = stop - start, pos + stop - start
-            k, v = cache.gather(layer, blocks[None])  # [1, n_blocks * bs, KVH, hd]
-            k, v = k[0, :ctx].transpose(0, 1), v[0, :ctx].transpose(0, 1)  # [KVH, ctx, hd]
-            # Query heads of one KV head side by side: [KVH, G * n, hd], rows (g, token).
+            kk, vv = cache.gather(layer, blocks[None])  # [1, n_blocks * bs, KVH, hd]
+            kk, vv = kk[0, :ctx].transpose(0, 1), vv[0, :ctx].transpose(0, 1)  # [KVH, ctx, hd]
             qc = q[start:stop].reshape(n, kvh, g, hd).permute(1, 2, 0, 3).reshape(kvh, g * n, hd)
             q_pos = torch.arange(pos, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None] <= q_pos[:, None]  # [n, ctx] causal
-            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask.repeat(g, 1))
-            outs.append(o.view(kvh, g, n, hd).permute(2, 0, 1, 3).reshape(n, kvh * g * hd))
-        return torch.cat(outs)
+            o = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask.repeat(g, 1))
+            out[start:stop] = o.view(kvh, g, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
+        return out
 
 
 @dataclass
@@ -146,7 +179,16 @@ class DecodeBatch:
     context_lens: torch.Tensor  # [B]
     kernel: str = "sdpa"  # or "triton": read the paged cache in place (CUDA only)
 
-    def attend(self, cache: PagedKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        cache: PagedKVCache,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of the new tokens ``q`` over the cache (``k``, ``v``, the new tokens' own,
+        are in it already)."""
         if self.kernel == "triton":
             from services.sampler.paged_attention import paged_decode_attention
 
@@ -251,8 +293,9 @@ class Qwen3Decoder:
             qk = qkv[:, : q_size + kv_size].view(t, s.heads + s.kv_heads, s.head_dim)
             qk = rope(rms_norm(qk, layer.qk_norm, s.eps), cos, sin)
             q, k = qk[:, : s.heads], qk[:, s.heads :]
-            cache.write(i, batch.slots, k, qkv[:, q_size + kv_size :].view(t, s.kv_heads, -1))
-            attn = batch.attend(cache, i, q)
+            v = qkv[:, q_size + kv_size :].view(t, s.kv_heads, s.head_dim)
+            cache.write(i, batch.slots, k, v)
+            attn = batch.attend(cache, i, q, k, v)
             h = h + self._linear(attn, layer.o, "o", i, masks)
             x = rms_norm(h, layer.post_norm, s.eps)
             gate, up = self._linear(x, layer.gate_up, "gate_up", i, masks).chunk(2, dim=-1)

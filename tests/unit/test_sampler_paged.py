@@ -136,6 +136,36 @@ def test_paged_batched_path_equals_teacher_forced_forward(engine, model_dir):
             )
 
 
+@pytest.mark.parametrize("prefill_tokens", [7, 1000])
+def test_equal_length_prompts_prefilled_together_equal_teacher_forced(model_dir, prefill_tokens):
+    """Whole prompts of one length share one batched SDPA per layer (a budget of 1000); a budget
+    of 7 splits them into chunks that continue from the cache instead. Both equal HF."""
+    engine = make_engine(model_dir, prefill_tokens=prefill_tokens)
+    reference = hf(model_dir)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 1500, size=6).tolist() for _ in range(3)] + [[5] * 11]
+    jobs = [
+        (
+            SampleRequest(
+                request_id="r",
+                tenant="t",
+                base_model="tiny",
+                prompt=Tensor.from_list(p, "int64"),
+                params=SamplingParams(max_tokens=5, seed=i, stop_on_eos=False),
+                prompt_logprobs=True,
+            ),
+            None,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    for prompt, result in zip(prompts, engine.generate(jobs), strict=True):
+        expected = teacher_forced(reference, prompt, tokens(result))
+        np.testing.assert_allclose(logprobs(result), expected[len(prompt) - 1 :], atol=1e-4)
+        np.testing.assert_allclose(
+            result.prompt_logprobs.to_numpy()[1:], expected[: len(prompt) - 1], atol=1e-4
+        )
+
+
 def test_forked_samples_share_prompt_blocks_and_equal_one_greedy(model_dir):
     engine = make_engine(model_dir)
     req = request(engine, PROMPTS[2], n=3, max_tokens=6, temperature=0.0)
@@ -384,6 +414,9 @@ def test_triton_paged_kernel_equals_sdpa_path():
     table[2, 0] = 33
     context = torch.tensor([14, 48, 3])
     q = torch.randn(3, 8, hd)
-    sdpa = DecodeBatch(torch.zeros(3, dtype=torch.long), table, context).attend(cache, 0, q)
+    unused = torch.empty(0)  # decode reads its new keys and values from the cache
+    sdpa = DecodeBatch(torch.zeros(3, dtype=torch.long), table, context).attend(
+        cache, 0, q, unused, unused
+    )
     out = paged_decode_attention(q, cache.k[0], cache.v[0], table, context)
     torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=1e-5)
