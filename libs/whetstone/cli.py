@@ -305,8 +305,10 @@ async def _dlq(nats_url: str, args: argparse.Namespace) -> int:
             letters = await list_dead_letters(bus, args.limit)
             print(f"{'seq':>6} {'tries':>5} {'request id':<38} {'subject':<48} error")
             for d in letters:
-                print(f"{d.seq:>6} {d.deliveries:>5} {d.request_id or '-':<38} {d.subject:<48} "
-                      f"{d.error}")
+                print(
+                    f"{d.seq:>6} {d.deliveries:>5} {d.request_id or '-':<38} {d.subject:<48} "
+                    f"{d.error}"
+                )
             return 0
         failed = 0
         for seq in args.seqs:
@@ -406,6 +408,7 @@ def offline_usage_report(state_dir: Path, query: UsageReportQuery) -> UsageRepor
 
 def format_report(report: UsageReport, group_by: list[GroupBy] | None = None) -> str:
     return reports.to_table(report, group_by or list(DEFAULT_GROUP_BY))
+
 
 if __name__ == "__main__":
     sys.exit(main())
