@@ -28,25 +28,10 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# Long polls hold for up to ~25 s, so the buckets reach past that.
-HTTP_BUCKETS_S = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    20,
-    30,
-    60,
-)
+from whetstone.metrics import LATENCY_BUCKETS_S
+
+# Long polls hold for up to ~25 s: the shared latency buckets reach past that.
+HTTP_BUCKETS_S = LATENCY_BUCKETS_S
 UNROUTED = "unrouted"
 
 HTTP_REQUESTS = Counter(
