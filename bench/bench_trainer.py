@@ -1,0 +1,229 @@
+"""Trainer throughput (P1): Whetstone's engine against a naive PEFT loop, in one call.
+
+Run (GPU):  python3 bench/bench_trainer.py                 (random-weight Qwen3-4B, bf16)
+            python3 bench/bench_trainer.py --smoke         (built-in tiny model, CPU or GPU)
+
+Builds a random-weight Qwen3 of the real size from its config (no download) and saves it once, so
+both sides load the same weights. For each batch shape (``--rows`` rows of ``--seq`` tokens) it
+times ``--steps`` steps after ``--warmup``: a step is one cross-entropy forward_backward plus one
+AdamW step, LoRA rank 32 on every attention and MLP projection, base weights in bf16.
+
+* Whetstone: ``TrainerEngine.forward_backward`` + ``optim_step`` (the service's own path).
+* Naive: ``peft.get_peft_model`` over the HF model with gradient checkpointing (without it the
+  naive step does not fit at 16k tokens), ``model(input_ids, labels=...)``, backward, AdamW.
+
+A side that runs out of memory is reported as OOM. MFU counts 4·N·T (forward plus the backward
+through frozen weights, N base parameters, T tokens) plus attention (forward and backward, causal),
+against the H200's 989 TFLOP/s dense bf16. Prints a table last; ``--json`` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_sampler import QWEN3_4B, sync  # noqa: E402
+
+from services.trainer.engine import TrainerEngine  # noqa: E402
+from whetstone.messages import AdamParams, Datum, ForwardBackward, LoraConfig  # noqa: E402
+from whetstone.tensors import Tensor  # noqa: E402
+from whetstone_ml.builtin import ensure_builtin_model  # noqa: E402
+
+RANK = 32
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_BF16_FLOPS = 989e12
+
+
+def model_dir(args: argparse.Namespace, root: Path) -> Path:
+    if args.smoke:
+        return ensure_builtin_model(root / "models")
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))
+    finally:
+        torch.set_default_dtype(previous)
+    out = root / "qwen3-4b-random"
+    model.save_pretrained(out)
+    del model
+    gc.collect()
+    return out
+
+
+def flops_per_step(config, rows: int, seq: int, n_params: int) -> float:
+    tokens = rows * seq
+    heads_dim = config.num_attention_heads * config.head_dim
+    attention_fwd = config.num_hidden_layers * 2 * rows * seq * seq * heads_dim  # causal: half of 4
+    return 4 * n_params * tokens + 3 * attention_fwd
+
+
+def batch(rows: int, seq: int, vocab: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(rows)
+    return torch.randint(0, vocab, (rows, seq + 1), generator=generator)
+
+
+def timed(step, warmup: int, steps: int) -> dict:
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    try:
+        for _ in range(warmup):
+            step()
+        sync()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True}
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    return {"oom": False, "step_s": statistics.median(times), "peak_bytes": peak}
+
+
+def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> dict:
+    engine = TrainerEngine(directory, device=args.device, dtype="bfloat16")
+    engine.create_run("r", LoraConfig(rank=RANK, seed=0, train_unembed=False))
+    data = [
+        Datum(
+            model_input=Tensor.from_list(row[:-1].tolist(), "int64"),
+            loss_fn_inputs={"target_tokens": Tensor.from_list(row[1:].tolist(), "int64")},
+        )
+        for row in tokens
+    ]
+    command = ForwardBackward(data=data, loss_fn="cross_entropy")
+    adam = AdamParams(learning_rate=1e-4)
+
+    def step() -> None:
+        engine.forward_backward("r", command)
+        engine.optim_step("r", adam)
+
+    try:
+        return timed(step, args.warmup, args.steps)
+    finally:
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def naive(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> dict:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16)
+    model = get_peft_model(
+        model.to(args.device),
+        PeftLoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0),
+    )
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 LoRA factors, as ours keeps them
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inputs = tokens[:, :-1].to(args.device)
+    labels = tokens[:, 1:].to(args.device)
+
+    def step() -> None:
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        return timed(step, args.warmup, args.steps)
+    finally:
+        del model, optimizer
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", default="2,8", help="rows per step, comma-separated")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--only",
+        choices=["whetstone", "naive"],
+        help="run one side (a process of its own: no memory left by the other)",
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        args.seq, args.rows, args.steps, args.warmup = 64, "2", 1, 1
+    from transformers import AutoConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = model_dir(args, Path(tmp))
+        config = AutoConfig.from_pretrained(str(directory))
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        results: dict = {
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "base_params": n_params,
+            "shapes": {},
+        }
+        for rows in [int(r) for r in args.rows.split(",")]:
+            tokens = batch(rows, args.seq, config.vocab_size)
+            skipped = {"oom": True, "skipped": True}
+            shape = {
+                "whetstone": ours(directory, tokens, args) if args.only != "naive" else skipped,
+                "naive PEFT + checkpointing": naive(directory, tokens, args)
+                if args.only != "whetstone"
+                else skipped,
+                "flops": flops_per_step(config, rows, args.seq, n_params),
+            }
+            results["shapes"][f"{rows}x{args.seq}"] = shape
+            print(json.dumps({f"{rows}x{args.seq}": shape}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(
+        f"\n{results['device']}: LoRA rank {RANK}, attention + MLP, bf16 base, "
+        f"{n_params / 1e9:.2f}B base parameters"
+    )
+    print("| step | engine | step s | tokens/s | MFU | peak GiB | vs naive |")
+    print("|---|---|---|---|---|---|---|")
+    for name, shape in results["shapes"].items():
+        tokens = int(name.split("x")[0]) * int(name.split("x")[1])
+        base = shape["naive PEFT + checkpointing"]
+        for engine in ("whetstone", "naive PEFT + checkpointing"):
+            r = shape[engine]
+            if r.get("skipped"):
+                continue
+            if r["oom"]:
+                print(f"| {name} | {engine} | OOM | - | - | - | - |")
+                continue
+            speed = "-" if base["oom"] else f"{base['step_s'] / r['step_s']:.2f}x"
+            mfu = shape["flops"] / r["step_s"] / PEAK_BF16_FLOPS
+            print(
+                f"| {name} | {engine} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} | "
+                f"{mfu:.0%} | {r['peak_bytes'] / 2**30:.1f} | {speed} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
