@@ -112,12 +112,7 @@ def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> dic
         engine.forward_backward("r", command)
         engine.optim_step("r", adam)
 
-    try:
-        return timed(step, args.warmup, args.steps)
-    finally:
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return timed(step, args.warmup, args.steps)  # the caller frees what it held (free())
 
 
 def naive(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -147,12 +142,13 @@ def naive(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> di
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    try:
-        return timed(step, args.warmup, args.steps)
-    finally:
-        del model, optimizer
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return timed(step, args.warmup, args.steps)  # the caller frees what it held (free())
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -189,13 +185,13 @@ def main() -> int:
         for rows in [int(r) for r in args.rows.split(",")]:
             tokens = batch(rows, args.seq, config.vocab_size)
             skipped = {"oom": True, "skipped": True}
-            shape = {
-                "whetstone": ours(directory, tokens, args) if args.only != "naive" else skipped,
-                "naive PEFT + checkpointing": naive(directory, tokens, args)
-                if args.only != "whetstone"
-                else skipped,
-                "flops": flops_per_step(config, rows, args.seq, n_params),
-            }
+            shape = {"flops": flops_per_step(config, rows, args.seq, n_params)}
+            shape["whetstone"] = ours(directory, tokens, args) if args.only != "naive" else skipped
+            free()
+            shape["naive PEFT + checkpointing"] = (
+                naive(directory, tokens, args) if args.only != "whetstone" else skipped
+            )
+            free()
             results["shapes"][f"{rows}x{args.seq}"] = shape
             print(json.dumps({f"{rows}x{args.seq}": shape}), flush=True)
     if args.json:
