@@ -271,9 +271,10 @@ class _FateScope(BaseMiddleware):
             await self._safely(self.fate.settle(msg, None))
         if not jetstream:
             metrics.MESSAGES.labels(self.fate.service, queue_label(subject), "ok").inc()
-        metrics.REQUEST_LATENCY.labels(
-            self.fate.service, op, str(headers.get(s.MODEL_HEADER, ""))
-        ).observe(time.perf_counter() - started)
+        if not _held(msg):  # a held message's work is timed where it runs (the trainer)
+            metrics.REQUEST_LATENCY.labels(
+                self.fate.service, op, str(headers.get(s.MODEL_HEADER, ""))
+            ).observe(time.perf_counter() - started)
         return result
 
     async def _core_failure(self, msg: Any, exc: BaseException) -> None:

@@ -16,7 +16,6 @@ exits 0, and unacknowledged work is redelivered to another replica.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -123,4 +122,3 @@ async def serve(
     finally:
         shutdown_tracing()
         log.info("stopped")
-    await asyncio.sleep(0)

@@ -136,10 +136,6 @@ class TrainerWorker:
         self._draining = False
         self._tracer = tracer_provider("trainer").get_tracer("whetstone.trainer")
 
-    @property
-    def pumps(self) -> dict[str, RunQueue]:  # the runs held here (name kept for the tests)
-        return self.runs
-
     async def declare(self) -> None:
         await b.subscribe(
             self.bus,
