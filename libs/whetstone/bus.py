@@ -71,6 +71,7 @@ _BUCKETS: dict[str, float | None] = {  # bucket -> TTL in seconds (None: forever
     s.SESSIONS_BUCKET: None,
     s.RUNS_BUCKET: None,
     s.SAMPLERS_BUCKET: None,
+    s.CUSTOM_LOSSES_BUCKET: None,
     s.CHECKPOINTS_BUCKET: None,
     s.PLACEMENTS_BUCKET: None,
     s.RUN_PROGRESS_BUCKET: None,

@@ -28,6 +28,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from whetstone.custom_loss import CustomLoss
 from whetstone.tensors import Tensor
 
 
@@ -91,11 +92,15 @@ class Datum(Message):
 
 
 class ForwardBackward(Message):
+    """``custom_loss``: for ``loss_fn="custom"``, the stored loss that ``loss_fn_config``'s
+    ``loss_id`` names, resolved (and tenant-checked) by the gateway, so the command is whole."""
+
     op: Literal["forward_backward"] = "forward_backward"
     data: list[Datum]
     loss_fn: str
     loss_fn_config: dict[str, float | str] = {}
     forward_only: bool = False
+    custom_loss: CustomLoss | None = None
 
 
 class OptimStep(Message):
@@ -218,6 +223,11 @@ class SaveWeightsResult(Message):
     sampler_id: str | None = None
 
 
+class CreateCustomLossResult(Message):
+    op: Literal["create_custom_loss"] = "create_custom_loss"
+    loss_id: str
+
+
 class SampledSequence(Message):
     tokens: Tensor  # int64
     logprobs: Tensor  # float32, one per token
@@ -231,7 +241,12 @@ class SampleResult(Message):
 
 
 Result = Annotated[
-    CreateModelResult | ForwardBackwardResult | OptimStepResult | SaveWeightsResult | SampleResult,
+    CreateModelResult
+    | ForwardBackwardResult
+    | OptimStepResult
+    | SaveWeightsResult
+    | SampleResult
+    | CreateCustomLossResult,
     Field(discriminator="op"),
 ]
 
@@ -298,6 +313,17 @@ class SamplingSessionRecord(Message):
     session_id: str
     base_model: str
     adapter: AdapterRef | None = None
+
+
+class CustomLossRecord(Message):
+    """A loss uploaded by ``create_custom_loss`` (KV ``ws_custom_losses``); usable only by
+    training runs of its session."""
+
+    loss_id: str  # <session>:loss:<custom_loss_seq_id>
+    tenant: str
+    session_id: str
+    loss: CustomLoss
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class CheckpointRecord(Message):

@@ -42,6 +42,7 @@ KEYS_BUCKET = "ws_api_keys"  # sha256(key) -> ApiKeyRecord
 SESSIONS_BUCKET = "ws_sessions"  # session id -> SessionRecord
 RUNS_BUCKET = "ws_runs"  # run token -> TrainingRunRecord
 SAMPLERS_BUCKET = "ws_samplers"  # sampler token -> SamplingSessionRecord
+CUSTOM_LOSSES_BUCKET = "ws_custom_losses"  # loss token -> CustomLossRecord
 CHECKPOINTS_BUCKET = "ws_checkpoints"  # <run token>.<kind>.<name token> -> CheckpointRecord
 PLACEMENTS_BUCKET = "ws_placements"  # run token -> worker id
 RUN_PROGRESS_BUCKET = "ws_run_progress"  # run token -> RunProgress (snapshot, next seq_id)
