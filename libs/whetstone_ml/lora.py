@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,25 +146,37 @@ class LoraAdapter:
 
     @classmethod
     def init(
-        cls, model: LoraModel, config: LoraConfig, device: torch.device | None = None
+        cls,
+        model: LoraModel | Mapping[str, tuple[int, int]],
+        config: LoraConfig,
+        device: torch.device | None = None,
     ) -> LoraAdapter:
         """A fresh adapter: A from PEFT's Kaiming-uniform init drawn from ``config.seed``, B zero,
         so a new adapter leaves the base model's outputs unchanged. The factors are float32
-        whatever the base model's dtype: they are the master weights the optimizer updates."""
+        whatever the base model's dtype: they are the master weights the optimizer updates.
+
+        ``model`` is a ``LoraModel`` or the targetable modules' ``(in_features, out_features)``
+        by HF module name (what ``whetstone_ml.qwen3.Qwen3Shape.lora_modules`` gives)."""
+        if isinstance(model, LoraModel):
+            shapes = {n: (m.base.in_features, m.base.out_features) for n, m in model.layers.items()}
+            first = next(iter(model.layers.values()), None)
+            device = device or (first.base.weight.device if first else None)
+        else:
+            shapes = dict(model)
         # A private generator: never reseed the process's global one (other code relies on it).
         seed = config.seed if config.seed is not None else secrets.randbits(63)
         gen = torch.Generator().manual_seed(seed)
         wanted = target_modules(config)
         scale = LORA_ALPHA / config.rank
         factors: dict[str, LoraFactors] = {}
-        for name in sorted(model.layers):
+        for name in sorted(shapes):
             if name.rsplit(".", 1)[-1] not in wanted:
                 continue
-            base = model.layers[name].base
-            bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform_(a=sqrt(5))
-            a = (torch.rand(config.rank, base.in_features, generator=gen) * 2 - 1) * bound
-            b = torch.zeros(base.out_features, config.rank)
-            dev = device or base.weight.device
+            in_features, out_features = shapes[name]
+            bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5))
+            a = (torch.rand(config.rank, in_features, generator=gen) * 2 - 1) * bound
+            b = torch.zeros(out_features, config.rank)
+            dev = device or torch.device("cpu")
             factors[name] = LoraFactors(
                 a.to(dev).requires_grad_(), b.to(dev).requires_grad_(), scale
             )

@@ -1,0 +1,215 @@
+"""The packed Qwen3 (``whetstone_ml.qwen3``) computes Hugging Face's ``Qwen3ForCausalLM`` in
+float64 on the CPU: logits packed (ragged documents in one row) and unpacked (equal rows), with
+and without LoRA (PEFT's own model is the reference, loading our exported adapter), the LoRA
+gradients, every checkpointing policy, every CPU attention path, and several adapters routed to
+row segments of one pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from whetstone.messages import LoraConfig
+from whetstone_ml.lora import LoraAdapter, Segment
+from whetstone_ml.qwen3 import ModelOptions, Pack, Qwen3Packed, Qwen3Shape
+
+VOCAB = 300
+
+
+def hf_model(tied: bool = False) -> Qwen3ForCausalLM:
+    config = Qwen3Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # not hidden / heads: the model must read head_dim
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        tie_word_embeddings=tied,
+        max_position_embeddings=256,
+        rope_theta=1000.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = Qwen3ForCausalLM(config)
+        # Non-trivial norm weights: HF initialises them to ones, which would hide a missed norm.
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.data.uniform_(0.5, 1.5)
+    return model.double().eval()
+
+
+def adapter(shape: Qwen3Shape, seed: int, **flags: bool) -> LoraAdapter:
+    """A float64 adapter with B non-zero; values representable in float32 (PEFT's file)."""
+    config = LoraConfig(rank=4, seed=seed, **flags)
+    lora = LoraAdapter.init(shape.lora_modules(), config)
+    gen = torch.Generator().manual_seed(seed)
+    for f in lora.factors.values():
+        f.b = (torch.randn(f.b.shape, generator=gen) * 0.05).double().requires_grad_()
+        f.a = f.a.detach().double().requires_grad_()
+    return lora
+
+
+def tokens_for(lengths: list[int], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]
+
+
+def packed_logits(
+    model: Qwen3Packed, docs: list[torch.Tensor], lora: LoraAdapter | None = None
+) -> list[torch.Tensor]:
+    pack = Pack.of([len(d) for d in docs], torch.device("cpu"))
+    w = None if lora is None else model.lora_weights(lora)
+    segments = [(Segment("a", 0, pack.total), w)]
+    hidden = model.hidden(torch.cat(docs), pack, segments)
+    return list(model.head_logits(hidden, segments).split(pack.lengths))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("lengths", [[7, 3, 12, 1], [6, 6, 6]], ids=["ragged", "equal-rows"])
+def test_base_logits_equal_hf_in_float64(tied: bool, lengths: list[int]) -> None:
+    hf = hf_model(tied)
+    model = Qwen3Packed.from_hf(hf)
+    docs = tokens_for(lengths, seed=1)
+    with torch.no_grad():
+        got = packed_logits(model, docs)
+        for doc, logits in zip(docs, got, strict=True):
+            want = hf(input_ids=doc[None]).logits[0]
+            torch.testing.assert_close(logits, want, atol=1e-10, rtol=1e-10)
+    # Not vacuous: documents see their own context only, so one pass over everything at once
+    # (a single long document) differs from the packed result.
+    with torch.no_grad():
+        joined = hf(input_ids=torch.cat(docs)[None]).logits[0]
+    assert not torch.allclose(torch.cat(got), joined, atol=1e-3)
+
+
+def peft_reference(hf: Qwen3ForCausalLM, lora: LoraAdapter, tmp_path: Path) -> torch.nn.Module:
+    from peft import PeftModel
+
+    lora.save_peft(tmp_path / "adapter", "tiny")
+    return PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True).double().eval()
+
+
+def test_lora_logits_and_gradients_equal_peft_in_float64(tmp_path: Path) -> None:
+    hf = hf_model()
+    model = Qwen3Packed.from_hf(hf)
+    lora = adapter(model.shape, seed=3, train_unembed=True)
+    docs = tokens_for([9, 4, 13], seed=2)
+    weights = [torch.randn(len(d), VOCAB, dtype=torch.float64) for d in docs]
+
+    ours = packed_logits(model, docs, lora)
+    loss = sum((torch.log_softmax(lg, -1) * w).sum() for lg, w in zip(ours, weights, strict=True))
+    assert isinstance(loss, torch.Tensor)
+    loss.backward()
+
+    peft = peft_reference(hf, lora, tmp_path)
+    ref_loss = torch.zeros((), dtype=torch.float64)
+    for doc, lg, w in zip(docs, ours, weights, strict=True):
+        want = peft(input_ids=doc[None]).logits[0]
+        torch.testing.assert_close(lg.detach(), want.detach(), atol=1e-10, rtol=1e-10)
+        ref_loss = ref_loss + (torch.log_softmax(want, -1) * w).sum()
+    ref_loss.backward()
+    named = dict(peft.named_parameters())
+    assert {n.rsplit(".", 1)[-1] for n in lora.factors} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    }
+    for name, f in lora.factors.items():
+        for which, ours_p in (("lora_A", f.a), ("lora_B", f.b)):
+            ref = named[f"base_model.model.{name}.{which}.default.weight"]
+            assert ours_p.grad is not None and ref.grad is not None
+            torch.testing.assert_close(ours_p.grad, ref.grad, atol=1e-10, rtol=1e-8)
+    # The adapter matters: the base logits differ.
+    with torch.no_grad():
+        base = packed_logits(model, docs)
+    assert not torch.allclose(torch.cat(base), torch.cat(ours).detach(), atol=1e-3)
+
+
+def test_partial_targets_equal_peft(tmp_path: Path) -> None:
+    """An adapter on the MLP only (no q/k/v, o or head factors) and one on attention only."""
+    hf = hf_model()
+    model = Qwen3Packed.from_hf(hf)
+    docs = tokens_for([5, 8], seed=4)
+    for flags in ({"train_attn": False}, {"train_mlp": False, "train_unembed": False}):
+        lora = adapter(model.shape, seed=5, **flags)
+        with torch.no_grad():
+            ours = packed_logits(model, docs, lora)
+            peft = peft_reference(hf, lora, tmp_path / str(len(lora.factors)))
+            for doc, lg in zip(docs, ours, strict=True):
+                torch.testing.assert_close(
+                    lg, peft(input_ids=doc[None]).logits[0], atol=1e-10, rtol=0
+                )
+        hf = hf_model()  # PEFT wrapped the last one in place
+
+
+def _grads_under(options: ModelOptions, docs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    hf = hf_model()
+    model = Qwen3Packed.from_hf(hf, options)
+    lora = adapter(model.shape, seed=seed)
+    logits = packed_logits(model, docs, lora)
+    torch.cat(logits).logsumexp(-1).sum().backward()
+    return [t.grad for t in lora.parameters() if t.grad is not None]
+
+
+def test_checkpointing_policies_and_attention_paths_give_the_same_gradients() -> None:
+    docs = tokens_for([6, 6, 6], seed=9)
+    reference = _grads_under(ModelOptions(checkpointing="none", attention="docs"), docs, seed=1)
+    assert len(reference) == 2 * (2 * 7 + 1) and any(bool(g.abs().max() > 0) for g in reference)
+    for options in (
+        ModelOptions(checkpointing="selective", attention="docs"),
+        ModelOptions(checkpointing="full", attention="docs"),
+        ModelOptions(checkpointing="selective", attention="rows"),
+    ):
+        got = _grads_under(options, docs, seed=1)
+        for g, r in zip(got, reference, strict=True):
+            torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
+
+
+def test_segments_route_rows_to_their_own_adapter() -> None:
+    """Three segments (adapter a, the base model, adapter b) in one pass equal three passes."""
+    model = Qwen3Packed.from_hf(hf_model())
+    a, b = adapter(model.shape, seed=1), adapter(model.shape, seed=2, train_unembed=True)
+    docs = tokens_for([5, 3, 7, 4, 6], seed=3)
+    lengths = [len(d) for d in docs]
+    pack = Pack.of(lengths, torch.device("cpu"))
+    wa, wb = model.lora_weights(a), model.lora_weights(b)
+    cut1, cut2 = lengths[0] + lengths[1], sum(lengths[:3])
+    segments = [
+        (Segment("a", 0, cut1), wa),
+        (Segment(None, cut1, cut2), None),
+        (Segment("b", cut2, pack.total), wb),
+    ]
+    joint = model.head_logits(model.hidden(torch.cat(docs), pack, segments), segments)
+    joint.logsumexp(-1).sum().backward()
+    joint_grads = [t.grad.clone() for t in (*a.parameters(), *b.parameters()) if t.grad is not None]
+    for t in (*a.parameters(), *b.parameters()):
+        t.grad = None
+    apart = [
+        *packed_logits(model, docs[:2], a),
+        *packed_logits(model, docs[2:3]),
+        *packed_logits(model, docs[3:], b),
+    ]
+    torch.testing.assert_close(joint.detach(), torch.cat(apart).detach(), atol=1e-10, rtol=0)
+    torch.cat(apart).logsumexp(-1).sum().backward()
+    apart_grads = [t.grad for t in (*a.parameters(), *b.parameters()) if t.grad is not None]
+    assert len(joint_grads) == len(apart_grads) > 0
+    for g, r in zip(joint_grads, apart_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8)
+
+
+def test_unsupported_configs_are_refused() -> None:
+    config = hf_model().config
+    config.attention_bias = True
+    with pytest.raises(ValueError, match="attention biases"):
+        Qwen3Shape.from_config(config)
+    with pytest.raises(ValueError, match="at least one token"):
+        Pack.of([3, 0], torch.device("cpu"))
