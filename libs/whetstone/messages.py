@@ -135,13 +135,16 @@ TrainCommand = Annotated[
 
 
 class TrainRequest(Message):
-    """One step of one training run, executed by the run's trainer in ``seq_id`` order."""
+    """One step of one training run, executed by the run's trainer in ``seq_id`` order.
+    ``api_key_id`` (``keys.key_id`` of the caller's key, never the key) names the key in the
+    step's usage events."""
 
     request_id: str
     tenant: str
     run_id: str
     seq_id: int
     command: TrainCommand
+    api_key_id: str | None = None
 
 
 # ---------------------------------------------------------------- sampling
@@ -186,6 +189,9 @@ class AdapterRef(Message):
 
 
 class SampleRequest(Message):
+    """One sampling request. ``sampler_id``, ``session_id`` and ``api_key_id`` (``keys.key_id``
+    of the caller's key) attribute its usage events."""
+
     request_id: str
     tenant: str
     base_model: str
@@ -195,6 +201,9 @@ class SampleRequest(Message):
     params: SamplingParams
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = Field(0, ge=0)
+    sampler_id: str | None = None
+    session_id: str | None = None
+    api_key_id: str | None = None
 
 
 # ---------------------------------------------------------------- results and futures

@@ -2,17 +2,20 @@
 
 Shared by the ``whetstone usage`` command and the gateway's billing routes, so a report reads the
 same everywhere. Money is printed from the ``Decimal`` exactly as billing computed it (CSV) or
-rounded for the eye (table); the report's total is the exact sum of its rows.
+rounded for the eye (table); the report's total is the exact sum of its rows. ``run_costs`` reads
+a report grouped by run and meter as each run's cost so far (``whetstone status``, run info).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
-from whetstone.messages import GroupBy, UsageReport, UsageRow
+from whetstone.messages import PRICE_UNITS, GroupBy, UsageMeter, UsageReport, UsageRow
 
 # Grouping -> (column header, UsageRow field)
 COLUMNS: dict[GroupBy, tuple[str, str]] = {
@@ -87,3 +90,54 @@ def to_csv(report: UsageReport, group_by: Sequence[GroupBy]) -> str:
         unit = "" if r.unit_price_usd is None else str(r.unit_price_usd)
         writer.writerow([*values, r.tokens, r.events, unit, str(r.cost_usd)])
     return out.getvalue()
+
+
+# ---------------------------------------------------------------- live cost per run
+
+# Meters counted in tokens (the others count checkpoints and bytes).
+TOKEN_METERS: frozenset[UsageMeter] = frozenset(
+    m for m, (_, unit) in PRICE_UNITS.items() if unit == "1M tokens"
+)
+RUN_COST_GROUPING: list[GroupBy] = ["run", "meter"]
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """A training run's usage so far: ``tokens`` over the token meters, ``cost_usd`` over every
+    meter, and each meter's quantity and cost."""
+
+    tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    meters: dict[UsageMeter, tuple[int, Decimal]] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        """Money as exact strings, as every billing route answers."""
+        return {
+            "tokens": self.tokens,
+            "cost_usd": str(self.cost_usd),
+            "meters": {m: {"quantity": q, "cost_usd": str(c)} for m, (q, c) in self.meters.items()},
+        }
+
+
+def cost_of(rows: Iterable[UsageRow]) -> RunCost:
+    """The rows' quantities and costs added up per meter."""
+    meters: dict[UsageMeter, tuple[int, Decimal]] = {}
+    for row in rows:
+        if row.meter is not None:
+            quantity, cost = meters.get(row.meter, (0, Decimal(0)))
+            meters[row.meter] = (quantity + row.tokens, cost + row.cost_usd)
+    return RunCost(
+        tokens=sum(q for m, (q, _) in meters.items() if m in TOKEN_METERS),
+        cost_usd=sum((c for _, c in meters.values()), Decimal(0)),
+        meters=meters,
+    )
+
+
+def run_costs(report: UsageReport) -> dict[str, RunCost]:
+    """Per run id, the cost of a report grouped by ``RUN_COST_GROUPING`` (rows without a run,
+    i.e. sampling, are left out)."""
+    by_run: dict[str, list[UsageRow]] = {}
+    for row in report.rows:
+        if row.run_id is not None:
+            by_run.setdefault(row.run_id, []).append(row)
+    return {run_id: cost_of(rows) for run_id, rows in by_run.items()}

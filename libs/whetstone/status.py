@@ -6,9 +6,10 @@ Three parts, kept apart so each is tested alone:
   (``ws.ctl.heartbeat.>``, ``WorkerHeartbeat``) and reads training runs and their placements
   (KV ``ws_runs``, ``ws_placements``), the depth of every consumer of the work streams (JetStream
   consumer info: pending and ack-pending) and the last messages of the dead-letter stream
-  ``WS_DEADLETTER`` when it exists. It declares nothing on the bus.
+  ``WS_DEADLETTER`` when it exists, and asks billing for each run's cost so far (request/reply
+  on ``ws.ctl.billing.report``, grouped by run and meter). It declares nothing on the bus.
 * ``build_snapshot`` is pure: it turns what was read into a ``StatusSnapshot`` (workers not
-  heard from lately are dropped, runs are joined with their worker and queue depth).
+  heard from lately are dropped, runs are joined with their worker, queue depth and cost).
 * ``render`` turns a snapshot into rich tables; ``show`` prints one (``--once``) or refreshes
   them with ``rich.live`` until Ctrl-C.
 """
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import nats
 import nats.errors
@@ -33,7 +35,8 @@ from rich.table import Table
 from rich.text import Text
 
 from whetstone import subjects as s
-from whetstone.messages import TrainingRunRecord, WorkerHeartbeat
+from whetstone.messages import TrainingRunRecord, UsageReport, UsageReportQuery, WorkerHeartbeat
+from whetstone.reports import RUN_COST_GROUPING, RunCost, run_costs
 
 WORK_STREAMS = (s.TRAIN_STREAM, s.SAMPLE_STREAM, s.USAGE_STREAM, s.CONTROL_STREAM)
 DEADLETTER_STREAM = s.DEADLETTER_STREAM  # ws.dlq.>; skipped while it does not exist
@@ -41,6 +44,7 @@ DEAD_LETTERS_SHOWN = 5
 WORKER_LATE_S = 3.0  # a worker not heard from for this long is shown as late ...
 WORKER_GONE_S = 15.0  # ... and for this long is not shown at all
 ROWS_SHOWN = 20  # per table; the rest is counted
+BILLING_TIMEOUT_S = 1.0  # the view shows no costs rather than wait longer for billing
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class RunView:
     rank: int
     worker: str | None  # None: not placed (yet)
     queued: int  # pending + ack-pending requests on its consumer
+    tokens: int | None = None  # billed so far (token meters); None: billing did not answer
+    cost_usd: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class Observed:
     placements: dict[str, str] = field(default_factory=dict)  # run token -> worker id
     queues: list[QueueView] = field(default_factory=list)
     dead_letters: list[DeadLetter] | None = None
+    costs: dict[str, RunCost] | None = None  # run id -> cost so far; None: billing did not answer
     problems: list[str] = field(default_factory=list)
 
 
@@ -142,6 +149,7 @@ def build_snapshot(
     depth = {
         q.consumer: q.pending + q.ack_pending for q in observed.queues if q.stream == s.TRAIN_STREAM
     }
+    costs = observed.costs
     runs = sorted(
         (
             RunView(
@@ -151,6 +159,8 @@ def build_snapshot(
                 r.lora.rank,
                 observed.placements.get(s.token(r.run_id)) or None,
                 depth.get(s.train_consumer(r.run_id), 0),
+                None if costs is None else costs.get(r.run_id, RunCost()).tokens,
+                None if costs is None else costs.get(r.run_id, RunCost()).cost_usd,
             )
             for r in observed.runs
         ),
@@ -224,6 +234,7 @@ class StatusCollector:
             self._read_runs(observed),
             self._read_queues(observed),
             self._read_dead_letters(observed),
+            self._read_costs(observed),
         )
         return build_snapshot(observed, time.monotonic(), self.nats_url, self.base_url)
 
@@ -241,6 +252,21 @@ class StatusCollector:
                     observed.placements[key] = entry.value.decode()
         except (nats.errors.Error, ValueError) as exc:
             observed.problems.append(f"runs: {exc!r}")
+
+    async def _read_costs(self, observed: Observed) -> None:
+        query = UsageReportQuery(group_by=RUN_COST_GROUPING)
+        try:
+            reply = await self.nc.request(
+                s.USAGE_REPORT_SUBJECT, query.encode(), timeout=BILLING_TIMEOUT_S
+            )
+            report = UsageReport.decode(reply.data)
+        except (nats.errors.Error, ValueError) as exc:
+            observed.problems.append(f"run costs: billing did not answer ({exc!r})")
+            return
+        if report.error:
+            observed.problems.append(f"run costs: {report.error}")
+            return
+        observed.costs = run_costs(report)
 
     async def _read_queues(self, observed: Observed) -> None:
         for stream in WORK_STREAMS:
@@ -299,6 +325,11 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s ago" if seconds >= 1 else "now"
 
 
+def _money(cost: Decimal | None) -> str:
+    """Dollars to the micro-dollar (a tiny model's step costs fractions of a cent)."""
+    return "-" if cost is None else f"${cost:,.6f}"
+
+
 def _table(title: str, columns: tuple[str, ...], rows: list[list[str | Text]], total: int) -> Table:
     """A table whose cells are plain text: ids such as ``s:train:0`` must not turn into emoji or
     markup, so every string becomes a ``Text`` as it is."""
@@ -337,6 +368,8 @@ def render(snap: StatusSnapshot) -> RenderableType:
             str(r.rank),
             r.worker or Text("unplaced", style=late),
             str(r.queued),
+            "-" if r.tokens is None else f"{r.tokens:,}",
+            _money(r.cost_usd),
         ]
         for r in snap.runs
     ]
@@ -354,7 +387,7 @@ def render(snap: StatusSnapshot) -> RenderableType:
         ),
         _table(
             f"training runs ({len(runs)})",
-            ("run", "tenant", "base model", "rank", "worker", "queued"),
+            ("run", "tenant", "base model", "rank", "worker", "queued", "tokens", "cost"),
             runs,
             len(runs),
         ),

@@ -14,7 +14,8 @@ Routes:
   ``tinker billing checkpoint-storage`` call (AdminClient). Hourly rows; the tenant is the
   Tinker project, the API key id the user. ``forward_tokens`` are reported as ``training``.
 * ``GET /billing/usage``: the report with every filter and grouping, as JSON or CSV.
-* ``GET /billing/runs/{run_id}/cost``: a run's (or sampler's) cost so far, while it runs.
+* ``GET /billing/runs/{run_id}/cost``: a run's (or sampler's) cost so far, while it runs
+  (``run_usage``, which the REST run info also shows).
 * ``GET /billing/``: the finance page; ``GET /billing/invoice?tenant&month``: a statement, CSV or
   a printable page. Charts use Chart.js, vendored in ``billing_assets`` (no CDN at run time).
 """
@@ -54,6 +55,7 @@ from whetstone.messages import (
 
 ASSETS = Path(__file__).resolve().parent / "billing_assets"
 REPORT_TIMEOUT_S = 30.0
+RUN_INFO_TIMEOUT_S = 2.0  # run info answers without its cost rather than wait longer for billing
 MAX_TINKER_WINDOW = timedelta(days=14)
 REALM = 'Basic realm="Whetstone billing", charset="UTF-8"'
 
@@ -108,11 +110,11 @@ async def page_caller(request: Request, gw: Gateway = Depends(gateway)) -> Calle
     return who
 
 
-async def ask_billing(gw: Gateway, query: UsageReportQuery) -> UsageReport:
+async def ask_billing(
+    gw: Gateway, query: UsageReportQuery, timeout_s: float = REPORT_TIMEOUT_S
+) -> UsageReport:
     try:
-        reply = await gw.bus.nc.request(
-            s.USAGE_REPORT_SUBJECT, query.encode(), timeout=REPORT_TIMEOUT_S
-        )
+        reply = await gw.bus.nc.request(s.USAGE_REPORT_SUBJECT, query.encode(), timeout=timeout_s)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
         raise Unavailable("billing is not answering; retry") from exc
     report = UsageReport.decode(reply.data)
@@ -281,22 +283,32 @@ async def usage(
     return Response(report.model_dump_json(exclude_none=True), media_type="application/json")
 
 
+async def run_usage(
+    gw: Gateway, tenant: str | None, run_id: str, timeout_s: float = REPORT_TIMEOUT_S
+) -> reports.RunCost:
+    """What a training run (or sampler) of ``tenant`` (``None``: any) has cost so far: tokens,
+    exact cost, and both per meter, as billing has ingested them (seconds behind the work).
+    ``Unavailable`` when billing does not answer within ``timeout_s``."""
+    query = UsageReportQuery(tenant=tenant, run_id=run_id, group_by=["meter"])
+    return reports.cost_of((await ask_billing(gw, query, timeout_s)).rows)
+
+
+async def run_usage_json(gw: Gateway, tenant: str, run_id: str) -> dict[str, object] | None:
+    """``run_usage`` for a run's info (REST ``GET /training_runs/{id}``): its JSON, or ``None``
+    while billing is not answering (the run info must not wait on billing)."""
+    try:
+        return (await run_usage(gw, tenant, run_id, RUN_INFO_TIMEOUT_S)).as_json()
+    except Unavailable:
+        return None
+
+
 @router.get("/billing/runs/{run_id:path}/cost")
 async def run_cost(
     run_id: str, who: Caller = Depends(caller), gw: Gateway = Depends(gateway)
 ) -> JSONResponse:
     """What a training run (or sampler) has cost so far, per meter and in total."""
-    query = UsageReportQuery(tenant=who.tenant_filter(None), run_id=run_id, group_by=["meter"])
-    report = await ask_billing(gw, query)
-    return JSONResponse(
-        {
-            "run_id": run_id,
-            "cost_usd": str(report.total_cost_usd),
-            "meters": {
-                r.meter: {"quantity": r.tokens, "cost_usd": str(r.cost_usd)} for r in report.rows
-            },
-        }
-    )
+    cost = await run_usage(gw, who.tenant_filter(None), run_id)
+    return JSONResponse({"run_id": run_id, **cost.as_json()})
 
 
 # ---------------------------------------------------------------- the finance page

@@ -16,6 +16,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.errors import NotFound, Unauthorized, Unavailable, UserError, WhetstoneError
 from whetstone.fate import Delivered
-from whetstone.keys import key_hash, lookup_key
+from whetstone.keys import key_hash, key_id, lookup_key
 from whetstone.messages import (
     FutureRecord,
     Message,
@@ -228,6 +229,21 @@ async def gateway(request: Request) -> Gateway:
     return gw
 
 
+# The id (``keys.key_id``, never the key) of the API key of the request being served, set by
+# the ``tenant`` dependency: submissions stamp it on their bus messages so that usage names it.
+# A context variable because every route already takes ``tenant``; each request runs in its own
+# task, whose context the dependency and the route share.
+_CALLER_KEY_ID: ContextVar[str | None] = ContextVar("caller_key_id", default=None)
+
+
+def caller_key_id() -> str | None:
+    """The API key id of the request being served (``None`` outside a request)."""
+    return _CALLER_KEY_ID.get()
+
+
 async def tenant(request: Request) -> str:
-    """FastAPI dependency: the tenant of the request's ``X-API-Key``."""
-    return await (await gateway(request)).tenant_of(request.headers.get("x-api-key"))
+    """FastAPI dependency: the tenant of the request's ``X-API-Key``. Also records the key's id
+    for ``caller_key_id``."""
+    key = request.headers.get("x-api-key")
+    _CALLER_KEY_ID.set(key_id(key) if key else None)
+    return await (await gateway(request)).tenant_of(key)

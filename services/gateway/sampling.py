@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 
-from services.gateway.context import Gateway, gateway, tenant
+from services.gateway.context import Gateway, caller_key_id, gateway, tenant
 from services.gateway.validation import check_sample
 from services.gateway.wire import model_input_from_json, sampling_params_from_json
 from whetstone import bus as b
@@ -114,6 +114,9 @@ async def asample(
         params=params,
         prompt_logprobs=body.prompt_logprobs,
         topk_prompt_logprobs=body.topk_prompt_logprobs,
+        sampler_id=sampler.sampler_id,
+        session_id=sampler.session_id,
+        api_key_id=caller_key_id(),
     )
     request_id = await gw.submit_once(
         f"{s.token(sampler.sampler_id)}.{body.seq_id}",

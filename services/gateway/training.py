@@ -22,7 +22,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
-from services.gateway.context import Gateway, gateway, tenant, train_dedup_key
+from services.gateway.context import Gateway, caller_key_id, gateway, tenant, train_dedup_key
 from services.gateway.validation import check_lora, validate_forward_backward
 from services.gateway.wire import forward_backward_command, parse_forward_backward
 from whetstone import bus as b
@@ -252,6 +252,7 @@ async def _submit(
 ) -> str:
     if seq_id < 1:
         raise UserError(f"seq_id must be >= 1, got {seq_id}")
+    key = caller_key_id()
     async with refused_in_order(gw, t, run, seq_id):  # e.g. a seq_id that was refused before
         return await gw.submit_once(
             train_dedup_key(run.run_id, seq_id),
@@ -259,6 +260,11 @@ async def _submit(
             op,
             s.train_subject(run.run_id),
             lambda rid: TrainRequest(
-                request_id=rid, tenant=t, run_id=run.run_id, seq_id=seq_id, command=command
+                request_id=rid,
+                tenant=t,
+                run_id=run.run_id,
+                seq_id=seq_id,
+                command=command,
+                api_key_id=key,
             ),
         )

@@ -167,7 +167,15 @@ class SamplerWorker:
         }
         events = [
             UsageEvent.of(
-                req.request_id, req.tenant, req.base_model, meter, tokens, operation="sample"
+                req.request_id,
+                req.tenant,
+                req.base_model,
+                meter,
+                tokens,
+                session_id=req.session_id,
+                sampler_id=req.sampler_id,
+                api_key_id=req.api_key_id,
+                operation="sample",
             )
             for meter, tokens in usage.items()
         ]

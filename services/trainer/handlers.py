@@ -562,6 +562,7 @@ class TrainerWorker:
                 meter,
                 amount,
                 req.run_id,
+                api_key_id=req.api_key_id,
                 operation=_USAGE_OPERATION.get(_op(req)),
             )
             for meter, amount in amounts.items()

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from rich.console import Console
 
 from whetstone import subjects as s
-from whetstone.messages import LoraConfig, TrainingRunRecord, WorkerHeartbeat
+from whetstone.messages import (
+    LoraConfig,
+    TrainingRunRecord,
+    UsageReport,
+    UsageRow,
+    WorkerHeartbeat,
+)
+from whetstone.reports import run_costs
 from whetstone.status import (
     WORKER_GONE_S,
     DeadLetter,
@@ -21,7 +29,18 @@ from whetstone.status import (
 RUN = "sess-1:train:0"
 
 
-def observed(dead_letters: list[DeadLetter] | None = None) -> Observed:
+# Billing's answer to the collector's query (grouped by run and meter): RUN's training tokens
+# and checkpoint bytes (not tokens), and a sampler's tokens (no run: not a training run's cost).
+BILLED = UsageReport(
+    rows=[
+        UsageRow(run_id=RUN, meter="train_tokens", tokens=1200, cost_usd=Decimal("0.0048")),
+        UsageRow(run_id=RUN, meter="checkpoint_bytes", tokens=5000, cost_usd=Decimal("0.0001")),
+        UsageRow(run_id=None, meter="sample_tokens", tokens=77, cost_usd=Decimal("1")),
+    ]
+)
+
+
+def observed(dead_letters: list[DeadLetter] | None = None, billed: bool = True) -> Observed:
     now = 1000.0
     trainer = WorkerHeartbeat(
         worker_id="trainer-a", role="trainer", base_models=["m"], runs=[RUN], max_runs=8
@@ -51,6 +70,7 @@ def observed(dead_letters: list[DeadLetter] | None = None) -> Observed:
             QueueView(s.TRAIN_STREAM, s.train_consumer(RUN), RUN, 2, 1, 4),
         ],
         dead_letters=dead_letters,
+        costs=run_costs(BILLED) if billed else None,
     )
 
 
@@ -61,6 +81,10 @@ def test_snapshot_joins_runs_with_workers_and_queues() -> None:
     by_run = {r.run_id: r for r in snap.runs}
     assert by_run[RUN].worker == "trainer-a" and by_run[RUN].queued == 3
     assert by_run["sess-2:train:0"].worker is None and by_run["sess-2:train:0"].queued == 0
+    # Cost so far: every meter's money, only the token meters' quantities; a run billed nothing
+    # yet costs zero.
+    assert by_run[RUN].tokens == 1200 and by_run[RUN].cost_usd == Decimal("0.0049")
+    assert by_run["sess-2:train:0"].tokens == 0 and by_run["sess-2:train:0"].cost_usd == 0
     assert [q.stream for q in snap.queues] == [s.TRAIN_STREAM, s.USAGE_STREAM]  # stream order
     assert snap.dead_letters is None
 
@@ -114,3 +138,16 @@ def test_render_shows_the_last_dead_letters() -> None:
     assert "recent errors (WS_DEADLETTER)" in text
     assert "ws.dlq.train.abc" in text and "Ws-Error=boom" in text
     assert text.index("ws.dlq.sample.def") < text.index("ws.dlq.train.abc")  # newest first
+
+
+def run_cells(text: str, run_id: str) -> list[str]:
+    line = next(line for line in text.splitlines() if run_id in line)
+    return [cell.strip() for cell in line.split("│")[1:-1]]
+
+
+def test_render_shows_each_runs_cost_so_far() -> None:
+    text = text_of(observed())
+    assert run_cells(text, RUN)[-2:] == ["1,200", "$0.004900"]
+    assert run_cells(text, "sess-2:train:0")[-2:] == ["0", "$0.000000"]
+    # Billing not answering: no numbers rather than zeros.
+    assert run_cells(text_of(observed(billed=False)), RUN)[-2:] == ["-", "-"]
