@@ -11,9 +11,18 @@ accumulate across ``forward_backward`` calls until ``optim_step`` consumes them,
 every ``AdamParams`` field taken per step, after clipping the accumulated gradient to
 ``grad_clip_norm`` by global norm.
 
-The model's full-vocabulary logits are never materialised for a whole batch: the decoder's final
-hidden states go through the unembedding a block of tokens at a time
-(``whetstone_ml.logprobs``), keeping only each position's target logprobs.
+The base model is Whetstone's packed Qwen3 (``whetstone_ml.qwen3``): a call's datums are packed one
+after another into one row of tokens with no padding, each attending only to itself, and the
+adapter's fp32 master factors are applied in the base dtype (bf16 on CUDA). Full-vocabulary
+logits are never materialised for a whole batch: the final hidden states go through the
+unembedding a block of tokens at a time (``whetstone_ml.logprobs``), keeping only each position's
+target logprobs.
+
+A call larger than ``micro_batch_tokens`` is split into micro-batches of whole datums, each with
+its own forward and backward: losses are per datum, so the accumulated gradient is the one of a
+single pass. If a micro-batch still runs out of device memory, the call is redone from the
+gradients it started with at half the budget (and the engine keeps the smaller budget); only a
+single datum too large for the device fails.
 
 No bus code lives here: the handlers call these methods from a worker thread. The engine holds a
 lock so that two calls can never interleave on the shared model (the route is model-wide state).
@@ -24,14 +33,15 @@ from __future__ import annotations
 import math
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from services.trainer.losses import LossFn, get_loss
+from services.trainer.custom_loss import loss_for
+from services.trainer.losses import LossFn, count_metrics
 from whetstone.errors import Conflict, NotFound, UserError
 from whetstone.messages import (
     AdamParams,
@@ -44,10 +54,20 @@ from whetstone.messages import (
 from whetstone.models.registry import ModelSpec
 from whetstone.tensors import Tensor
 from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
-from whetstone_ml.logprobs import DEFAULT_CHUNK_TOKENS, chunked_target_logprobs, packed_segments
-from whetstone_ml.lora import LoraAdapter, LoraModel, Segment
+from whetstone_ml.logprobs import DEFAULT_CHUNK_TOKENS, blockwise_target_logprobs
+from whetstone_ml.lora import LoraAdapter, Segment
+from whetstone_ml.qwen3 import (
+    AdapterWeights,
+    Attention,
+    Checkpointing,
+    ModelOptions,
+    Pack,
+    Qwen3Packed,
+    clip_segments,
+)
 
 DEFAULT_MAX_LORA_RANK = 64
+DEFAULT_MICRO_BATCH_TOKENS = 16_384
 OPTIMIZER_FILE = "optimizer.pt"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -70,38 +90,46 @@ class ParsedDatum:
 
 
 @dataclass
-class Batch:
-    """Right-padded token rows and which run's adapter each contiguous block of rows uses."""
+class PackedBatch:
+    """Token rows packed one after another, and which run's adapter each contiguous block of
+    tokens uses."""
 
-    input_ids: torch.Tensor  # (B, T) int64
-    attention_mask: torch.Tensor  # (B, T) int64, 1 on real tokens
-    lengths: list[int]
-    segments: list[Segment]
+    tokens: torch.Tensor  # (T,) int64
+    pack: Pack
+    segments: list[Segment]  # over token positions, tiling [0, T)
 
 
-def build_batch(
-    requests: Sequence[tuple[str, Sequence[torch.Tensor]]], pad_id: int, device: torch.device
-) -> Batch:
-    """Pack ``[(run_id, token rows)]`` into one batch, one ``Segment`` per run.
+def pack_requests(
+    requests: Sequence[tuple[str | None, Sequence[torch.Tensor]]], device: torch.device
+) -> PackedBatch:
+    """Pack ``[(run_id, token rows)]`` into one row of tokens, one ``Segment`` per run.
 
     Today each call carries one run; packing several runs' requests into one pass only needs a
-    caller that passes several entries. Right padding keeps positions 0..N-1 for real tokens, and
-    causal attention keeps padding from influencing them.
+    caller that passes several entries.
     """
     rows = [tokens for _, token_rows in requests for tokens in token_rows]
     segments: list[Segment] = []
     start = 0
     for run_id, token_rows in requests:
-        segments.append(Segment(run_id, start, start + len(token_rows)))
-        start += len(token_rows)
-    lengths = [int(r.shape[0]) for r in rows]
-    width = max(lengths)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, tokens in enumerate(rows):
-        input_ids[i, : lengths[i]] = tokens
-        attention_mask[i, : lengths[i]] = 1
-    return Batch(input_ids.to(device), attention_mask.to(device), lengths, segments)
+        stop = start + sum(int(r.shape[0]) for r in token_rows)
+        segments.append(Segment(run_id, start, stop))
+        start = stop
+    pack = Pack.of([int(r.shape[0]) for r in rows], device)
+    return PackedBatch(torch.cat(rows).to(device), pack, segments)
+
+
+def micro_batches(lengths: Sequence[int], budget_tokens: int) -> list[range]:
+    """Consecutive datums in groups of at most ``budget_tokens`` tokens (a longer datum alone)."""
+    groups: list[range] = []
+    start, tokens = 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and tokens + n > budget_tokens:
+            groups.append(range(start, i))
+            start, tokens = i, 0
+        tokens += n
+    if lengths:
+        groups.append(range(start, len(lengths)))
+    return groups
 
 
 def num_tokens(cmd: ForwardBackward) -> int:
@@ -134,13 +162,16 @@ def _check_adam(adam: AdamParams) -> None:
 class TrainerEngine:
     """One base model (frozen, shared) and the LoRA runs trained on it.
 
-    ``model_dir`` is a Hugging Face directory. ``device``/``dtype`` place the base weights
+    ``model_dir`` is a Hugging Face Qwen3 directory. ``device``/``dtype`` place the base weights
     (``dtype`` a torch dtype or its registry name, ``"bfloat16"``); the adapters' factors and
     their AdamW moments stay float32 master weights whatever the base dtype, and logprobs are
     computed in float32. ``context_length`` defaults to the config's ``max_position_embeddings``;
     ``base_model_name`` is recorded in exported adapters (default: ``model_dir``);
     ``logprob_chunk_tokens`` is how many tokens are unembedded at once (peak logits memory is
-    that many rows of vocabulary). :meth:`from_spec` builds one from a registry entry.
+    that many rows of vocabulary); ``micro_batch_tokens`` the most tokens one forward/backward
+    pass takes (larger calls are split); ``compile``, ``checkpointing`` and ``attention`` are the
+    packed model's :class:`whetstone_ml.qwen3.ModelOptions`. :meth:`from_spec` builds one from a
+    registry entry.
     """
 
     def __init__(
@@ -153,31 +184,47 @@ class TrainerEngine:
         context_length: int | None = None,
         base_model_name: str | None = None,
         logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+        compile: bool = False,
+        checkpointing: Checkpointing = "selective",
+        attention: Attention = "auto",
     ) -> None:
+        if micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
-        model = load_base_model(model_dir, self.dtype, self.device)
-        config = model.config
+        hf = load_base_model(model_dir, self.dtype, self.device)
+        config = hf.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             # The chunked head computes logits as lm_head(last hidden state), nothing more.
             raise ValueError(f"{config.model_type}: scaled or soft-capped logits are not supported")
-        self.lora = LoraModel(model)
-        self.decoder = model.get_decoder()  # the causal LM minus its unembedding
-        self.head = model.get_output_embeddings()  # lm_head, a LoraLinear after LoraModel
+        options = ModelOptions(compile=compile, checkpointing=checkpointing, attention=attention)
+        self.model = Qwen3Packed.from_hf(hf, options)
+        del hf  # the packed model holds the weights it needs (q/k/v and gate/up fused)
+        self.lora_modules = self.model.shape.lora_modules()
         self.logprob_chunk_tokens = logprob_chunk_tokens
+        self.micro_batch_tokens = micro_batch_tokens
         self.vocab_size: int = int(config.vocab_size)
         self.context_length: int = context_length or int(config.max_position_embeddings)
         self.max_lora_rank = max_lora_rank
         self.base_model_name = base_model_name or str(model_dir)
-        self.pad_id = 0  # any valid id: padded positions are masked and never read
         self.runs: dict[str, RunState] = {}
         self._lock = threading.RLock()
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, *, device: str | None = None) -> TrainerEngine:
+    def from_spec(
+        cls,
+        spec: ModelSpec,
+        *,
+        device: str | None = None,
+        micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+        compile: bool = False,
+        checkpointing: Checkpointing = "selective",
+    ) -> TrainerEngine:
         """The engine for a registry entry: its directory (the built-in model is generated there
         if missing), dtype, device, LoRA rank limit and context length. ``device`` overrides the
-        registry's device (see ``ModelSpec.on_device`` for what that does to the dtype)."""
+        registry's device (see ``ModelSpec.on_device`` for what that does to the dtype); the
+        other arguments are the worker's settings (``TrainerSettings``)."""
         if device:
             spec = spec.on_device(device)
         return cls(
@@ -186,6 +233,9 @@ class TrainerEngine:
             dtype=spec.dtype,
             max_lora_rank=spec.max_lora_rank,
             context_length=spec.context_length,
+            micro_batch_tokens=micro_batch_tokens,
+            compile=compile,
+            checkpointing=checkpointing,
         )
 
     # ------------------------------------------------------------ runs
@@ -202,8 +252,7 @@ class TrainerEngine:
             if lora.seed is None:
                 # Record the seed drawn for the run: that makes it reproducible from its config.
                 lora = lora.model_copy(update={"seed": secrets.randbits(63)})
-            adapter = LoraAdapter.init(self.lora, lora, self.device)
-            self.lora.add(run_id, adapter)
+            adapter = LoraAdapter.init(self.lora_modules, lora, self.device)
             self.runs[run_id] = RunState(adapter, self._new_optimizer(adapter))
 
     def has_run(self, run_id: str) -> bool:
@@ -213,7 +262,6 @@ class TrainerEngine:
         """Forget a run and free its adapter; dropping an unknown run is a no-op."""
         with self._lock:
             self.runs.pop(run_id, None)
-            self.lora.remove(run_id)
 
     def _run(self, run_id: str) -> RunState:
         state = self.runs.get(run_id)
@@ -235,64 +283,116 @@ class TrainerEngine:
 
         Outputs per datum: ``logprobs`` (the learner's, pre-update, shaped like the targets) and
         ``elementwise_loss``. Metrics: ``loss:sum`` and the loss's counts as ``<name>:sum``.
+        Every datum is checked before anything runs, so a bad one changes no gradient.
         """
         with self._lock:
-            self._run(run_id)
-            loss_fn = get_loss(cmd.loss_fn)
+            state = self._run(run_id)
+            loss_fn = loss_for(cmd)
             config = loss_fn.check_config(cmd.loss_fn_config)
             if not cmd.data:
                 raise UserError("forward_backward needs at least one datum")
             datums = [self._parse_datum(i, datum, loss_fn) for i, datum in enumerate(cmd.data)]
-            batch = build_batch([(run_id, [d.tokens for d in datums])], self.pad_id, self.device)
+            params = state.adapter.parameters()
+            before = [None if p.grad is None else p.grad.clone() for p in params]
+            while True:
+                try:
+                    return self._micro_batched(run_id, datums, loss_fn, config, cmd.forward_only)
+                except torch.OutOfMemoryError:
+                    # Redo the whole call from the gradients it started with, in halves.
+                    longest = max(int(d.tokens.shape[0]) for d in datums)
+                    if self.micro_batch_tokens <= longest:
+                        raise
+                    for p, g in zip(params, before, strict=True):
+                        p.grad = None if g is None else g.clone()
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    self.micro_batch_tokens = max(longest, self.micro_batch_tokens // 2)
 
-            outputs: list[dict[str, Tensor]] = []
-            counts: dict[str, torch.Tensor] = {}
-            with torch.set_grad_enabled(not cmd.forward_only):
-                logprobs = self._target_logprobs(batch, [d.inputs["target_tokens"] for d in datums])
-                total = torch.zeros((), dtype=torch.float32, device=self.device)
-                for datum, lp in zip(datums, logprobs, strict=True):
+    def _micro_batched(
+        self,
+        run_id: str,
+        datums: list[ParsedDatum],
+        loss_fn: LossFn,
+        config: Mapping[str, float],
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        """Forward (and backward) over the datums in micro-batches of at most
+        ``micro_batch_tokens`` tokens; outputs and metrics as one pass would give them."""
+        outputs: list[dict[str, Tensor]] = []
+        total = torch.zeros((), dtype=torch.float64)
+        counts: dict[str, torch.Tensor] = {}
+        lengths = [int(d.tokens.shape[0]) for d in datums]
+        for group in micro_batches(lengths, self.micro_batch_tokens):
+            part = [datums[i] for i in group]
+            with torch.set_grad_enabled(not forward_only):
+                logprobs = self._target_logprobs(
+                    run_id, [d.tokens for d in part], [d.inputs["target_tokens"] for d in part]
+                )
+                loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+                pieces: list[torch.Tensor] = []
+                for datum, lp in zip(part, logprobs, strict=True):
                     loss = loss_fn(lp, datum.inputs, config)
-                    total = total + loss.elementwise.sum()
+                    loss_sum = loss_sum + loss.elementwise.sum()
                     for name, value in loss.counts.items():
+                        value = value.detach().double()
                         counts[name] = counts[name] + value if name in counts else value
-                    outputs.append(
-                        {"logprobs": _to_wire(lp), "elementwise_loss": _to_wire(loss.elementwise)}
-                    )
-                if not cmd.forward_only and total.requires_grad:
-                    total.backward()  # accumulates into the adapter's .grad until optim_step
-            metrics = {"loss:sum": float(total.detach())}
-            metrics.update({f"{name}:sum": float(value) for name, value in counts.items()})
-            return ForwardBackwardResult(outputs=outputs, metrics=metrics)
+                    pieces += [lp.detach(), loss.elementwise.detach()]
+                if not forward_only and loss_sum.requires_grad:
+                    loss_sum.backward()  # accumulates into the adapter's .grad until optim_step
+            total += loss_sum.detach().double().cpu()
+            # One device-to-host copy per micro-batch, then split back into each datum's outputs.
+            flat = torch.cat([p.float().reshape(-1) for p in pieces]).cpu()
+            host = [
+                x.reshape(p.shape)
+                for x, p in zip(flat.split([p.numel() for p in pieces]), pieces, strict=True)
+            ]
+            for i in range(len(part)):
+                output = {"logprobs": _to_wire(host[2 * i])}
+                if loss_fn.per_token:  # a custom loss has one value per datum, not per token
+                    output["elementwise_loss"] = _to_wire(host[2 * i + 1])
+                outputs.append(output)
+        metrics = {"loss:sum": float(total)}
+        metrics.update(count_metrics(counts))
+        return ForwardBackwardResult(outputs=outputs, metrics=metrics)
 
-    def _target_logprobs(self, batch: Batch, targets: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each row's learner logprobs of its targets (``(N,)`` or ``(N, K)``, float32).
+    def _target_logprobs(
+        self, run_id: str | None, rows: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each row's learner logprobs of its targets (``(N,)`` or ``(N, K)``, float32) through
+        ``run_id``'s adapter (``None``: the base model).
 
-        The decoder runs on the padded batch; its hidden states at real tokens are packed (row
-        after row) and unembedded in blocks, so only one block's logits exist at a time. Rows with
-        fewer target columns than the widest are padded with id 0, whose logprobs are dropped.
+        The rows are packed into one row of tokens; the final hidden states are unembedded in
+        blocks, so only one block's logits exist at a time. Rows with fewer target columns than
+        the widest are padded with id 0, whose logprobs are dropped.
         """
-        with self.lora.route.use(batch.segments):
-            hidden = self.decoder(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state
-        packed = hidden[batch.attention_mask.bool()]  # (M, H), row after row
+        batch = pack_requests([(run_id, rows)], self.device)
+        segments = self._route(batch.segments)
+        hidden = self.model.hidden(batch.tokens, batch.pack, segments)
         columns = [t.reshape(t.shape[0], -1) for t in targets]
         width = max(c.shape[1] for c in columns)
         packed_targets = torch.cat(
             [torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in columns]
         )
-        lp = chunked_target_logprobs(
-            self.head,
-            self.lora.route,
-            packed,
-            packed_targets,
-            packed_segments(batch.segments, batch.lengths),
-            self.logprob_chunk_tokens,
-        )
-        rows = lp.split(batch.lengths)
+
+        def head(h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            return self.model.head_logits(h, clip_segments(segments, start, stop))
+
+        lp = blockwise_target_logprobs(head, hidden, packed_targets, self.logprob_chunk_tokens)
         return [
             row[:, : c.shape[1]].reshape(t.shape)
-            for row, c, t in zip(rows, columns, targets, strict=True)
+            for row, c, t in zip(lp.split(batch.pack.lengths), columns, targets, strict=True)
+        ]
+
+    def _route(self, segments: list[Segment]) -> list[tuple[Segment, AdapterWeights | None]]:
+        """Each segment with its run's adapter in the model's compute form."""
+        return [
+            (
+                s,
+                None
+                if s.adapter_id is None
+                else self.model.lora_weights(self._run(s.adapter_id).adapter),
+            )
+            for s in segments
         ]
 
     def _parse_datum(self, index: int, datum: Datum, loss_fn: LossFn) -> ParsedDatum:
@@ -364,13 +464,12 @@ class TrainerEngine:
         """Float32 logits ``(B, T, V)`` of unpadded rows through ``run_id``'s adapter (``None``:
         the base model). No gradient; for parity checks against PEFT and the sampler."""
         with self._lock, torch.no_grad():
-            if run_id is not None:
-                self._run(run_id)
-            segments = [Segment(run_id, 0, int(input_ids.shape[0]))]
-            with self.lora.route.use(segments):
-                return self.lora.model(
-                    input_ids=input_ids.to(self.device), use_cache=False
-                ).logits.float()
+            rows = list(input_ids.to(self.device).long())
+            batch = pack_requests([(run_id, rows)], self.device)
+            segments = self._route(batch.segments)
+            hidden = self.model.hidden(batch.tokens, batch.pack, segments)
+            logits = self.model.head_logits(hidden, segments).float()
+            return logits.reshape(*input_ids.shape, -1)
 
     # ------------------------------------------------------------ checkpoints
 

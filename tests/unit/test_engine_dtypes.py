@@ -68,7 +68,7 @@ def test_trainer_in_bfloat16_keeps_float32_master_weights(
 ) -> None:
     engine = bf16_trainer
     assert engine.dtype is torch.bfloat16
-    assert {p.dtype for p in engine.lora.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in engine.model.base_tensors()} == {torch.bfloat16}
     engine.create_run("r", LoraConfig(rank=4, seed=0))
     adapter = engine.runs["r"].adapter
     assert {t.dtype for t in adapter.parameters()} == {torch.float32}

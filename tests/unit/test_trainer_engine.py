@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from services.trainer.engine import TrainerEngine, build_batch, num_tokens
+from services.trainer.engine import TrainerEngine, micro_batches, num_tokens, pack_requests
 from tests.unit.test_trainer_losses import reference
 from whetstone.errors import Conflict, NotFound, UserError
 from whetstone.messages import AdamParams, Datum, ForwardBackward, LoraConfig
@@ -417,7 +417,6 @@ def test_runs_are_independent(engine: TrainerEngine) -> None:
     assert not torch.allclose(engine.forward_logits("a", IDS), base_logits, atol=1e-3)
     engine.drop_run("a")
     assert not engine.has_run("a") and engine.has_run("b")
-    assert not engine.lora.has("a")
     torch.testing.assert_close(engine.forward_logits(None, IDS), base_logits, atol=0, rtol=0)
 
 
@@ -587,12 +586,19 @@ def test_unknown_input_keys_are_ignored(engine: TrainerEngine) -> None:
 def test_num_tokens_and_batch_segments() -> None:
     cmd = ce([sft_datum([1, 2, 3, 4]), sft_datum([5, 6])])
     assert num_tokens(cmd) == 4 == TrainerEngine.num_tokens(cmd)
-    batch = build_batch(
+    batch = pack_requests(
         [("a", [torch.tensor([1, 2, 3])]), ("b", [torch.tensor([4]), torch.tensor([5, 6])])],
-        pad_id=0,
         device=torch.device("cpu"),
     )
-    assert [(s.adapter_id, s.start, s.stop) for s in batch.segments] == [("a", 0, 1), ("b", 1, 3)]
-    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
-    assert batch.lengths == [3, 1, 2]
+    assert [(s.adapter_id, s.start, s.stop) for s in batch.segments] == [("a", 0, 3), ("b", 3, 6)]
+    assert batch.tokens.tolist() == [1, 2, 3, 4, 5, 6]
+    assert batch.pack.lengths == [3, 1, 2]
+    assert batch.pack.positions.tolist() == [0, 1, 2, 0, 0, 1]
+    assert micro_batches([3, 1, 2, 5, 1], budget_tokens=4) == [
+        range(0, 2),
+        range(2, 3),
+        range(3, 4),
+        range(4, 5),
+    ]
+    assert micro_batches([9, 1], budget_tokens=4) == [range(0, 1), range(1, 2)]
+    assert micro_batches([1, 1, 1], budget_tokens=100) == [range(0, 3)]
