@@ -23,7 +23,13 @@ async def main() -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     spec = settings.registry().resolve(settings.base_model)
-    engine = TrainerEngine.from_spec(spec, device=settings.device or None)
+    engine = TrainerEngine.from_spec(
+        spec,
+        device=settings.device or None,
+        micro_batch_tokens=settings.micro_batch_tokens,
+        compile=settings.compile,
+        checkpointing=settings.checkpointing,
+    )
     bus = await b.connect(settings.nats_url, settings.worker_id, service="trainer")
     worker = TrainerWorker(settings, bus, engine, settings.checkpoint_store(), log)
     await worker.declare()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 from whetstone.settings import ServiceSettings
 
@@ -11,6 +15,13 @@ class TrainerSettings(ServiceSettings):
     device: str = ""  # empty: the registry entry's device
     torch_threads: int = 0  # intra-op threads for torch on CPU (0: torch's default)
     max_runs: int = 64  # LoRA adapters (with optimizer state) held at once
+    # The most tokens one forward/backward pass takes; a larger forward_backward is split into
+    # micro-batches of whole datums with gradient accumulation (halved on out-of-memory).
+    micro_batch_tokens: int = Field(default=16_384, ge=1)
+    compile: bool = True  # torch.compile each decoder layer (CUDA only; CPU always runs eagerly)
+    # Activation checkpointing of each decoder layer: GEMM and attention outputs kept, pointwise
+    # work recomputed ("selective"), the whole layer recomputed ("full"), or nothing ("none").
+    checkpointing: Literal["none", "selective", "full"] = "selective"
     heartbeat_interval_s: float = 1.0
     ack_wait_s: float = 600.0  # a request held in the reorder buffer stays unacknowledged this long
     fetch_batch: int = 64
