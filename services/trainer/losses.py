@@ -63,10 +63,16 @@ CONFIG_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 class LossOutput:
     """One datum's loss: ``elementwise`` (shaped like ``target_tokens``; its sum is the datum's
     loss) and ``counts``, detached scalars the engine reports summed over datums as
-    ``<name>:sum``."""
+    ``<name>:sum`` (a name that carries its reduction, as custom losses' metrics do, keeps it).
+    A loss that is not ``per_token`` (a custom loss) gives one 0-dim ``elementwise`` value."""
 
     elementwise: torch.Tensor
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def count_metrics(counts: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Counts summed over datums as ``name:reduction`` metrics (``:sum`` unless named)."""
+    return {(n if ":" in n else f"{n}:sum"): float(v) for n, v in counts.items()}
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class LossFn:
     ones_if_missing: tuple[str, ...] = ()
     config_defaults: Mapping[str, float] = field(default_factory=dict)
     allow_2d: bool = False
+    # False for a loss with one value per datum (custom losses): no ``elementwise_loss`` output.
+    per_token: bool = True
 
     def __call__(self, lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
         return self.compute(lp, inputs, config)

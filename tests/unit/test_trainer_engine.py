@@ -534,7 +534,10 @@ def test_bad_requests_raise_user_errors(model_dir: Path) -> None:
         ForwardBackward(data=[good], loss_fn="importance_sampling"),
         r"needs loss_fn_inputs\['logprobs'\]",
     )
-    fails(ForwardBackward(data=[good], loss_fn="custom"), "loss_fn 'custom' is not supported yet")
+    fails(
+        ForwardBackward(data=[good], loss_fn="custom"),
+        r"loss_fn 'custom' needs loss_fn_config\['loss_id'\]",
+    )
     fails(
         ForwardBackward(data=[good], loss_fn="cispo"),
         r"datum 0: loss_fn 'cispo' needs loss_fn_inputs\['logprobs'\]",
