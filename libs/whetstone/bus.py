@@ -238,6 +238,22 @@ async def kv_put(kv: KeyValue, key: str, record: Message) -> None:
     await kv.put(key, record.encode())
 
 
+async def kv_records(kv: KeyValue, cls: type[M], pattern: str = ">") -> dict[str, tuple[M, int]]:
+    """Every record under the key ``pattern`` (NATS wildcards) as key -> (record, revision), read
+    with one ordered watch instead of a round trip per key; deleted keys are left out."""
+    found: dict[str, tuple[M, int]] = {}
+    watcher = await kv.watch(pattern, ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:  # the end of what is stored now
+                break
+            if entry.value:
+                found[entry.key] = (cls.decode(entry.value), entry.revision or 0)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return found
+
+
 async def kv_create(kv: KeyValue, key: str, value: bytes) -> bytes | None:
     """Create ``key`` if absent. Returns None when created, else the value already there."""
     try:

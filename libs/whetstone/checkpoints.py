@@ -1,6 +1,7 @@
 """Checkpoint naming and the checkpoint store.
 
-A checkpoint is named by its Tinker path ``tinker://<run>/<weights|sampler_weights>/<name>`` and
+A checkpoint is named by its Tinker path ``tinker://<run>/<weights|sampler_weights|external_weights>/<name>``
+(``external``: PEFT-format weights exported for download) and
 stored under a store key ``<tenant>/<run>/<kind>/<name>`` (each part ``token()``-encoded). The
 store is a directory in the embedded deployment; the key is what would address an object in an
 S3-compatible bucket in production, so only ``LocalCheckpointStore`` changes there.
@@ -8,17 +9,23 @@ S3-compatible bucket in production, so only ``LocalCheckpointStore`` changes the
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
 from whetstone.errors import UserError
 from whetstone.subjects import token
 
-Kind = Literal["training", "sampler"]
-_PATH_KIND: dict[str, Kind] = {"weights": "training", "sampler_weights": "sampler"}
+Kind = Literal["training", "sampler", "external"]
+_PATH_KIND: dict[str, Kind] = {
+    "weights": "training",
+    "sampler_weights": "sampler",
+    "external_weights": "external",
+}
 _KIND_PATH: dict[Kind, str] = {v: k for k, v in _PATH_KIND.items()}
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
@@ -44,8 +51,14 @@ class TinkerPath:
                 if len(parts) == 3 and parts[1] in _PATH_KIND and parts[0] and parts[2]:
                     return cls(parts[0], _PATH_KIND[parts[1]], parts[2])
         raise UserError(
-            f"malformed checkpoint path {path!r}; expected tinker://<run>/<weights|sampler_weights>/<name>"
+            f"malformed checkpoint path {path!r}; expected "
+            "tinker://<run>/<weights|sampler_weights|external_weights>/<name>"
         )
+
+    @classmethod
+    def of_checkpoint_id(cls, run_id: str, checkpoint_id: str) -> TinkerPath:
+        """The path of a REST route's ``{run_id}`` and ``{checkpoint_id}`` (``<kind>/<name>``)."""
+        return cls.parse(f"tinker://{run_id}/{checkpoint_id}")
 
 
 def check_name(name: str) -> str:
@@ -54,6 +67,27 @@ def check_name(name: str) -> str:
             f"invalid checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-'"
         )
     return name
+
+
+# Tinker's bounds on a checkpoint's time to live: one hour to ten years.
+MIN_TTL_S = 3600
+MAX_TTL_S = 10 * 365 * 24 * 3600
+
+
+def expiry(ttl_seconds: int | None, now: datetime | None = None) -> datetime | None:
+    """When a checkpoint saved (or given a TTL) at ``now`` expires; None: never."""
+    if ttl_seconds is None:
+        return None
+    return (now or datetime.now(UTC)) + timedelta(seconds=ttl_seconds)
+
+
+def check_ttl(ttl_seconds: int | None) -> int | None:
+    if ttl_seconds is not None and not MIN_TTL_S <= ttl_seconds <= MAX_TTL_S:
+        raise UserError(
+            f"ttl_seconds must be between {MIN_TTL_S} (1 hour) and {MAX_TTL_S} (10 years), "
+            f"or null for no expiry; got {ttl_seconds}"
+        )
+    return ttl_seconds
 
 
 def store_key(tenant: str, path: TinkerPath) -> str:
@@ -94,3 +128,23 @@ class LocalCheckpointStore:
 
     def delete(self, key: str) -> None:
         shutil.rmtree(self.path(key), ignore_errors=True)
+
+    def files(self, key: str) -> list[str]:
+        """The checkpoint's files, as paths relative to its directory, sorted."""
+        root = self.path(key)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    def copy(self, source: str, key: str) -> None:
+        """A copy of checkpoint ``source`` under ``key``, sharing its bytes (hard links) where
+        the file system allows."""
+        staged = self.staging(key)
+        shutil.rmtree(staged)
+        shutil.copytree(self.path(source), staged, copy_function=_link_or_copy)
+        self.commit(staged, key)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

@@ -110,11 +110,12 @@ class OptimStep(Message):
 
 class SaveWeights(Message):
     """``kind="training"``: adapter and optimizer state (``save_state``); ``kind="sampler"``:
-    adapter only, in PEFT format. ``sampler_id`` is set for the ephemeral form, where the result
+    adapter only, in PEFT format; ``kind="external"``: the same PEFT files, exported for download
+    (``save_weights_external``). ``sampler_id`` is set for the ephemeral form, where the result
     is a sampling session over the saved weights."""
 
     op: Literal["save_weights"] = "save_weights"
-    kind: Literal["training", "sampler"]
+    kind: Literal["training", "sampler", "external"]
     name: str
     overwrite: bool = False
     ttl_seconds: int | None = None
@@ -227,9 +228,10 @@ class OptimStepResult(Message):
 
 class SaveWeightsResult(Message):
     op: Literal["save_weights"] = "save_weights"
-    kind: Literal["training", "sampler"]
-    path: str  # tinker://<run>/<weights|sampler_weights>/<name>
+    kind: Literal["training", "sampler", "external"]
+    path: str  # tinker://<run>/<weights|sampler_weights|external_weights>/<name>
     sampler_id: str | None = None
+    size_bytes: int | None = None
 
 
 class CreateCustomLossResult(Message):
@@ -304,6 +306,7 @@ class SessionRecord(Message):
     created_at: datetime = Field(default_factory=utcnow)
     last_heartbeat_at: datetime = Field(default_factory=utcnow)
     finished: bool = False
+    project_id: str | None = None  # Tinker's project (``PUT /sessions/{id}/project``)
 
 
 class TrainingRunRecord(Message):
@@ -336,10 +339,13 @@ class CustomLossRecord(Message):
 
 
 class CheckpointRecord(Message):
+    """A listed checkpoint. ``public``: readable by every tenant (loading, sampling, copying);
+    ``expires_at``: the scheduler deletes it (files and record) after this time."""
+
     tinker_path: str
     run_id: str
     tenant: str
-    kind: Literal["training", "sampler"]
+    kind: Literal["training", "sampler", "external"]
     name: str
     store_key: str
     size_bytes: int

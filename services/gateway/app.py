@@ -7,7 +7,9 @@ become HTTP statuses and Tinker error bodies), the bootstrap and session endpoin
 Around the routes: the body limit (``limits.py``, 413), HTTP metrics (``metrics.py``, served at
 ``/metrics``), OpenTelemetry spans per request, and the probes ``/livez`` (the process answers)
 and ``/readyz`` (connected to NATS). None of these need an API key; no header is ever logged.
+Every other request needs a valid API key, checked before routing (``ApiKeyFirst``: 401).
 An unrouted ``/api/v1/*`` POST is answered 404 after filling the seq_id it may have spent.
+The REST routes (runs, checkpoints, sessions, keys, downloads) live in ``rest.py``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import TracerProvider
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 from structlog.stdlib import BoundLogger
 
-from services.gateway import billing, metrics, sampling, training
+from services.gateway import billing, metrics, rest, sampling, training
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
 from services.gateway.limits import BodyLimit
@@ -61,6 +65,40 @@ router = APIRouter(prefix="/api/v1")
 
 # Paths that answer without an API key and are left out of metrics and traces.
 PROBE_PATHS = frozenset({"/metrics", "/livez", "/readyz", "/api/v1/healthz"})
+# Paths that check their own credential: the finance page (HTTP Basic, so browsers get a login
+# prompt) and signed download URLs (the signature is the credential, ``rest.py``).
+SELF_AUTHENTICATED = ("/billing/", rest.DOWNLOADS_PREFIX)
+
+
+class ApiKeyFirst:
+    """Authentication before routing: any other request without a valid ``X-API-Key`` gets 401
+    with a Tinker error body, whatever its path (an unknown path never tells a wrong key "Not
+    Found"). The tenant found is left in the request's state for the ``tenant`` dependency.
+    Pure ASGI middleware, like the body limit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or path in PROBE_PATHS or path.startswith(SELF_AUTHENTICATED):
+            await self.app(scope, receive, send)
+            return
+        key = Headers(scope=scope).get("x-api-key")
+        gw: Gateway | None = getattr(scope["app"].state, "gateway", None)
+        try:
+            if gw is None:
+                raise Unavailable("the gateway is starting; retry")
+            try:
+                scope.setdefault("state", {})["tenant"] = await gw.tenant_of(key)
+            except nats.errors.Error as exc:
+                raise Unavailable("the bus is unavailable; retry") from exc
+        except WhetstoneError as exc:
+            metrics.REFUSALS.labels(type(exc).__name__, exc.category).inc()
+            body = {"error": exc.message, "category": exc.category, "detail": exc.message}
+            await JSONResponse(body, status_code=exc.http_status)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
@@ -81,8 +119,12 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
     app.include_router(training.router)
     app.include_router(sampling.router)
     app.include_router(billing.router)
+    app.include_router(rest.router)
+    app.include_router(rest.downloads)
     app.include_router(unrouted)  # last: it matches every POST that no route above matched
-    # Added last, runs first: metrics see every answer, the 413s of the body limit included.
+    # Added last, runs first: metrics see every answer, the 413s of the body limit and the 401s
+    # of authentication included.
+    app.add_middleware(ApiKeyFirst)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(metrics.HttpMetrics, skip_paths=PROBE_PATHS)
     FastAPIInstrumentor.instrument_app(
@@ -366,6 +408,11 @@ def future_response(record: FutureRecord, wants_proto: bool) -> Response:
     if isinstance(result, SaveWeightsResult):
         if result.kind == "training":
             return JSONResponse({"type": "save_weights", "path": result.path})
+        if result.kind == "external":
+            external: dict[str, object] = {"type": "save_weights_external", "path": result.path}
+            if result.size_bytes is not None:
+                external["size_bytes"] = result.size_bytes
+            return JSONResponse(external)
         body = {"type": "save_weights_for_sampler", "path": result.path}
         if result.sampler_id:
             body["sampling_session_id"] = result.sampler_id

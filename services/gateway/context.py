@@ -1,5 +1,5 @@
 """What every gateway route needs: the bus, the model registry, the future waiters, the caller's
-tenant, and tenant-checked access to the state records (sessions, runs, samplers).
+tenant, and tenant-checked access to the state records (sessions, runs, samplers, checkpoints).
 
 Another tenant's objects are reported as missing (404), never as forbidden.
 
@@ -28,10 +28,12 @@ from services.gateway.futures import FutureWaiters
 from services.gateway.settings import GatewaySettings
 from whetstone import bus as b
 from whetstone import subjects as s
+from whetstone.checkpoints import TinkerPath, record_key
 from whetstone.errors import NotFound, Unauthorized, Unavailable, UserError, WhetstoneError
 from whetstone.fate import Delivered
 from whetstone.keys import key_hash, key_id, lookup_key
 from whetstone.messages import (
+    CheckpointRecord,
     FutureRecord,
     Message,
     SamplingSessionRecord,
@@ -39,6 +41,7 @@ from whetstone.messages import (
     Skip,
     TrainingRunRecord,
     TrainRequest,
+    utcnow,
 )
 from whetstone.models.registry import ModelRegistry
 
@@ -98,13 +101,35 @@ class Gateway:
         return record
 
     async def run(self, tenant: str, run_id: str) -> TrainingRunRecord:
+        record = await self.run_record(run_id)
+        if record is None or record.tenant != tenant:
+            raise NotFound(f"unknown model_id {run_id!r}")
+        return record
+
+    async def run_record(self, run_id: str) -> TrainingRunRecord | None:
+        """A run's record whoever owns it (for a published checkpoint's run); None if unknown."""
         record = self._runs.get(run_id)  # run records never change once created
         if record is None:
             record = await b.kv_get(self.bus.kv[s.RUNS_BUCKET], s.token(run_id), TrainingRunRecord)
             if record is not None:
                 self._runs[run_id] = record
-        if record is None or record.tenant != tenant:
-            raise NotFound(f"unknown model_id {run_id!r}")
+        return record
+
+    async def checkpoint(
+        self, tenant: str, path: TinkerPath, *, published_ok: bool = False
+    ) -> CheckpointRecord:
+        """A checkpoint record: the tenant's own or, with ``published_ok`` (loading, sampling,
+        copying, weights_info), a published one of any tenant. Anything else, and a checkpoint
+        past its expiry that the scheduler has not deleted yet, is 404."""
+        record = await b.kv_get(
+            self.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), CheckpointRecord
+        )
+        if (
+            record is None
+            or (record.tenant != tenant and not (published_ok and record.public))
+            or (record.expires_at is not None and record.expires_at <= utcnow())
+        ):
+            raise NotFound(f"unknown checkpoint {path}")
         return record
 
     async def sampler(self, tenant: str, sampler_id: str) -> SamplingSessionRecord:
@@ -242,8 +267,12 @@ def caller_key_id() -> str | None:
 
 
 async def tenant(request: Request) -> str:
-    """FastAPI dependency: the tenant of the request's ``X-API-Key``. Also records the key's id
-    for ``caller_key_id``."""
+    """FastAPI dependency: the tenant of the request's ``X-API-Key`` (found by the app's
+    authentication middleware before routing, or looked up here). Also records the key's id for
+    ``caller_key_id``."""
     key = request.headers.get("x-api-key")
     _CALLER_KEY_ID.set(key_id(key) if key else None)
+    known = request.scope.get("state", {}).get("tenant")
+    if isinstance(known, str):
+        return known
     return await (await gateway(request)).tenant_of(key)

@@ -15,9 +15,9 @@ from services.gateway.validation import check_sample
 from services.gateway.wire import model_input_from_json, sampling_params_from_json
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.checkpoints import TinkerPath, record_key
+from whetstone.checkpoints import TinkerPath
 from whetstone.errors import NotFound, UserError
-from whetstone.messages import AdapterRef, CheckpointRecord, SampleRequest, SamplingSessionRecord
+from whetstone.messages import AdapterRef, SampleRequest, SamplingSessionRecord
 
 router = APIRouter(prefix="/api/v1")
 
@@ -54,11 +54,10 @@ async def create_sampling_session(
             raise UserError(
                 f"{body.model_path} is a training checkpoint; sample from sampler_weights"
             )
-        run = await gw.run(t, path.run_id)
-        checkpoint = await b.kv_get(
-            gw.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), CheckpointRecord
-        )
-        if checkpoint is None or checkpoint.tenant != t:
+        # The tenant's own sampler weights, or anyone's published ones.
+        checkpoint = await gw.checkpoint(t, path, published_ok=True)
+        run = await gw.run_record(checkpoint.run_id)
+        if run is None:
             raise NotFound(f"unknown checkpoint {body.model_path}")
         adapter = AdapterRef(tinker_path=checkpoint.tinker_path, store_key=checkpoint.store_key)
         base_model = run.base_model

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
+
+from pydantic import Field, model_validator
+
 from whetstone.settings import ServiceSettings
 
 
@@ -15,3 +19,14 @@ class GatewaySettings(ServiceSettings):
     # asample prompts are far smaller; 16 MiB lets every SDK request through with room to spare
     # while a runaway body is refused (413) before it is held in memory.
     max_body_bytes: int = 16 * 1024 * 1024
+    # Download URLs of external weights are signed (HMAC-SHA256) with this secret and served by
+    # the gateway itself. Empty: a random one per process, so URLs die with the gateway; every
+    # replica behind one address must be given the same secret.
+    url_signing_secret: str = Field("", repr=False)
+    download_url_ttl_s: int = 3600  # how long a signed download URL stays valid
+
+    @model_validator(mode="after")
+    def _signing_secret(self) -> GatewaySettings:
+        if not self.url_signing_secret:
+            self.url_signing_secret = secrets.token_hex(32)
+        return self

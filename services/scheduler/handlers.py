@@ -15,7 +15,9 @@ drain (``ws.ctl.assign.<worker>``), unloads the runs of sessions that finished o
 heartbeats stopped ``session_ttl_s`` ago (``ws.ctl.release.<worker>``, marking an expired
 session finished in ``ws_sessions``), places again an unloaded run whose queue has requests, and
 publishes the queue depth per base model (``whetstone_queue_depth``; the time runs waited for
-room goes to ``whetstone_queue_wait_seconds``).
+room goes to ``whetstone_queue_wait_seconds``). Every ``checkpoint_sweep_interval_s`` it deletes
+the checkpoints whose TTL has passed: their record in KV ``ws_checkpoints`` (compare-and-set, so
+a checkpoint saved again or given a new TTL meanwhile stays) and then their files.
 
 Replicas: only the holder of the lease in KV ``ws_scheduler`` (``lease.py``) consumes
 ``ws.ctl.place`` and sweeps; the others listen to heartbeats (so they know the workers when they
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 
 import nats.errors
 import structlog
@@ -37,7 +40,17 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from services.scheduler.lease import LeaderLease
 from services.scheduler.placement import Placement
 from services.scheduler.settings import SchedulerSettings
-from services.scheduler.sweep import Action, Assign, Discard, Expire, Load, Move, Unload, plan
+from services.scheduler.sweep import (
+    Action,
+    Assign,
+    Discard,
+    Expire,
+    Load,
+    Move,
+    Unload,
+    expired_checkpoints,
+    plan,
+)
 from whetstone import bus as b
 from whetstone import metrics
 from whetstone import subjects as s
@@ -45,6 +58,7 @@ from whetstone.fate import Delivered, consumer_config, decoder_for, hold
 from whetstone.messages import (
     AssignReply,
     AssignRun,
+    CheckpointRecord,
     Message,
     PlaceRun,
     ReleaseRun,
@@ -74,6 +88,8 @@ class Scheduler:
         self._runs: dict[str, TrainingRunRecord] = {}  # run records never change
         self._models: set[str] = set()  # base models whose queue depth is published
         self._place_sub: object | None = None
+        self.store = settings.checkpoint_store()
+        self._checkpoints_swept_at = 0.0  # monotonic
 
     async def declare(self) -> None:
         await b.subscribe(
@@ -237,8 +253,30 @@ class Scheduler:
                 continue
             try:
                 await self.sweep()
+                if (
+                    time.monotonic() - self._checkpoints_swept_at
+                    >= self.settings.checkpoint_sweep_interval_s
+                ):
+                    self._checkpoints_swept_at = time.monotonic()
+                    await self.expire_checkpoints()
             except (nats.errors.Error, TimeoutError) as exc:  # NATS away: the next sweep retries
                 self.log.warning("sweep failed", error=str(exc))
+
+    async def expire_checkpoints(self, wall_now: datetime | None = None) -> int:
+        """Delete every checkpoint whose TTL has passed (at ``wall_now``, default now): its
+        record (compare-and-set), then its files. Returns how many went."""
+        kv = self.bus.kv[s.CHECKPOINTS_BUCKET]
+        deleted = 0
+        checkpoints = await b.kv_records(kv, CheckpointRecord)
+        for action in expired_checkpoints(checkpoints, wall_now or utcnow()):
+            try:
+                await kv.delete(action.key, last=action.revision)
+            except KeyWrongLastSequenceError:
+                continue  # saved again or given a new TTL meanwhile: the next sweep looks again
+            await asyncio.to_thread(self.store.delete, action.record.store_key)
+            deleted += 1
+            self.log.info("checkpoint expired", checkpoint=action.record.tinker_path)
+        return deleted
 
     async def sweep(self) -> None:
         """One pass of ``sweep.plan`` over the bus's current state, and its actions."""

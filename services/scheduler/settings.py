@@ -14,6 +14,8 @@ class SchedulerSettings(ServiceSettings):
     # A session whose heartbeats stopped this long ago is ended and its runs unloaded (the SDK
     # beats every 10 s); the runs' snapshots stay, and a request to one loads it again.
     session_ttl_s: float = 600.0
+    # Checkpoints past their TTL are deleted (record and files) by a sweep this often.
+    checkpoint_sweep_interval_s: float = 60.0
     # The active replica renews its lease every third of this; a standby takes over once the
     # lease has not been renewed for this long.
     lease_ttl_s: float = 6.0

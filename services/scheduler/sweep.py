@@ -15,6 +15,9 @@ workers' heartbeats (``Placement``); ``plan`` answers with the actions that brin
 * ``Discard``: a worker holds a run placed on another worker (it lost it while cut off): it drops
   the run without writing anything.
 
+Less often (``checkpoint_sweep_interval_s``), ``expired_checkpoints`` names the checkpoints whose
+TTL has passed (``DeleteCheckpoint``): their record and files are deleted.
+
 Deciding from the current state alone (not from events) lets a standby that takes over carry on
 with nothing handed to it. Time comes in as parameters, so the tests never sleep.
 """
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.scheduler.placement import Placement
-from whetstone.messages import SessionRecord, TrainingRunRecord
+from whetstone.messages import CheckpointRecord, SessionRecord, TrainingRunRecord
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,26 @@ class Discard:
     worker_id: str
 
 
+@dataclass(frozen=True)
+class DeleteCheckpoint:
+    key: str  # in ``ws_checkpoints``
+    revision: int  # of the record, for the compare-and-set that deletes it
+    record: CheckpointRecord
+
+
 Action = Expire | Unload | Move | Assign | Load | Discard
+
+
+def expired_checkpoints(
+    checkpoints: dict[str, tuple[CheckpointRecord, int]], wall_now: datetime
+) -> list[DeleteCheckpoint]:
+    """The checkpoints whose ``expires_at`` has passed, oldest expiry first."""
+    expired = [
+        DeleteCheckpoint(key, revision, record)
+        for key, (record, revision) in checkpoints.items()
+        if record.expires_at is not None and record.expires_at <= wall_now
+    ]
+    return sorted(expired, key=lambda action: (action.record.expires_at, action.key))
 
 
 def session_ended(session: SessionRecord | None, wall_now: datetime, ttl_s: float) -> bool:

@@ -58,6 +58,7 @@ from whetstone.checkpoints import (
     LocalCheckpointStore,
     TinkerPath,
     check_name,
+    expiry,
     record_key,
     store_key,
 )
@@ -590,9 +591,13 @@ class TrainerWorker:
                 name=cmd.name,
                 store_key=key,
                 size_bytes=size,
+                expires_at=expiry(cmd.ttl_seconds),
             )
             await b.kv_put(self.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), record)
-        return SaveWeightsResult(kind=cmd.kind, path=str(path), sampler_id=cmd.sampler_id), size
+        result = SaveWeightsResult(
+            kind=cmd.kind, path=str(path), sampler_id=cmd.sampler_id, size_bytes=size
+        )
+        return result, size
 
     # ------------------------------------------------------------ shutdown
 

@@ -1,0 +1,390 @@
+"""The REST routes (protocol.md §3.4) and authentication-first, on a real nats-server.
+
+Two halves:
+
+* In the test's event loop: the gateway (ASGI, through httpx), a real Scheduler and a real
+  TrainerWorker on the built-in model. Authentication before routing, every route that names a
+  run, checkpoint or session answering another tenant 404 (a published checkpoint readable by
+  all, writable by its owner only), TTLs and their expiry by the scheduler's sweep.
+* Against a platform of real processes (``platform`` fixture) through the real tinker
+  ``RestClient``, ``ServiceClient`` and ``TrainingClient``: listings with pagination, run info,
+  publish, TTL, delete, weights_info, copy_weights, sessions, the key's own routes, and
+  ``save_weights_external`` with signed download URLs (a tampered or expired one is 403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+import pytest
+import tinker
+from tinker import types
+
+from services.gateway.context import parse_dedup, train_dedup_key
+from tests.integration.gateway_app import client, create_run, result_of, running_gateway
+from tests.integration.test_failover import start_scheduler
+from whetstone import bus as b
+from whetstone import subjects as s
+from whetstone.keys import create_key
+from whetstone.messages import utcnow
+from whetstone.models.builtin import BUILTIN_MODEL_NAME
+
+pytestmark = pytest.mark.timeout(180)
+
+
+# ---------------------------------------------------------------- in-process gateway
+
+
+async def save(http: httpx.AsyncClient, run_id: str, seq_id: int, kind: str, name: str) -> str:
+    endpoint = "save_weights" if kind == "training" else "save_weights_for_sampler"
+    answer = await http.post(
+        f"/api/v1/{endpoint}",
+        json={"model_id": run_id, "seq_id": seq_id, "path": name, "type": endpoint},
+    )
+    assert answer.status_code == 200, answer.text
+    result = (await result_of(http, answer.json()["request_id"])).json()
+    assert "error" not in result, result
+    return str(result["path"])
+
+
+async def test_every_route_answers_401_before_routing(
+    bus: b.Bus, nats_url: str, models_dir: Path, log, tmp_path: Path
+) -> None:
+    key = await create_key(bus, "alice")
+    async with running_gateway(nats_url, models_dir, log, state_dir=tmp_path) as app:
+        for credential in (None, "tml-not-a-key"):
+            async with client(app, credential) as http:
+                for method, path in [
+                    ("GET", "/api/v1/training_runs"),
+                    ("GET", "/api/v1/checkpoints"),
+                    ("DELETE", "/api/v1/training_runs/sess-a:train:0/checkpoints/weights/c"),
+                    ("PUT", "/api/v1/training_runs/sess-a:train:0/checkpoints/weights/c/ttl"),
+                    ("GET", "/api/v1/auth/apikey/me"),
+                    ("POST", "/api/v1/create_session"),
+                    ("POST", "/api/v1/no_such_endpoint"),  # unknown: still 401, not 404
+                    ("GET", "/api/v1/no/such/route"),
+                    ("GET", "/no-such-page"),
+                ]:
+                    answer = await http.request(method, path, json={})
+                    assert answer.status_code == 401, (credential, method, path, answer.text)
+                    assert answer.json()["category"] == "user" and answer.json()["error"]
+            async with client(app, None) as http:  # the probes need no key
+                assert (await http.get("/livez")).status_code == 200
+                assert (await http.get("/api/v1/healthz")).json() == {"status": "ok"}
+        async with client(app, key) as http:
+            run_id, _ = await create_run(http)
+            # An unknown endpoint with a valid key: 404, and the seq_id it spent is filled.
+            answer = await http.post(
+                "/api/v1/no_such_endpoint", json={"model_id": run_id, "seq_id": 1}
+            )
+            assert answer.status_code == 404 and answer.json()["category"] == "user"
+            entry = await bus.kv[s.DEDUP_BUCKET].get(train_dedup_key(run_id, 1))
+            assert entry.value is not None and parse_dedup(entry.value) == ("refused", True)
+
+
+async def test_other_tenants_get_404_and_published_checkpoints_are_readable_by_all(
+    bus: b.Bus,
+    spawned: None,
+    start_trainer,
+    nats_url: str,
+    models_dir: Path,
+    log,
+    tmp_path: Path,
+) -> None:
+    await start_trainer("w1", heartbeat_interval_s=0.2)
+    await start_scheduler(bus, nats_url, tmp_path, log)
+    alice, bob = await create_key(bus, "alice"), await create_key(bus, "bob")
+    async with (
+        running_gateway(nats_url, models_dir, log, state_dir=tmp_path) as app,
+        client(app, alice) as a,
+        client(app, bob) as other,
+    ):
+        run_id, created = await create_run(a)
+        assert "error" not in (await result_of(a, created)).json()
+        session_id = run_id.split(":")[0]
+        weights = await save(a, run_id, 1, "training", "w")
+        sampler = await save(a, run_id, 2, "sampler", "s")
+        ckpt = f"/api/v1/training_runs/{run_id}/checkpoints"
+
+        # Every route that names alice's run, checkpoints or session: 404 for bob.
+        refused = [
+            ("GET", f"/api/v1/training_runs/{run_id}", None),
+            ("GET", f"/api/v1/training_runs/{run_id}?access_scope=accessible", None),
+            ("GET", ckpt, None),
+            ("DELETE", f"{ckpt}/weights/w", None),
+            ("POST", f"{ckpt}/weights/w/publish", None),
+            ("DELETE", f"{ckpt}/weights/w/publish", None),
+            ("PUT", f"{ckpt}/weights/w/ttl", {"ttl_seconds": 7200}),
+            ("GET", f"{ckpt}/external_weights/x/external_weights_urls", None),
+            ("POST", "/api/v1/weights_info", {"tinker_path": weights}),
+            (
+                "POST",
+                "/api/v1/copy_weights",
+                {"source_path": weights, "destination_project_id": "p"},
+            ),
+            ("GET", f"/api/v1/sessions/{session_id}", None),
+            ("PUT", f"/api/v1/sessions/{session_id}/project", {"project_id": "p"}),
+            (
+                "POST",
+                "/api/v1/save_weights_external",
+                {"model_id": run_id, "path": "e", "seq_id": 3},
+            ),
+        ]
+        for method, path, body in refused:
+            answer = await other.request(method, path, json=body)
+            assert answer.status_code == 404, (method, path, answer.text)
+            assert answer.json()["category"] == "user"
+        assert (await other.get("/api/v1/training_runs")).json()["training_runs"] == []
+        assert (await other.get("/api/v1/checkpoints")).json()["checkpoints"] == []
+        assert (await other.get("/api/v1/sessions")).json() == {"sessions": []}
+        bob_session = (await other.post("/api/v1/create_session", json={})).json()["session_id"]
+        sample_from = {"session_id": bob_session, "sampling_session_seq_id": 0}
+        answer = await other.post(
+            "/api/v1/create_sampling_session", json={**sample_from, "model_path": sampler}
+        )
+        assert answer.status_code == 404, answer.text
+
+        # Published: bob may read it (info, sampling, a copy of his own), never change it.
+        for path in (weights, sampler):
+            kind_name = path.split("/", 3)[3]
+            assert (await a.post(f"{ckpt}/{kind_name}/publish")).status_code == 204
+            assert (await a.post(f"{ckpt}/{kind_name}/publish")).status_code == 204  # idempotent
+        info = types.WeightsInfoResponse.model_validate(
+            (await other.post("/api/v1/weights_info", json={"tinker_path": weights})).json()
+        )
+        assert info.base_model == BUILTIN_MODEL_NAME and info.is_lora and info.lora_rank == 4
+        answer = await other.post(
+            "/api/v1/create_sampling_session", json={**sample_from, "model_path": sampler}
+        )
+        assert answer.status_code == 200, answer.text
+        copied = await other.post(
+            "/api/v1/copy_weights",
+            json={"source_path": weights, "destination_project_id": "bobs"},
+            headers={"X-Idempotency-Key": "copy-1"},
+        )
+        assert copied.status_code == 200, copied.text
+        copy_path = types.CopyWeightsResponse.model_validate(copied.json()).tinker_path
+        again = await other.post(
+            "/api/v1/copy_weights",
+            json={"source_path": weights, "destination_project_id": "bobs"},
+            headers={"X-Idempotency-Key": "copy-1"},
+        )
+        assert again.json()["tinker_path"] == copy_path  # a retried copy is the same copy
+        listed = types.CheckpointsListResponse.model_validate(
+            (await other.get("/api/v1/checkpoints")).json()
+        )
+        assert [c.tinker_path for c in listed.checkpoints] == [copy_path]
+        runs = (await other.get("/api/v1/training_runs?project_id=bobs")).json()
+        assert [r["training_run_id"] for r in runs["training_runs"]] == [copy_path.split("/")[2]]
+        for method, path, body in refused[3:7]:  # delete, publish, unpublish, ttl: still 404
+            assert (await other.request(method, path, json=body)).status_code == 404
+        assert (await a.delete(f"{ckpt}/weights/w/publish")).status_code == 204
+        answer = await other.post("/api/v1/weights_info", json={"tinker_path": weights})
+        assert answer.status_code == 404
+
+
+async def test_ttl_is_set_and_expired_checkpoints_are_deleted_by_the_sweep(
+    bus: b.Bus,
+    spawned: None,
+    start_trainer,
+    nats_url: str,
+    models_dir: Path,
+    log,
+    tmp_path: Path,
+) -> None:
+    await start_trainer("w1", heartbeat_interval_s=0.2)
+    scheduler, _ = await start_scheduler(bus, nats_url, tmp_path, log)
+    key = await create_key(bus, "alice")
+    async with (
+        running_gateway(nats_url, models_dir, log, state_dir=tmp_path) as app,
+        client(app, key) as http,
+    ):
+        run_id, created = await create_run(http)
+        assert "error" not in (await result_of(http, created)).json()
+        await save(http, run_id, 1, "training", "keep")
+        await save(http, run_id, 2, "training", "old")
+        ckpt = f"/api/v1/training_runs/{run_id}/checkpoints"
+        store = tmp_path / "checkpoints"
+        files_of = {p.parent.name for p in store.rglob("*") if p.is_file() and "training" in str(p)}
+        assert len(files_of) == 2
+
+        for bad in (10, 11 * 365 * 24 * 3600, "soon"):
+            answer = await http.put(f"{ckpt}/weights/old/ttl", json={"ttl_seconds": bad})
+            assert answer.status_code == 400 and answer.json()["category"] == "user", bad
+        assert (
+            await http.put(f"{ckpt}/weights/old/ttl", json={"ttl_seconds": 3600})
+        ).status_code == 204
+        assert (
+            await http.put(f"{ckpt}/weights/keep/ttl", json={"ttl_seconds": 7200})
+        ).status_code == 204
+        assert (
+            await http.put(f"{ckpt}/weights/keep/ttl", json={"ttl_seconds": None})
+        ).status_code == 204
+        listed = types.CheckpointsListResponse.model_validate((await http.get(ckpt)).json())
+        expiry = {c.checkpoint_id: c.expires_at for c in listed.checkpoints}
+        assert expiry["weights/keep"] is None
+        old_expiry = expiry["weights/old"]
+        assert old_expiry is not None
+        assert timedelta(minutes=59) < old_expiry - utcnow() <= timedelta(hours=1)
+
+        assert await scheduler.expire_checkpoints() == 0  # nothing is due yet
+        assert await scheduler.expire_checkpoints(utcnow() + timedelta(hours=2)) == 1
+        listed = types.CheckpointsListResponse.model_validate((await http.get(ckpt)).json())
+        assert [c.checkpoint_id for c in listed.checkpoints] == ["weights/keep"]
+        user = (await http.get("/api/v1/checkpoints")).json()
+        assert [c["checkpoint_id"] for c in user["checkpoints"]] == ["weights/keep"]
+        remaining = {
+            p.parent.name for p in store.rglob("*") if p.is_file() and "training" in str(p)
+        }
+        assert len(remaining) == 1 and remaining < files_of
+        assert (await http.delete(f"{ckpt}/weights/old")).status_code == 404
+
+
+# ---------------------------------------------------------------- the real SDK, real processes
+
+
+@pytest.fixture(scope="module")
+def sdk(platform):
+    """A service client with one trained-for-a-step run and two checkpoints of it."""
+    service = tinker.ServiceClient(base_url=platform.base_url, api_key=platform.api_key)
+    training = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=4).result()
+    saved = training.save_state("first").result().path
+    sampler = training.save_weights_for_sampler("for-sampling").result().path
+    rest = service.create_rest_client()
+    yield service, training, rest, saved, sampler
+    service.close("success").result()
+
+
+def test_rest_client_lists_runs_and_checkpoints_with_pagination(sdk) -> None:
+    service, training, rest, saved, sampler = sdk
+    second = service.create_lora_training_client(base_model=BUILTIN_MODEL_NAME, rank=8).result()
+    runs = rest.list_training_runs(limit=1).result()
+    assert runs.cursor.total_count == 2 and runs.cursor.limit == 1 and len(runs.training_runs) == 1
+    assert runs.training_runs[0].training_run_id == second.model_id  # newest first
+    rest_page = rest.list_training_runs(limit=1, offset=1).result()
+    assert [r.training_run_id for r in rest_page.training_runs] == [training.model_id]
+
+    run = rest.get_training_run(training.model_id).result()
+    assert run.base_model == BUILTIN_MODEL_NAME and run.is_lora and run.lora_rank == 4
+    assert run.last_checkpoint is not None and run.last_checkpoint.tinker_path == saved
+    assert run.last_sampler_checkpoint is not None
+    assert run.last_sampler_checkpoint.tinker_path == sampler
+    assert (
+        rest.get_training_run_by_tinker_path(saved).result().training_run_id == run.training_run_id
+    )
+
+    listed = rest.list_checkpoints(training.model_id).result()
+    assert {(c.checkpoint_type, c.tinker_path) for c in listed.checkpoints} == {
+        ("training", saved),
+        ("sampler", sampler),
+    }
+    assert all(c.size_bytes and c.size_bytes > 0 and not c.public for c in listed.checkpoints)
+    first = rest.list_user_checkpoints(limit=1).result()
+    assert first.cursor is not None and first.cursor.total_count == 2
+    assert [c.tinker_path for c in first.checkpoints] == [sampler]  # newest first
+    following = rest.list_user_checkpoints(limit=1, offset=1).result()
+    assert [c.tinker_path for c in following.checkpoints] == [saved]
+
+
+def test_rest_client_publishes_sets_ttl_reads_weights_info_and_deletes(sdk, platform) -> None:
+    service, training, rest, saved, _ = sdk
+    rest.publish_checkpoint_from_tinker_path(saved).result()
+    (found,) = [
+        c
+        for c in rest.list_checkpoints(training.model_id).result().checkpoints
+        if c.tinker_path == saved
+    ]
+    assert found.public
+    rest.unpublish_checkpoint_from_tinker_path(saved).result()
+    rest.set_checkpoint_ttl_from_tinker_path(saved, 86400).result()
+    (found,) = [
+        c
+        for c in rest.list_checkpoints(training.model_id).result().checkpoints
+        if c.tinker_path == saved
+    ]
+    assert found.expires_at is not None and not found.public
+    rest.set_checkpoint_ttl_from_tinker_path(saved, None).result()
+
+    info = rest.get_weights_info_by_tinker_path(saved).result()
+    assert info.base_model == BUILTIN_MODEL_NAME and info.lora_rank == 4
+    assert info.train_attn and info.train_mlp and info.train_unembed
+
+    extra = training.save_state("to-delete").result().path
+    rest.delete_checkpoint_from_tinker_path(extra).result()
+    paths = [c.tinker_path for c in rest.list_checkpoints(training.model_id).result().checkpoints]
+    assert extra not in paths and saved in paths
+    store = platform.state_dir / "checkpoints"
+    assert not [p for p in store.rglob("*") if p.is_dir() and p.name.endswith(s.token("to-delete"))]
+    with pytest.raises(tinker.NotFoundError):
+        rest.delete_checkpoint_from_tinker_path(extra).result()
+
+
+def test_rest_client_sessions_and_the_callers_key(sdk, platform) -> None:
+    service, training, rest, _, _ = sdk
+    session_id = training.model_id.split(":")[0]
+    assert session_id in rest.list_sessions().result().sessions
+    session = rest.get_session(session_id).result()
+    assert training.model_id in session.training_run_ids
+    rest.assign_session_project(session_id, "proj-x").result()
+    in_project = rest.list_training_runs(project_id="proj-x").result()
+    assert training.model_id in [r.training_run_id for r in in_project.training_runs]
+    assert rest.list_training_runs(project_id="elsewhere").result().training_runs == []
+
+    # The key's own routes (``tinker auth login`` / ``logout`` call them with plain httpx).
+    async def mint() -> str:
+        bus = await b.connect(platform.nats_url, "test-keys")
+        try:
+            return await create_key(bus, "carol")
+        finally:
+            await bus.close()
+
+    key = asyncio.run(mint())
+    me = httpx.get(f"{platform.base_url}/api/v1/auth/apikey/me", headers={"X-API-Key": key})
+    assert me.status_code == 200, me.text
+    body = me.json()
+    assert isinstance(body["key_id"], int) and body["details"]["org_details"]["name"] == "carol"
+    revoked = httpx.delete(f"{platform.base_url}/api/v1/auth/apikey/me", headers={"X-API-Key": key})
+    assert revoked.status_code == 204
+    after = httpx.get(f"{platform.base_url}/api/v1/training_runs", headers={"X-API-Key": key})
+    assert after.status_code == 401 and after.json()["category"] == "user"
+
+
+def test_external_weights_download_through_signed_urls(sdk) -> None:
+    service, training, rest, _, _ = sdk
+    external = training.save_weights_external("export", ttl_seconds=3600).result()
+    assert external.path == f"tinker://{training.model_id}/external_weights/export"
+    listed = rest.list_checkpoints(training.model_id).result().checkpoints
+    (found,) = [c for c in listed if c.tinker_path == external.path]
+    assert found.checkpoint_type == "external" and found.expires_at is not None
+
+    urls = rest.get_external_weights_urls(external.path).result()
+    assert set(urls.urls) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert urls.expires > utcnow()
+    with urllib.request.urlopen(urls.urls["adapter_config.json"], timeout=30) as answer:
+        config = json.loads(answer.read())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    with urllib.request.urlopen(urls.urls["adapter_model.safetensors"], timeout=30) as answer:
+        assert int(answer.headers["Content-Length"]) > 0
+
+    url = urlsplit(urls.urls["adapter_config.json"])
+    query = {k: v[0] for k, v in parse_qs(url.query).items()}
+    for changed in (
+        {**query, "sig": "0" * 64},  # tampered signature
+        {**query, "expires": str(int(query["expires"]) + 1)},  # a longer life, same signature
+        {**query, "expires": "1"},  # long expired
+    ):
+        forged = url._replace(query=urlencode(changed)).geturl()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(forged, timeout=30)
+        assert refused.value.code == 403
+    forged = url._replace(path=url.path.replace("adapter_config.json", "adapter_model.safetensors"))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(forged.geturl(), timeout=30)  # another file under the same signature
+    assert refused.value.code == 403
