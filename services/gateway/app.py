@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from structlog.stdlib import BoundLogger
 
-from services.gateway import billing, metrics, rest, sampling, training
+from services.gateway import billing, custom_loss, metrics, rest, sampling, training
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
 from services.gateway.limits import BodyLimit
@@ -49,6 +49,7 @@ from whetstone import observability
 from whetstone import subjects as s
 from whetstone.errors import NotFound, Unavailable, WhetstoneError
 from whetstone.messages import (
+    CreateCustomLossResult,
     CreateModelResult,
     ForwardBackwardResult,
     FutureRecord,
@@ -121,6 +122,7 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
     app.include_router(billing.router)
     app.include_router(rest.router)
     app.include_router(rest.downloads)
+    app.include_router(custom_loss.router)
     app.include_router(unrouted)  # last: it matches every POST that no route above matched
     # Added last, runs first: metrics see every answer, the 413s of the body limit and the 401s
     # of authentication included.
@@ -251,7 +253,8 @@ async def unsupported(path: str, request: Request, gw: Gateway = Depends(gateway
 
 @router.post("/client/config")
 async def client_config() -> dict[str, object]:
-    return {}
+    # create_custom_loss uploads the traced loss; the trainer runs it (custom_loss.py).
+    return {"custom_loss_server_side": True}
 
 
 @router.post("/client/dynamic_config")
@@ -405,6 +408,8 @@ def future_response(record: FutureRecord, wants_proto: bool) -> Response:
         return JSONResponse({"type": "create_model", "model_id": result.model_id})
     if isinstance(result, OptimStepResult):
         return JSONResponse({"type": "optim_step", "metrics": result.metrics})
+    if isinstance(result, CreateCustomLossResult):
+        return JSONResponse({"type": "create_custom_loss", "loss_id": result.loss_id})
     if isinstance(result, SaveWeightsResult):
         if result.kind == "training":
             return JSONResponse({"type": "save_weights", "path": result.path})

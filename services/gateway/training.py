@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from services.gateway.context import Gateway, caller_key_id, gateway, tenant, train_dedup_key
+from services.gateway.custom_loss import with_custom_loss
 from services.gateway.validation import check_lora, validate_forward_backward
 from services.gateway.wire import forward_backward_command, parse_forward_backward
 from whetstone import bus as b
@@ -144,7 +145,7 @@ async def forward_backward(
     proto = parse_forward_backward(body, request.headers.get("content-encoding"))
     run = await gw.run(t, proto.model_id)
     async with refused_in_order(gw, t, run, proto.seq_id):
-        command = forward_backward_command(proto)
+        command = await with_custom_loss(gw, t, run, forward_backward_command(proto))
         validate_forward_backward(command, gw.registry.resolve(run.base_model))
     op = "forward" if command.forward_only else "forward_backward"
     return _future(await _submit(gw, t, run, proto.seq_id, op, command), run.run_id)
