@@ -8,10 +8,15 @@ both sides load the same weights. For each batch shape (``--rows`` rows of ``--s
 times ``--steps`` steps after ``--warmup``: a step is one cross-entropy forward_backward plus one
 AdamW step, LoRA rank 32 on every attention and MLP projection, base weights in bf16.
 
-* Whetstone: ``TrainerEngine.forward_backward`` + ``optim_step`` (the service's own path).
+* Whetstone: ``TrainerEngine.forward_backward`` + ``optim_step`` (the service's own path: the
+  packed Qwen3 of ``whetstone_ml.qwen3``), once per ``--variants`` entry (``compile`` or
+  ``eager``, ``+`` a checkpointing policy: ``selective``, ``full``, ``none``).
 * Naive: ``peft.get_peft_model`` over the HF model with gradient checkpointing (without it the
-  naive step does not fit at 16k tokens), ``model(input_ids, labels=...)``, backward, AdamW.
+  naive step does not fit at 16k tokens), ``model(input_ids)``, fp32 cross-entropy, backward,
+  AdamW. The model is put in train mode: HF applies gradient checkpointing only in training.
 
+``--models 4b,8b`` picks the sizes (random weights of Qwen3-4B's and Qwen3-8B's configs).
+``--profile`` profiles one step of the first variant (torch.profiler) and prints the top kernels.
 A side that runs out of memory is reported as OOM. MFU counts 4·N·T (forward plus the backward
 through frozen weights, N base parameters, T tokens) plus attention (forward and backward, causal),
 against the H200's 989 TFLOP/s dense bf16. Prints a table last; ``--json`` writes every number.
@@ -42,11 +47,18 @@ from whetstone.tensors import Tensor  # noqa: E402
 from whetstone_ml.builtin import ensure_builtin_model  # noqa: E402
 
 RANK = 32
+QWEN3_8B = dict(
+    QWEN3_4B,
+    hidden_size=4096,
+    intermediate_size=12288,
+    tie_word_embeddings=False,
+)
+SIZES = {"4b": QWEN3_4B, "8b": QWEN3_8B}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_BF16_FLOPS = 989e12
 
 
-def model_dir(args: argparse.Namespace, root: Path) -> Path:
+def model_dir(args: argparse.Namespace, root: Path, size: str) -> Path:
     if args.smoke:
         return ensure_builtin_model(root / "models")
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -55,13 +67,14 @@ def model_dir(args: argparse.Namespace, root: Path) -> Path:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))
+        with torch.device(args.device):  # random init on the GPU: seconds, not minutes
+            model = Qwen3ForCausalLM(Qwen3Config(**SIZES[size]))
     finally:
         torch.set_default_dtype(previous)
-    out = root / "qwen3-4b-random"
+    out = root / f"qwen3-{size}-random"
     model.save_pretrained(out)
     del model
-    gc.collect()
+    free()
     return out
 
 
@@ -80,9 +93,11 @@ def batch(rows: int, seq: int, vocab: int) -> torch.Tensor:
 def timed(step, warmup: int, steps: int) -> dict:
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     try:
+        start = time.perf_counter()
         for _ in range(warmup):
             step()
         sync()
+        warmup_s = time.perf_counter() - start  # includes compilation
         times = []
         for _ in range(steps):
             start = time.perf_counter()
@@ -92,11 +107,25 @@ def timed(step, warmup: int, steps: int) -> dict:
     except torch.cuda.OutOfMemoryError:
         return {"oom": True}
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    return {"oom": False, "step_s": statistics.median(times), "peak_bytes": peak}
+    return {
+        "oom": False,
+        "step_s": statistics.median(times),
+        "steps_s": times,
+        "warmup_s": warmup_s,
+        "peak_bytes": peak,
+    }
 
 
-def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> dict:
-    engine = TrainerEngine(directory, device=args.device, dtype="bfloat16")
+def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace, variant: str) -> dict:
+    mode, _, policy = variant.partition("+")
+    engine = TrainerEngine(
+        directory,
+        device=args.device,
+        dtype="bfloat16",
+        compile=mode == "compile",
+        checkpointing=policy or "selective",  # type: ignore[arg-type]
+        micro_batch_tokens=tokens.numel(),
+    )
     engine.create_run("r", LoraConfig(rank=RANK, seed=0, train_unembed=False))
     data = [
         Datum(
@@ -112,7 +141,26 @@ def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> dic
         engine.forward_backward("r", command)
         engine.optim_step("r", adam)
 
-    return timed(step, args.warmup, args.steps)  # the caller frees what it held (free())
+    result = timed(step, args.warmup, args.steps)
+    result["micro_batch_tokens"] = engine.micro_batch_tokens  # lowered if a pass ran out of memory
+    if args.profile and not result["oom"]:
+        result["profile"] = profile(step, args)
+        args.profile = False  # the first variant only
+    return result  # the caller frees what it held (free())
+
+
+def profile(step, args: argparse.Namespace) -> str:
+    """One step under torch.profiler: the kernels by their own CUDA time, top 25."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    if args.out:
+        (args.out / "profile.txt").write_text(table)
+    return table
 
 
 def naive(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -127,6 +175,7 @@ def naive(directory: Path, tokens: torch.Tensor, args: argparse.Namespace) -> di
     )
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
+    model.train()  # HF checkpoints only in training mode (Qwen3 has no dropout to switch on)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # fp32 LoRA factors, as ours keeps them
@@ -155,59 +204,70 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rows", default="2,8", help="rows per step, comma-separated")
+    parser.add_argument("--models", default="4b", help="sizes, comma-separated: 4b, 8b")
+    parser.add_argument("--rows", default="8", help="rows per step, comma-separated")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", default="compile+selective", help="ours, comma-separated")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive PEFT loop")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", type=Path, help="folder for profile.txt")
     parser.add_argument("--json", type=Path)
-    parser.add_argument(
-        "--only",
-        choices=["whetstone", "naive"],
-        help="run one side (a process of its own: no memory left by the other)",
-    )
     args = parser.parse_args()
     if args.smoke:
-        args.seq, args.rows, args.steps, args.warmup = 64, "2", 1, 1
-    from transformers import AutoConfig
+        args.seq, args.rows, args.steps, args.warmup, args.models = 64, "2", 1, 1, "tiny"
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = model_dir(args, Path(tmp))
-        config = AutoConfig.from_pretrained(str(directory))
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-        results: dict = {
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "base_params": n_params,
-            "shapes": {},
-        }
-        for rows in [int(r) for r in args.rows.split(",")]:
-            tokens = batch(rows, args.seq, config.vocab_size)
-            skipped = {"oom": True, "skipped": True}
-            shape = {"flops": flops_per_step(config, rows, args.seq, n_params)}
-            shape["whetstone"] = ours(directory, tokens, args) if args.only != "naive" else skipped
-            free()
-            shape["naive PEFT + checkpointing"] = (
-                naive(directory, tokens, args) if args.only != "whetstone" else skipped
-            )
-            free()
-            results["shapes"][f"{rows}x{args.seq}"] = shape
-            print(json.dumps({f"{rows}x{args.seq}": shape}), flush=True)
+    naive_name = "naive PEFT + checkpointing"
+    results: dict = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shapes": {},
+    }
+    for size in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = model_dir(args, Path(tmp), size)
+            config = AutoConfig.from_pretrained(str(directory))
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+                n_params = sum(p.numel() for p in model.parameters())
+            for rows in [int(r) for r in args.rows.split(",")]:
+                tokens = batch(rows, args.seq, config.vocab_size)
+                shape: dict = {"flops": flops_per_step(config, rows, args.seq, n_params)}
+                shape["params"] = n_params
+                for variant in args.variants.split(","):
+                    shape[f"whetstone {variant}"] = ours(directory, tokens, args, variant)
+                    free()
+                if not args.no_naive:
+                    shape[naive_name] = naive(directory, tokens, args)
+                    free()
+                results["shapes"][f"{size} {rows}x{args.seq}"] = shape
+                printable = {k: v for k, v in shape.items() if not isinstance(v, dict)}
+                printable |= {
+                    k: {x: y for x, y in v.items() if x != "profile"}
+                    for k, v in shape.items()
+                    if isinstance(v, dict)
+                }
+                print(json.dumps({f"{size} {rows}x{args.seq}": printable}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    for name, shape in results["shapes"].items():
+        for engine, r in shape.items():
+            if isinstance(r, dict) and "profile" in r:
+                print(f"\nprofile of one step, {name}, {engine}:\n{r['profile']}")
     print(
-        f"\n{results['device']}: LoRA rank {RANK}, attention + MLP, bf16 base, "
-        f"{n_params / 1e9:.2f}B base parameters"
+        f"\n{results['device']} (torch {results['torch']}): LoRA rank {RANK}, attention + MLP, "
+        "bf16 base"
     )
-    print("| step | engine | step s | tokens/s | MFU | peak GiB | vs naive |")
+    print("| model, step | engine | step s | tokens/s | MFU | peak GiB | vs naive |")
     print("|---|---|---|---|---|---|---|")
     for name, shape in results["shapes"].items():
-        tokens = int(name.split("x")[0]) * int(name.split("x")[1])
-        base = shape["naive PEFT + checkpointing"]
-        for engine in ("whetstone", "naive PEFT + checkpointing"):
-            r = shape[engine]
-            if r.get("skipped"):
+        rows_seq = name.split()[-1]
+        tokens = int(rows_seq.split("x")[0]) * int(rows_seq.split("x")[1])
+        base = shape.get(naive_name, {"oom": True})
+        for engine, r in shape.items():
+            if not isinstance(r, dict):
                 continue
             if r["oom"]:
                 print(f"| {name} | {engine} | OOM | - | - | - | - |")
@@ -216,7 +276,7 @@ def main() -> int:
             mfu = shape["flops"] / r["step_s"] / PEAK_BF16_FLOPS
             print(
                 f"| {name} | {engine} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} | "
-                f"{mfu:.0%} | {r['peak_bytes'] / 2**30:.1f} | {speed} |"
+                f"{mfu:.1%} | {r['peak_bytes'] / 2**30:.1f} | {speed} |"
             )
     return 0
 
