@@ -40,10 +40,10 @@ seconds in the server's time zone, which would shift and truncate the window.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import clickhouse_connect
@@ -71,6 +71,23 @@ COLUMNS: tuple[str, ...] = (
     "sampler_id",
     "api_key_id",
     "operation",
+)
+# The types ``insert`` declares for COLUMNS, so that clickhouse-connect neither asks the table for
+# them (a query per insert) nor builds LowCardinality dictionaries in Python: ClickHouse converts
+# a Native ``String`` column to the table's ``LowCardinality(String)`` as it reads the block.
+_INSERT_TYPES: tuple[str, ...] = (
+    "String",
+    "String",
+    "String",
+    "String",
+    "String",
+    "UInt64",
+    "String",
+    "DateTime64(3, 'UTC')",
+    "String",
+    "String",
+    "String",
+    "String",
 )
 # The roll-ups' dimensions besides the bucket, and the report grouping that names each.
 ROLLUP_DIMS: tuple[str, ...] = (
@@ -173,8 +190,13 @@ def _utc(ts: datetime) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def _epoch_ms(ts: datetime) -> int:
-    return int(_utc(ts).timestamp() * 1000)
+    """Whole milliseconds since the epoch, exactly (truncated, as ``DateTime64(3)`` stores)."""
+    return ((ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)) - _EPOCH) // _MS
 
 
 def _aligned(ts: datetime | None, grain: str) -> bool:
@@ -212,7 +234,9 @@ class Ledger:
     def __init__(self, client: Client, recent_ids: int = DEFAULT_RECENT_IDS) -> None:
         self._client = client
         self._recent_limit = recent_ids
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        # The ids inserted recently (a set to look up, a queue to forget the oldest first).
+        self._recent: set[str] = set()
+        self._recent_order: deque[str] = deque()
 
     @classmethod
     def connect(cls, dsn: str, recent_ids: int = DEFAULT_RECENT_IDS) -> Ledger:
@@ -279,7 +303,8 @@ class Ledger:
             f"SELECT event_id FROM {DATABASE}.{TABLE} ORDER BY inserted_at DESC LIMIT {{n:UInt64}}",
             {"n": self._recent_limit},
         )
-        self._recent = OrderedDict((event_id, None) for (event_id,) in reversed(rows))
+        self._recent_order = deque(event_id for (event_id,) in reversed(rows))
+        self._recent = set(self._recent_order)
 
     # ---------------------------------------------------------------- writing
 
@@ -295,35 +320,42 @@ class Ledger:
                 fresh[e.event_id] = e
         if not fresh:
             return 0
-        rows = [
-            [
-                e.event_id,
-                e.request_id,
-                e.tenant,
-                e.base_model,
-                e.meter,
-                e.tokens,
-                e.run_id or "",
-                _utc(e.occurred_at),
-                e.session_id or "",
-                e.sampler_id or "",
-                e.api_key_id or "",
-                e.operation or "",
-            ]
-            for e in fresh.values()
+        new = list(fresh.values())
+        # Column by column (what the Native format sends), times as epoch milliseconds: no
+        # per-row lists, no datetime conversion in the client.
+        columns: list[list[object]] = [
+            [e.event_id for e in new],
+            [e.request_id for e in new],
+            [e.tenant for e in new],
+            [e.base_model for e in new],
+            [e.meter for e in new],
+            [e.tokens for e in new],
+            [e.run_id or "" for e in new],
+            [_epoch_ms(e.occurred_at) for e in new],
+            [e.session_id or "" for e in new],
+            [e.sampler_id or "" for e in new],
+            [e.api_key_id or "" for e in new],
+            [e.operation or "" for e in new],
         ]
         try:
-            self._client.insert(TABLE, rows, column_names=list(COLUMNS), database=DATABASE)
+            self._client.insert(
+                TABLE,
+                columns,
+                column_names=list(COLUMNS),
+                column_type_names=list(_INSERT_TYPES),
+                column_oriented=True,
+                database=DATABASE,
+            )
         except (OperationalError, ClickHouseError) as e:
             raise Unavailable(f"usage insert failed: {e}") from e
         self._remember(fresh)
-        return len(rows)
+        return len(new)
 
-    def _remember(self, ids: Iterable[str]) -> None:
-        for event_id in ids:
-            self._recent[event_id] = None
-        while len(self._recent) > self._recent_limit:
-            self._recent.popitem(last=False)
+    def _remember(self, ids: Collection[str]) -> None:
+        self._recent.update(ids)
+        self._recent_order.extend(ids)
+        while len(self._recent_order) > self._recent_limit:
+            self._recent.discard(self._recent_order.popleft())
 
     def reconcile(self, since: datetime | None = None, until: datetime | None = None) -> int:
         """Make the roll-ups equal the raw table over ``[since, until)`` (UTC days; open bounds
