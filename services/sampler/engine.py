@@ -299,6 +299,11 @@ class SamplerEngine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests added but not admitted yet (no rows or KV blocks for them so far)."""
+        return len(self._waiting)
+
     @torch.inference_mode()
     def step(self) -> list[tuple[int, SampleResult]]:
         """Admit, prefill one chunk budget, decode one token: the requests that finished."""

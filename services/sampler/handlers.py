@@ -3,16 +3,20 @@
 Pulls from the shared durable queue of its base model (``ws.sample.<base>``, consumer
 ``sampler-<base>``; every replica of that base model pulls from the same consumer, so load
 balancing and failover come from JetStream). Each message's handler hands its request to the
-``Batcher``, which adds it to the engine's continuous batch between two decode steps and returns
-its result when its last sequence finishes; the handler then writes the future's result to KV
-``ws_futures`` and publishes prefill and sample token usage on ``ws.usage.<tenant>``. The
-message-fate wrapper acknowledges it after that, or fails the future on a user error. Heartbeats
-on ``ws.ctl.heartbeat.sampler.<id>``.
+``Batcher``, which adds it to the engine's continuous batch between two decode steps (tenants
+taking turns, ``whetstone.fairness``) and returns its result when its last sequence finishes;
+the handler then writes the future's result to KV ``ws_futures`` and publishes prefill and
+sample token usage on ``ws.usage.<tenant>``. The message-fate wrapper acknowledges it after
+that, or fails the future on a user error. Heartbeats on ``ws.ctl.heartbeat.sampler.<id>``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 from faststream import AckPolicy
@@ -26,17 +30,26 @@ from whetstone import subjects as s
 from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.errors import UserError
 from whetstone.fate import Delivered, consumer_config, decoder_for
+from whetstone.fairness import FairShare, Ready
 from whetstone.messages import (
     FutureRecord,
     Meter,
     SampleRequest,
+    QueueState,
     SampleResult,
     UsageEvent,
     WorkerHeartbeat,
 )
 from whetstone.tasks import Offload, heartbeats, spawn
 
-Job = tuple[SampleRequest, str | None, "asyncio.Future[SampleResult]"]
+
+@dataclass
+class Job:
+    req: SampleRequest
+    adapter_id: str | None
+    fut: asyncio.Future[SampleResult]
+    queued_at: float  # monotonic
+    held_back: bool = False  # its future was told ``paused_rate_limit``
 
 
 class Batcher:
@@ -44,44 +57,103 @@ class Batcher:
 
     Each job is added on its own (validated alone, so a bad request fails only itself); while the
     engine has work the loop runs one ``engine.step()`` at a time on the torch thread and hands
+    Admission is fair across tenants (``whetstone.fairness``): jobs wait here in one queue per
+    tenant, and between two steps the loop hands the engine the next ones by ``FairShare`` (a
+    job costs the tokens it may fill: prompt plus ``num_samples * max_tokens``), only while the
+    engine has no backlog of its own (``engine.num_waiting``). So one tenant's flood cannot line
+    up in front of another tenant's requests, in the engine or here. A job passed over for other
+    tenants' for ``hold_report_s`` is reported through ``on_state`` (``paused_rate_limit``), and
+    again (``active``) once admitted.
+
     each finished result to its handler. If a step fails, every request in flight fails with it
     and the engine is reset.
     """
 
-    def __init__(self, engine: SamplerEngine, torch: Offload, max_batch: int) -> None:
+    def __init__(
+        self,
+        engine: SamplerEngine,
+        torch: Offload,
+        max_batch: int,
+        on_state: Callable[[SampleRequest, QueueState], None] | None = None,
+        hold_report_s: float = 1.0,
+    ) -> None:
         self.engine = engine
         self._torch = torch
         self.max_batch = max_batch  # jobs added per step at most
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._on_state = on_state
+        self.hold_report_s = hold_report_s
+        self._queues: dict[str, deque[Job]] = {}  # tenant -> its jobs, in arrival order
+        self._fair: FairShare[str] = FairShare()
+        self._arrived = asyncio.Event()
 
     async def generate(self, req: SampleRequest, adapter_id: str | None) -> SampleResult:
         fut: asyncio.Future[SampleResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put((req, adapter_id, fut))
+        job = Job(req, adapter_id, fut, time.monotonic())
+        self._queues.setdefault(req.tenant, deque()).append(job)
+        self._arrived.set()
         return await fut
 
     async def run(self) -> None:
         in_flight: dict[int, asyncio.Future[SampleResult]] = {}
+    def _take(self, room: int) -> list[Job]:
+        """Up to ``room`` queued jobs, the tenants' turns decided by ``FairShare``."""
+        jobs: list[Job] = []
+        while len(jobs) < room:
+            for empty in [t for t, q in self._queues.items() if not q]:
+                del self._queues[empty]
+            ready = {t: Ready(t, _cost(q[0].req)) for t, q in self._queues.items()}
+            tenant = self._fair.pick(ready)
+            if tenant is None:
+                break
+            job = self._queues[tenant].popleft()
+            if not job.fut.done():  # its handler is gone (cancelled): nothing to run
+                jobs.append(job)
+        return jobs
+
+    def _report(self, admitted: list[Job]) -> None:
+        """Tell the futures held back for other tenants' turns (and those let in again)."""
+        if self._on_state is None:
+            return
+        for job in admitted:
+            if job.held_back:
+                self._on_state(job.req, "active")
+        if not admitted:
+            return
+        now = time.monotonic()
+        for queue in self._queues.values():
+            head = queue[0] if queue else None
+            if head and not head.held_back and now - head.queued_at >= self.hold_report_s:
+                head.held_back = True
+                self._on_state(head.req, "paused_rate_limit")
+
         while True:
-            jobs = [] if self.engine.has_work else [await self._queue.get()]
-            while not self._queue.empty() and len(jobs) < self.max_batch:
-                jobs.append(self._queue.get_nowait())
+            while not self.engine.has_work and not any(self._queues.values()):
+                self._arrived.clear()
+                await self._arrived.wait()
+            jobs = self._take(self.max_batch if self.engine.num_waiting == 0 else 0)
+            self._report(jobs)
             if jobs:
-                added = await self._torch(self._add, [(r, a) for r, a, _ in jobs])
-                for (_, _, fut), handle in zip(jobs, added, strict=True):
+                added = await self._torch(self._add, [(j.req, j.adapter_id) for j in jobs])
+                for job, handle in zip(jobs, added, strict=True):
                     if isinstance(handle, Exception):
-                        fut.set_exception(handle)
+                        job.fut.set_exception(handle)
                     else:
-                        in_flight[handle] = fut
+                        in_flight[handle] = job.fut
+            if not self.engine.has_work:
+                continue
             try:
                 finished = await self._torch(self.engine.step)
             except Exception as exc:  # noqa: BLE001 - every handler learns, the loop carries on
                 await self._torch(self.engine.abort)
                 for fut in in_flight.values():
-                    fut.set_exception(exc)
+                    if not fut.done():
+                        fut.set_exception(exc)
                 in_flight.clear()
                 continue
             for handle, result in finished:
-                in_flight.pop(handle).set_result(result)
+                fut = in_flight.pop(handle)
+                if not fut.done():
+                    fut.set_result(result)
 
     def _add(self, jobs: list[tuple[SampleRequest, str | None]]) -> list[int | Exception]:
         """Add each job to the engine (on the torch thread): its handle, or why it was refused."""
@@ -96,6 +168,11 @@ class Batcher:
 
 class SamplerWorker:
     def __init__(
+def _cost(req: SampleRequest) -> float:
+    """What a job may cost the engine, in tokens: its prompt and every token it may sample."""
+    return float(req.prompt.numel + req.num_samples * req.params.max_tokens)
+
+
         self,
         settings: SamplerSettings,
         bus: b.Bus,
@@ -109,7 +186,31 @@ class SamplerWorker:
         self.store = store
         self.log = log
         self._torch = Offload("torch")
-        self.batcher = Batcher(engine, self._torch, settings.max_batch_requests)
+        self._queue_states: dict[str, asyncio.Task[None]] = {}  # request id -> its last word
+        self.batcher = Batcher(
+            engine,
+            self._torch,
+            settings.max_batch_requests,
+            on_state=self._tell_queue_state,
+            hold_report_s=settings.fair_share_report_s,
+        )
+
+    def _tell_queue_state(self, req: SampleRequest, state: QueueState) -> None:
+        """A request held back for other tenants' turns, or let in again: its future says so
+        (in order: a request's second word waits for its first)."""
+        before = self._queue_states.get(req.request_id)
+
+        async def tell() -> None:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)
+            try:
+                await b.set_queue_state(self.bus, req.request_id, state)
+            finally:
+                if self._queue_states.get(req.request_id) is task:
+                    del self._queue_states[req.request_id]
+
+        task = spawn(tell(), self.log, "queue state")
+        self._queue_states[req.request_id] = task
 
     async def declare(self) -> None:
         base = self.settings.base_model

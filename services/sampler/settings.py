@@ -14,3 +14,5 @@ class SamplerSettings(ServiceSettings):
     max_adapters: int = 32  # LoRA adapters kept loaded (least recently used evicted)
     ack_wait_s: float = 300.0
     heartbeat_interval_s: float = 1.0
+    # A request passed over for other tenants' this long (fair sharing) reports paused_rate_limit.
+    fair_share_report_s: float = 1.0

@@ -24,14 +24,16 @@ again at once, not after the ack wait.
 
 The reorder buffer is the one place where a message outlives its handler unacknowledged: a
 run's handler only puts the request in the run's ``seq_id`` buffer and holds the message
-(``fate.hold``); the worker's executor loop runs every run's ready requests in order and settles
-each message with the same rules as the fate wrapper (``MessageFate.settle``) once a snapshot
-covers it (a failed request's future fails at once). A server error is retried in place (a nak
-would let later seq_ids run first), then dead-lettered. A gap that stays open ``gap_timeout_s``
-fails the waiting requests. Torch work runs on one dedicated thread; the event loop stays free for
-I/O and heartbeats. (Just past 600 lines: the buffer, the snapshots that release its messages and
-the run's ownership are one protocol, read best in one place; the snapshot files themselves live
-in ``snapshots.py``.)
+(``fate.hold``); the worker's executor loop runs every run's ready requests in order, one at a
+time with the tenants taking turns (``whetstone.fairness``; a request passed over for others'
+turns reports ``paused_rate_limit``), and settles each message with the same rules as the fate
+wrapper (``MessageFate.settle``) once a snapshot covers it (a failed request's future fails at
+once). A server error is retried in place (a nak would let later seq_ids run first), then
+dead-lettered. A gap that stays open ``gap_timeout_s`` fails the waiting requests. Torch work
+runs on one dedicated thread; the event loop stays free for I/O and heartbeats. (Past 600
+lines: the buffer, the snapshots that release its messages and the run's ownership are one
+protocol, read best in one place; the snapshot files themselves live in ``snapshots.py``, the
+fair-sharing policy in ``whetstone.fairness``.)
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from whetstone.checkpoints import (
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.fate import BACKOFF_S, MAX_DELIVER, Delivered, consumer_config, decoder_for, hold
 from whetstone.messages import (
+from whetstone.fairness import FairShare, Ready
     AssignReply,
     AssignRun,
     CheckpointRecord,
@@ -77,6 +80,7 @@ from whetstone.messages import (
     Result,
     RunProgress,
     SaveWeights,
+    QueueState,
     SaveWeightsResult,
     Skip,
     TrainingRunRecord,
@@ -93,12 +97,16 @@ from whetstone.tasks import Offload, heartbeats, spawn
 class Held:
     req: TrainRequest
     msg: NatsMessage
+FAIR_ROUND = 64  # ready requests run between two passes of the loop's housekeeping
+
     trace: Any  # the OpenTelemetry context of the message's delivery
 
 
 class LostRun(RuntimeError):
     """The run's position was written by another worker: it holds the run now."""
 
+    ready_since: float | None = None  # monotonic: first passed over for another tenant's turn
+    held_back: bool = False  # its future was told ``paused_rate_limit`` (fair sharing)
 
 @dataclass
 class RunQueue:
@@ -138,6 +146,7 @@ class TrainerWorker:
         self._tracer = tracer_provider("trainer").get_tracer("whetstone.trainer")
 
     async def declare(self) -> None:
+        self._fair: FairShare[str] = FairShare()  # which run's ready request goes next
         await b.subscribe(
             self.bus,
             self.handle_assign,
@@ -377,12 +386,6 @@ class TrainerWorker:
             self._wake.clear()
             now = time.monotonic()
             for queue in list(self.runs.values()):
-                for item in queue.buffer.pop_ready():
-                    async with self._executing:
-                        if self._draining or self.runs.get(queue.run.run_id) is not queue:
-                            await item.msg.nack()  # handed back: it runs later, in order
-                            continue
-                        await self._run_one(queue, item)
                 if queue.buffer.gap_open_s(now) > self.settings.gap_timeout_s:
                     await self._fail_gap(queue)
                 idle_s = time.monotonic() - queue.last_ran_at
@@ -396,6 +399,7 @@ class TrainerWorker:
                 await asyncio.gather(*(m.in_progress() for m in held), return_exceptions=True)
                 last_keepalive = now
 
+            await self._run_ready()
     async def _fail_gap(self, queue: RunQueue) -> None:
         missing = queue.buffer.next_seq
         items = queue.buffer.skip_gap()
@@ -416,6 +420,58 @@ class TrainerWorker:
 
     async def _run_one(self, queue: RunQueue, item: Held) -> None:
         req = item.req
+    async def _run_ready(self) -> None:
+        """Run the runs' ready requests one at a time, the next one always from the tenant whose
+        turn it is (``whetstone.fairness``: one tenant's flood does not starve another's), up to
+        ``FAIR_ROUND`` of them; then the loop's housekeeping, and round again."""
+        for _ in range(FAIR_ROUND):
+            ready: dict[str, Ready] = {}
+            for candidate, waiting in self.runs.items():
+                head = waiting.buffer.peek()
+                if head is not None:
+                    ready[candidate] = Ready(waiting.run.tenant, self._cost(head.req))
+            run_id = self._fair.pick(ready)
+            if run_id is None:
+                return
+            queue = self.runs[run_id]
+            item = queue.buffer.pop_next()
+            assert item is not None  # peeked just now, nothing ran in between
+            await self._report_turns(ready, queue, item)
+            async with self._executing:
+                if self._draining or self.runs.get(run_id) is not queue:
+                    await item.msg.nack()  # handed back: it runs later, in order
+                    continue
+                await self._run_one(queue, item)
+        self._wake.set()  # more may be ready
+
+    def _cost(self, req: TrainRequest) -> float:
+        """A request's share of the worker, for fair sharing: its tokens (a step or a save: 1)."""
+        cmd = req.command
+        return float(self.engine.num_tokens(cmd)) if isinstance(cmd, ForwardBackward) else 1.0
+
+    async def _report_turns(self, ready: dict[str, Ready], picked: RunQueue, item: Held) -> None:
+        """Futures of ready requests passed over for other tenants' turns for
+        ``fair_share_report_s`` report ``paused_rate_limit``; ``active`` again when they run."""
+        if item.held_back:
+            await self._tell_state(item.req.request_id, "active")
+        now = time.monotonic()
+        for run_id, turn in ready.items():
+            if turn.tenant == picked.run.tenant:
+                continue
+            head = self.runs[run_id].buffer.peek()
+            if head is None or head.held_back:
+                continue
+            head.ready_since = head.ready_since or now
+            if now - head.ready_since >= self.settings.fair_share_report_s:
+                head.held_back = True
+                await self._tell_state(head.req.request_id, "paused_rate_limit")
+
+    async def _tell_state(self, request_id: str, state: QueueState) -> None:
+        try:
+            await b.set_queue_state(self.bus, request_id, state)
+        except Exception as exc:  # noqa: BLE001 - a hint to the client, not worth failing for
+            self.log.warning("queue state not written", request_id=request_id, error=str(exc))
+
         token = otel_context.attach(item.trace)
         bind_work(request_id=req.request_id, run_id=req.run_id, tenant=req.tenant)
         op = _op(req)

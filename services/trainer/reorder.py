@@ -48,6 +48,19 @@ class ReorderBuffer(Generic[T]):
             self._gap_since = None
         return ready
 
+    def peek(self) -> T | None:
+        """The item that can run next, left in place; None while ``next_seq`` is missing."""
+        return self._held.get(self.next_seq)
+
+    def pop_next(self) -> T | None:
+        """Take the one item that can run next (``pop_ready`` one at a time), or None."""
+        item = self._held.pop(self.next_seq, None)
+        if item is None:
+            return None
+        self.next_seq += 1
+        self._gap_since = None  # as ``pop_ready``: a gap behind it is timed from the next push
+        return item
+
     def gap_open_s(self, now: float) -> float:
         """How long the missing ``next_seq`` has held later requests back (0: no gap)."""
         return 0.0 if self._gap_since is None else now - self._gap_since

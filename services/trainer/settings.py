@@ -33,3 +33,6 @@ class TrainerSettings(ServiceSettings):
     # no work for snapshot_idle_s.
     snapshot_every_steps: int = 1
     snapshot_idle_s: float = 2.0
+    # A ready request passed over this long for other tenants' turns (fair sharing,
+    # ``whetstone.fairness``) has its future report paused_rate_limit until it runs.
+    fair_share_report_s: float = 1.0
