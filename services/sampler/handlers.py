@@ -29,13 +29,13 @@ from whetstone import metrics
 from whetstone import subjects as s
 from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.errors import UserError
-from whetstone.fate import Delivered, consumer_config, decoder_for
 from whetstone.fairness import FairShare, Ready
+from whetstone.fate import Delivered, consumer_config, decoder_for
 from whetstone.messages import (
     FutureRecord,
     Meter,
-    SampleRequest,
     QueueState,
+    SampleRequest,
     SampleResult,
     UsageEvent,
     WorkerHeartbeat,
@@ -55,8 +55,6 @@ class Job:
 class Batcher:
     """Continuous batching: queued jobs join the engine between its steps and leave as they finish.
 
-    Each job is added on its own (validated alone, so a bad request fails only itself); while the
-    engine has work the loop runs one ``engine.step()`` at a time on the torch thread and hands
     Admission is fair across tenants (``whetstone.fairness``): jobs wait here in one queue per
     tenant, and between two steps the loop hands the engine the next ones by ``FairShare`` (a
     job costs the tokens it may fill: prompt plus ``num_samples * max_tokens``), only while the
@@ -65,6 +63,8 @@ class Batcher:
     tenants' for ``hold_report_s`` is reported through ``on_state`` (``paused_rate_limit``), and
     again (``active``) once admitted.
 
+    Each job is added on its own (validated alone, so a bad request fails only itself); while the
+    engine has work the loop runs one ``engine.step()`` at a time on the torch thread and hands
     each finished result to its handler. If a step fails, every request in flight fails with it
     and the engine is reset.
     """
@@ -93,8 +93,6 @@ class Batcher:
         self._arrived.set()
         return await fut
 
-    async def run(self) -> None:
-        in_flight: dict[int, asyncio.Future[SampleResult]] = {}
     def _take(self, room: int) -> list[Job]:
         """Up to ``room`` queued jobs, the tenants' turns decided by ``FairShare``."""
         jobs: list[Job] = []
@@ -126,6 +124,8 @@ class Batcher:
                 head.held_back = True
                 self._on_state(head.req, "paused_rate_limit")
 
+    async def run(self) -> None:
+        in_flight: dict[int, asyncio.Future[SampleResult]] = {}
         while True:
             while not self.engine.has_work and not any(self._queues.values()):
                 self._arrived.clear()
@@ -166,13 +166,13 @@ class Batcher:
         return out
 
 
-class SamplerWorker:
-    def __init__(
 def _cost(req: SampleRequest) -> float:
     """What a job may cost the engine, in tokens: its prompt and every token it may sample."""
     return float(req.prompt.numel + req.num_samples * req.params.max_tokens)
 
 
+class SamplerWorker:
+    def __init__(
         self,
         settings: SamplerSettings,
         bus: b.Bus,

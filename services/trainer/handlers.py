@@ -65,9 +65,9 @@ from whetstone.checkpoints import (
     store_key,
 )
 from whetstone.errors import UserError, WhetstoneError
+from whetstone.fairness import FairShare, Ready
 from whetstone.fate import BACKOFF_S, MAX_DELIVER, Delivered, consumer_config, decoder_for, hold
 from whetstone.messages import (
-from whetstone.fairness import FairShare, Ready
     AssignReply,
     AssignRun,
     CheckpointRecord,
@@ -76,11 +76,11 @@ from whetstone.fairness import FairShare, Ready
     FutureRecord,
     Operation,
     OptimStep,
+    QueueState,
     ReleaseRun,
     Result,
     RunProgress,
     SaveWeights,
-    QueueState,
     SaveWeightsResult,
     Skip,
     TrainingRunRecord,
@@ -92,21 +92,21 @@ from whetstone.fairness import FairShare, Ready
 from whetstone.observability import bind_work, tracer_provider
 from whetstone.tasks import Offload, heartbeats, spawn
 
+FAIR_ROUND = 64  # ready requests run between two passes of the loop's housekeeping
+
 
 @dataclass
 class Held:
     req: TrainRequest
     msg: NatsMessage
-FAIR_ROUND = 64  # ready requests run between two passes of the loop's housekeeping
-
     trace: Any  # the OpenTelemetry context of the message's delivery
+    ready_since: float | None = None  # monotonic: first passed over for another tenant's turn
+    held_back: bool = False  # its future was told ``paused_rate_limit`` (fair sharing)
 
 
 class LostRun(RuntimeError):
     """The run's position was written by another worker: it holds the run now."""
 
-    ready_since: float | None = None  # monotonic: first passed over for another tenant's turn
-    held_back: bool = False  # its future was told ``paused_rate_limit`` (fair sharing)
 
 @dataclass
 class RunQueue:
@@ -141,12 +141,12 @@ class TrainerWorker:
         self.runs: dict[str, RunQueue] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._wake = asyncio.Event()
+        self._fair: FairShare[str] = FairShare()  # which run's ready request goes next
         self._executing = asyncio.Lock()  # held while a request runs or a run changes hands
         self._draining = False
         self._tracer = tracer_provider("trainer").get_tracer("whetstone.trainer")
 
     async def declare(self) -> None:
-        self._fair: FairShare[str] = FairShare()  # which run's ready request goes next
         await b.subscribe(
             self.bus,
             self.handle_assign,
@@ -385,6 +385,7 @@ class TrainerWorker:
                 pass
             self._wake.clear()
             now = time.monotonic()
+            await self._run_ready()
             for queue in list(self.runs.values()):
                 if queue.buffer.gap_open_s(now) > self.settings.gap_timeout_s:
                     await self._fail_gap(queue)
@@ -399,27 +400,6 @@ class TrainerWorker:
                 await asyncio.gather(*(m.in_progress() for m in held), return_exceptions=True)
                 last_keepalive = now
 
-            await self._run_ready()
-    async def _fail_gap(self, queue: RunQueue) -> None:
-        missing = queue.buffer.next_seq
-        items = queue.buffer.skip_gap()
-        seqs = ", ".join(str(i.req.seq_id) for i in items)
-        self.log.warning("seq_id gap timed out", run=queue.run.run_id, missing=missing, failed=seqs)
-        error = UserError(
-            f"request seq_id {missing} of {queue.run.run_id} never reached the trainer within "
-            f"{self.settings.gap_timeout_s:.0f} s, so the requests after it ({seqs}) cannot run "
-            "in order; resubmit them"
-        )
-        async with self._executing:
-            for item in items:
-                await self._fail_now(item, error)
-                queue.unacked.append((item, error))
-                queue.ran_through = item.req.seq_id + 1
-            if self.runs.get(queue.run.run_id) is queue and not queue.dirty:
-                await self._commit_or_lose(queue)
-
-    async def _run_one(self, queue: RunQueue, item: Held) -> None:
-        req = item.req
     async def _run_ready(self) -> None:
         """Run the runs' ready requests one at a time, the next one always from the tenant whose
         turn it is (``whetstone.fairness``: one tenant's flood does not starve another's), up to
@@ -472,6 +452,26 @@ class TrainerWorker:
         except Exception as exc:  # noqa: BLE001 - a hint to the client, not worth failing for
             self.log.warning("queue state not written", request_id=request_id, error=str(exc))
 
+    async def _fail_gap(self, queue: RunQueue) -> None:
+        missing = queue.buffer.next_seq
+        items = queue.buffer.skip_gap()
+        seqs = ", ".join(str(i.req.seq_id) for i in items)
+        self.log.warning("seq_id gap timed out", run=queue.run.run_id, missing=missing, failed=seqs)
+        error = UserError(
+            f"request seq_id {missing} of {queue.run.run_id} never reached the trainer within "
+            f"{self.settings.gap_timeout_s:.0f} s, so the requests after it ({seqs}) cannot run "
+            "in order; resubmit them"
+        )
+        async with self._executing:
+            for item in items:
+                await self._fail_now(item, error)
+                queue.unacked.append((item, error))
+                queue.ran_through = item.req.seq_id + 1
+            if self.runs.get(queue.run.run_id) is queue and not queue.dirty:
+                await self._commit_or_lose(queue)
+
+    async def _run_one(self, queue: RunQueue, item: Held) -> None:
+        req = item.req
         token = otel_context.attach(item.trace)
         bind_work(request_id=req.request_id, run_id=req.run_id, tenant=req.tenant)
         op = _op(req)
