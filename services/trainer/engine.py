@@ -272,7 +272,10 @@ class TrainerEngine:
     @staticmethod
     def _new_optimizer(adapter: LoraAdapter) -> torch.optim.AdamW:
         # Hyperparameters are overwritten by every optim_step; these only satisfy the constructor.
-        return torch.optim.AdamW(adapter.parameters(), lr=0.0, weight_decay=0.0)
+        # On CUDA the fused kernel updates all of a run's factors in one launch.
+        params = adapter.parameters()
+        fused = bool(params) and params[0].device.type == "cuda"
+        return torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, fused=fused or None)
 
     num_tokens = staticmethod(num_tokens)
 
