@@ -40,8 +40,8 @@ def validate_forward_backward(command: ForwardBackward, spec: ModelSpec) -> None
             values = tensor.to_numpy()
             if key.startswith("clip_") and values.ndim == 0:
                 continue
-            if command.custom_loss is not None and command.custom_loss.rank_of(key) == 0:
-                continue  # a custom loss's scalar input (checked against its declaration)
+            if command.custom_loss is not None and command.custom_loss.rank_of(key) in (None, 0):
+                continue  # a custom loss reads only what it declared (scalars checked there)
             if values.ndim == 0 or values.shape[0] != n:
                 raise UserError(
                     f"datum {i}: loss_fn_inputs[{key!r}] has shape "

@@ -147,3 +147,22 @@ def cumulative(logprobs):
 def test_a_graph_off_the_whitelist_is_refused_at_create_time(service) -> None:
     with pytest.raises(tinker.BadRequestError, match="'torch.cumprod' is not allowed"):
         service.create_custom_loss(cumulative, {"logprobs": 1}).result()
+
+
+def vector_loss(logprobs):
+    return logprobs * 2, {}  # the SDK's tracer cannot know the shape; the trainer can
+
+
+def test_a_loss_that_fails_on_the_trainer_fails_its_future_as_the_users(service, uploaded) -> None:
+    handle, training = uploaded
+    vector = service.create_custom_loss(vector_loss, {"logprobs": 1}).result()
+    with pytest.raises(tinker.RequestFailedError, match="scalar floating-point loss") as failed:
+        training.forward_backward_custom(make_data(), vector).result()
+    assert failed.value.category == tinker.types.RequestErrorCategory.User
+    # Inputs the loss declared but the datum lacks: refused by the gateway (the SDK checks them
+    # too, so a raw forward_backward naming the loss is what reaches the server).
+    data = make_data()
+    del data[0].loss_fn_inputs["scale"]
+    with pytest.raises(tinker.BadRequestError, match=r"no loss_fn_inputs\['scale'\]"):
+        training.forward_backward(data, "custom", {"loss_id": handle.loss_id}).result()
+    assert "loss:sum" in training.forward_backward_custom(make_data(), handle).result().metrics
