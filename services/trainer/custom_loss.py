@@ -8,8 +8,9 @@ outside the whitelist has nothing to resolve to. ``getattr`` reads only the whit
 attributes, Python operators take tensors and numbers only (no sequence repetition, no huge
 integer powers), and every value a node computes is bounded to ``MAX_ELEMENTS`` elements: an
 operation on several tensors is first evaluated on meta tensors (shapes only, no memory), so
-broadcasting cannot allocate the bound's excess before it is refused. Any failure of an operation
-is the client's: a ``UserError`` naming the node.
+broadcasting cannot allocate the bound's excess before it is refused. The graph runs on the host
+(on a GPU, an out-of-range index is a device-side assert that ends the process). Any failure of
+an operation is the client's: a ``UserError`` naming the node.
 
 Semantics follow the SDK's client-side ``run_loss_handle``: the graph runs per datum with the
 datum's ``logprobs`` (shaped like its ``target_tokens``, float32, carrying the autograd graph) and
@@ -30,11 +31,11 @@ import torch.nn.functional as F
 from pydantic import JsonValue
 
 from services.trainer.losses import Config, Inputs, LossFn, LossOutput, get_loss
-from whetstone.custom_loss import ATTRIBUTES, FUNCTIONS, METHODS, CustomLoss, LossNode
+from whetstone.custom_loss import ATTRIBUTES, DTYPES, FUNCTIONS, METHODS, CustomLoss, LossNode
 from whetstone.errors import UserError
 from whetstone.messages import ForwardBackward
 
-MAX_ELEMENTS = 1 << 24  # elements in any one value a graph computes (64 MB of float32)
+MAX_ELEMENTS = 1 << 22  # elements in any one value a graph computes (16 MB of float32)
 MAX_INT_EXPONENT = 64  # int ** int on Python numbers (shapes): larger ones could take forever
 
 _MODULES: dict[str, Any] = {
@@ -213,6 +214,8 @@ def _decode(value: JsonValue, env: Mapping[str, Any]) -> Any:
     if kind == "float":
         return float(str(inner))
     if kind == "dtype":
+        if inner not in DTYPES:  # the contract refuses these first
+            raise UserError(f"dtype {inner!r} is not allowed")
         return getattr(torch, str(inner))
     raise UserError(f"unknown argument encoding {kind!r}")  # the contract refuses these first
 
@@ -325,7 +328,12 @@ def custom_loss_fn(spec: CustomLoss, num_datums: int) -> CustomLossFn:
     program = Program(spec)
 
     def compute(lp: torch.Tensor, inputs: Inputs, config: Config) -> LossOutput:
-        loss, metrics = program.run(lp, [inputs[name] for name in spec.input_names])
+        # On the host: a datum's values are small, and an out-of-range index (gather, getitem)
+        # on a GPU is a device-side assert that would end the worker; the copies are
+        # differentiable, so the gradient flows back to the device.
+        values = [inputs[name].cpu() for name in spec.input_names]
+        loss, metrics = program.run(lp.cpu(), values)
+        loss = loss.to(lp.device)
         counts = {
             key: value / num_datums if key.endswith(":mean") else value
             for key, value in metrics.items()
