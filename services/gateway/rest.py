@@ -188,7 +188,12 @@ async def list_training_runs(
     gw: Gateway = Depends(gateway),
 ) -> dict[str, object]:
     runs = [r for r, _ in await records(gw.bus.kv[s.RUNS_BUCKET], TrainingRunRecord)]
-    mine = [r for r in runs if r.tenant == t]
+    readable: set[str] = set()  # "accessible": also the runs with a checkpoint published
+    if access_scope == "accessible":
+        now = utcnow()
+        found = await records(gw.bus.kv[s.CHECKPOINTS_BUCKET], CheckpointRecord)
+        readable = {c.run_id for c, _ in found if c.public and live(c, now)}
+    mine = [r for r in runs if r.tenant == t or r.run_id in readable]
     if project_id is not None:
         sessions = {
             r.session_id

@@ -156,6 +156,12 @@ async def test_other_tenants_get_404_and_published_checkpoints_are_readable_by_a
             kind_name = path.split("/", 3)[3]
             assert (await a.post(f"{ckpt}/{kind_name}/publish")).status_code == 204
             assert (await a.post(f"{ckpt}/{kind_name}/publish")).status_code == 204  # idempotent
+        accessible = (await other.get("/api/v1/training_runs?access_scope=accessible")).json()
+        assert [r["training_run_id"] for r in accessible["training_runs"]] == [run_id]
+        run = await other.get(f"/api/v1/training_runs/{run_id}?access_scope=accessible")
+        assert types.TrainingRun.model_validate(run.json()).model_owner == "alice"
+        owned = await other.get(f"/api/v1/training_runs/{run_id}?access_scope=owned")
+        assert owned.status_code == 404
         info = types.WeightsInfoResponse.model_validate(
             (await other.post("/api/v1/weights_info", json={"tinker_path": weights})).json()
         )
