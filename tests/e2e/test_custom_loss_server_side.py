@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 import tinker
 import torch
@@ -138,6 +139,41 @@ def test_another_session_or_tenant_cannot_use_the_loss(platform, uploaded) -> No
     finally:
         other_session.close("success").result()
         other_tenant.close("success").result()
+
+
+def test_a_loss_goes_only_into_the_callers_own_sessions(platform, service) -> None:
+    """``create_custom_loss`` names its session: another tenant's session is unknown (404)."""
+    body = {
+        "session_id": service.holder.get_session_id(),
+        "custom_loss_seq_id": 99,
+        "name": "total",
+        "inputs": [{"name": "logprobs", "rank": 1}],
+        "graph": {
+            "format": 1,
+            "nodes": [
+                {"op": "placeholder", "name": "logprobs", "target": "logprobs"},
+                {"op": "call_method", "name": "s", "target": "sum", "args": [{"ref": "logprobs"}]},
+                {
+                    "op": "output",
+                    "name": "output",
+                    "target": "output",
+                    "args": [{"tuple": [{"ref": "s"}, {"dict": {}}]}],
+                },
+            ],
+        },
+    }
+    url = f"{platform.base_url}/api/v1/create_custom_loss"
+    eve = httpx.post(url, json=body, headers={"X-API-Key": key_of(platform, "eve")})
+    assert eve.status_code == 404 and "unknown session" in eve.json()["error"]
+    owner = httpx.post(url, json=body, headers={"X-API-Key": platform.api_key})
+    assert owner.status_code == 200 and owner.json()["request_id"]
+    body["graph"]["nodes"][1]["target"] = "tolist"  # leaves torch
+    refused = httpx.post(
+        url, json={**body, "custom_loss_seq_id": 100}, headers={"X-API-Key": platform.api_key}
+    )
+    assert (
+        refused.status_code == 400 and "method 'tolist' is not allowed" in refused.json()["error"]
+    )
 
 
 def cumulative(logprobs):
