@@ -74,6 +74,7 @@ _BUCKETS: dict[str, float | None] = {  # bucket -> TTL in seconds (None: forever
     s.CUSTOM_LOSSES_BUCKET: None,
     s.CHECKPOINTS_BUCKET: None,
     s.PLACEMENTS_BUCKET: None,
+    s.QUOTAS_BUCKET: None,
     s.RUN_PROGRESS_BUCKET: None,
     s.SCHEDULER_BUCKET: None,
 }

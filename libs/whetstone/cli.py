@@ -3,7 +3,10 @@
     whetstone up [--port N] [--models FILE]     start the platform; Ctrl-C (or `down`) stops it
     whetstone down                              stop the platform running on the state directory
     whetstone status [--once]                   workers, runs, queues and recent errors, live
-    whetstone keys create --tenant NAME [--admin]  mint an API key (printed once, stored hashed)
+    whetstone keys create --tenant NAME [--admin] [--max-runs N] [--max-inflight M]
+                                                mint an API key (printed once, stored hashed)
+    whetstone keys set-limits PREFIX_OR_KEY [--max-runs N] [--max-inflight M]
+                                                change a key's quotas ("default": the platform's)
     whetstone keys list                         tenant, prefix, key id, admin, created, revoked
     whetstone keys revoke PREFIX_OR_KEY         revoke a key; gateways refuse it at once
     whetstone usage [filters] [--group-by G,..] [--format table|csv|json]
@@ -32,7 +35,7 @@ from whetstone import bus as b
 from whetstone import reports
 from whetstone import subjects as s
 from whetstone.errors import WhetstoneError
-from whetstone.keys import create_key, key_id_of_hash, list_keys, revoke_key
+from whetstone.keys import UNSET, create_key, key_id_of_hash, list_keys, revoke_key, set_limits
 from whetstone.messages import DEFAULT_GROUP_BY, GroupBy, UsageReport, UsageReportQuery
 from whetstone.platform import (
     AlreadyRunning,
@@ -87,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--admin", action="store_true", help="an operator's key: every tenant's usage, invoices"
     )
+    _quota_arguments(create, default=None)
+    limits = keys_sub.add_parser("set-limits", parents=[common], help="change a key's quotas")
+    limits.add_argument("key", metavar="PREFIX_OR_KEY", help="the key or its listed prefix")
+    _quota_arguments(limits, default=UNSET)
     keys_sub.add_parser("list", parents=[common], help="every key: tenant, prefix, revoked")
     revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key")
     revoke.add_argument("key", metavar="PREFIX_OR_KEY", help="the key or its listed prefix")
@@ -269,7 +276,22 @@ async def _keys(nats_url: str, args: argparse.Namespace) -> int:
     bus = await b.connect(nats_url, "whetstone-cli")
     try:
         if args.keys_command == "create":
-            print(await create_key(bus, args.tenant, admin=args.admin))
+            key = await create_key(
+                bus,
+                args.tenant,
+                admin=args.admin,
+                max_runs=args.max_runs,
+                max_inflight=args.max_inflight,
+            )
+            print(key)
+        elif args.keys_command == "set-limits":
+            record = await set_limits(
+                bus, args.key, max_runs=args.max_runs, max_inflight=args.max_inflight
+            )
+            print(
+                f"{record.key_prefix}... of tenant {record.tenant}: "
+                f"max runs {_quota(record.max_runs)}, max in flight {_quota(record.max_inflight)}"
+            )
         elif args.keys_command == "list":
             header = (
                 f"{'tenant':<24} {'key prefix':<12} {'key id':<17} {'admin':<6}"
@@ -291,6 +313,34 @@ async def _keys(nats_url: str, args: argparse.Namespace) -> int:
         return 0
     finally:
         await bus.close()
+
+
+def _quota_arguments(parser: argparse.ArgumentParser, default: int | None) -> None:
+    for flag, what in (
+        ("--max-runs", "training runs at once"),
+        ("--max-inflight", "requests in flight"),
+    ):
+        parser.add_argument(
+            flag,
+            type=_quota_value,
+            default=default,
+            metavar="N",
+            help=f"most {what} of the tenant when this key asks; 0: no limit, "
+            "default: the platform's",
+        )
+
+
+def _quota_value(text: str) -> int | None:
+    if text == "default":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("a quota is 0 (no limit) or more")
+    return value
+
+
+def _quota(value: int | None) -> str:
+    return "platform default" if value is None else "no limit" if value == 0 else str(value)
 
 
 # ---------------------------------------------------------------- dead letters

@@ -57,3 +57,17 @@ class Unavailable(WhetstoneError):
     """A dependency (bus, worker) cannot be reached right now; the client should retry."""
 
     http_status = 503
+
+
+class RateLimited(WhetstoneError):
+    """A tenant over one of its quotas (concurrent runs, in-flight requests): HTTP 429 with
+    ``Retry-After``, which the SDK retries with the same request (and seq_id). Not a
+    ``UserError`` on purpose: a refused training request's seq_id is filled with a ``Skip``, and
+    this one's must not be, since the same seq_id comes back."""
+
+    category: Category = "user"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

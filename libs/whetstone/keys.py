@@ -6,7 +6,9 @@ every tenant's usage, invoices and the finance page; a tenant's key sees only it
 key's id (``key_id``, the first characters of its hash) names it in usage events and reports
 without revealing it. A revoked key keeps its record (``revoked``), so
 listings still show it and it can never be looked up again; gateways drop it from their caches
-when they see the record change on ``$KV.ws_api_keys.<hash>``.
+when they see the record change on ``$KV.ws_api_keys.<hash>``. A key may carry quotas
+(``max_runs``, ``max_inflight``, changed by ``set_limits``), which the gateway enforces
+(``services/gateway/quotas.py``).
 """
 
 from __future__ import annotations
@@ -44,13 +46,26 @@ def key_id_of_hash(digest: str) -> str:
 
 
 async def create_key(
-    bus: b.Bus, tenant: str, key: str | None = None, *, admin: bool = False
+    bus: b.Bus,
+    tenant: str,
+    key: str | None = None,
+    *,
+    admin: bool = False,
+    max_runs: int | None = None,
+    max_inflight: int | None = None,
 ) -> str:
-    """Mint (or register a given) key for ``tenant``; returns the plaintext key, shown once."""
+    """Mint (or register a given) key for ``tenant``; returns the plaintext key, shown once.
+    ``max_runs``/``max_inflight``: the key's quotas (None: the platform's default, 0: none)."""
     if not tenant or len(tenant) > 128:
         raise ValueError("tenant name must be 1-128 characters")
     key = key or new_key()
-    record = ApiKeyRecord(tenant=tenant, key_prefix=key[:PREFIX_CHARS], admin=admin)
+    record = ApiKeyRecord(
+        tenant=tenant,
+        key_prefix=key[:PREFIX_CHARS],
+        admin=admin,
+        max_runs=max_runs,
+        max_inflight=max_inflight,
+    )
     await b.kv_put(bus.kv[s.KEYS_BUCKET], key_hash(key), record)
     return key
 
@@ -87,6 +102,37 @@ async def revoke_key(bus: b.Bus, prefix_or_key: str) -> ApiKeyRecord:
 
     A prefix that matches several keys is refused (pass the whole key then).
     """
+    digest, record = await _find_key(bus, prefix_or_key, "revoke")
+    revoked = record.model_copy(update={"revoked": True})
+    await b.kv_put(bus.kv[s.KEYS_BUCKET], digest, revoked)
+    return revoked
+
+
+UNSET = -1  # ``set_limits``: leave this quota as it is
+
+
+async def set_limits(
+    bus: b.Bus,
+    prefix_or_key: str,
+    *,
+    max_runs: int | None = UNSET,
+    max_inflight: int | None = UNSET,
+) -> ApiKeyRecord:
+    """Change a key's quotas (None: back to the platform's default, 0: no limit, ``UNSET``:
+    unchanged); return its new record. Gateways apply them from the key's next request on."""
+    digest, record = await _find_key(bus, prefix_or_key, "change")
+    update = {
+        name: value
+        for name, value in (("max_runs", max_runs), ("max_inflight", max_inflight))
+        if value != UNSET
+    }
+    changed = ApiKeyRecord.model_validate({**record.model_dump(), **update})
+    await b.kv_put(bus.kv[s.KEYS_BUCKET], digest, changed)
+    return changed
+
+
+async def _find_key(bus: b.Bus, prefix_or_key: str, verb: str) -> tuple[str, ApiKeyRecord]:
+    """One key's (hash, record), named by the whole key or by its listed prefix."""
     kv = bus.kv[s.KEYS_BUCKET]
     if len(prefix_or_key) > PREFIX_CHARS:  # a whole key: find it by its hash
         digest = key_hash(prefix_or_key)
@@ -101,9 +147,6 @@ async def revoke_key(bus: b.Bus, prefix_or_key: str) -> ApiKeyRecord:
         if len(matches) > 1:
             raise UserError(
                 f"{len(matches)} keys have prefix {prefix_or_key!r}; "
-                "pass the whole key to revoke one"
+                f"pass the whole key to {verb} one"
             )
-    digest, record = matches[0]
-    revoked = record.model_copy(update={"revoked": True})
-    await b.kv_put(kv, digest, revoked)
-    return revoked
+    return matches[0]

@@ -296,6 +296,19 @@ class ApiKeyRecord(Message):
     revoked: bool = False
     # An operator's key: reads every tenant's usage, invoices and the finance page.
     admin: bool = False
+    # Quotas of requests made with this key, counted over the tenant's keys (gateway
+    # ``quotas.py``): concurrent training runs and in-flight requests. None: the platform's
+    # default; 0: no limit.
+    max_runs: int | None = Field(None, ge=0)
+    max_inflight: int | None = Field(None, ge=0)
+
+
+class QuotaSlots(Message):
+    """The ids holding one tenant's slots of one quota (KV ``ws_quotas``, gateway
+    ``quotas.py``), each with when it was admitted (Unix seconds). An index, pruned against the
+    truth (futures, run and session records) when full; never the truth itself."""
+
+    slots: dict[str, float] = {}
 
 
 class SessionRecord(Message):

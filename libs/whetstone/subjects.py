@@ -45,6 +45,7 @@ SAMPLERS_BUCKET = "ws_samplers"  # sampler token -> SamplingSessionRecord
 CUSTOM_LOSSES_BUCKET = "ws_custom_losses"  # loss token -> CustomLossRecord
 CHECKPOINTS_BUCKET = "ws_checkpoints"  # <run token>.<kind>.<name token> -> CheckpointRecord
 PLACEMENTS_BUCKET = "ws_placements"  # run token -> worker id
+QUOTAS_BUCKET = "ws_quotas"  # <tenant token>.<quota> -> QuotaSlots (gateway quotas.py)
 RUN_PROGRESS_BUCKET = "ws_run_progress"  # run token -> RunProgress (snapshot, next seq_id)
 SCHEDULER_BUCKET = "ws_scheduler"  # "leader" -> SchedulerLease
 LEADER_KEY = "leader"

@@ -15,6 +15,7 @@ The REST routes (runs, checkpoints, sessions, keys, downloads) live in ``rest.py
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,7 +48,7 @@ from services.gateway.wire import (
 from whetstone import bus as b
 from whetstone import observability
 from whetstone import subjects as s
-from whetstone.errors import NotFound, Unavailable, WhetstoneError
+from whetstone.errors import NotFound, RateLimited, Unavailable, WhetstoneError
 from whetstone.messages import (
     CreateCustomLossResult,
     CreateModelResult,
@@ -162,7 +163,10 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
             log.warning(
                 "request failed", path=request.url.path, status=exc.http_status, error=exc.message
             )
-        return refusal(exc.http_status, exc.message, exc.category, type(exc).__name__)
+        answer = refusal(exc.http_status, exc.message, exc.category, type(exc).__name__)
+        if isinstance(exc, RateLimited):  # the SDK waits this long, then sends it again
+            answer.headers["Retry-After"] = f"{max(1, math.ceil(exc.retry_after_s))}"
+        return answer
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:

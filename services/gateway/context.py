@@ -21,17 +21,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 from structlog.stdlib import BoundLogger
 
 from services.gateway import metrics
 from services.gateway.futures import FutureWaiters
+from services.gateway.quotas import Limits, Quotas
 from services.gateway.settings import GatewaySettings
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.checkpoints import TinkerPath, record_key
 from whetstone.errors import NotFound, Unauthorized, Unavailable, UserError, WhetstoneError
 from whetstone.fate import Delivered
-from whetstone.keys import key_hash, key_id, lookup_key
+from whetstone.keys import key_hash, key_id, key_id_of_hash, lookup_key
 from whetstone.messages import (
     CheckpointRecord,
     FutureRecord,
@@ -62,6 +65,14 @@ class Gateway:
     _tenants: dict[str, tuple[str, float]] = field(default_factory=dict)
     _key_watch: asyncio.Task[Any] | None = None
     _runs: dict[str, TrainingRunRecord] = field(default_factory=dict)
+    # key id -> the key's quotas, refreshed with its cached tenant (``quotas.py``)
+    _key_limits: dict[str, Limits] = field(default_factory=dict)
+    quotas: Quotas = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.quotas = Quotas(
+            self.bus, self.settings.inflight_retry_after_s, self.settings.runs_retry_after_s
+        )
 
     async def tenant_of(self, key: str | None) -> str:
         if not key:
@@ -86,7 +97,22 @@ class Gateway:
         if record is None:
             raise Unauthorized("invalid API key")
         self._tenants[digest] = (record.tenant, time.monotonic() + self.settings.key_cache_s)
+        self._key_limits[key_id_of_hash(digest)] = Limits.of(record, self._default_limits)
         return record.tenant
+
+    @property
+    def _default_limits(self) -> Limits:
+        return Limits(self.settings.default_max_runs, self.settings.default_max_inflight)
+
+    def caller_limits(self) -> Limits:
+        """The quotas of the API key of the request being served (``caller_key_id``); the
+        platform's defaults outside a request."""
+        return self._key_limits.get(caller_key_id() or "", self._default_limits)
+
+    async def admit_run(self, tenant: str, run_id: str) -> None:
+        """Take one of the tenant's training-run slots for a new run, or raise ``RateLimited``
+        (429). Called before anything of the run is recorded."""
+        await self.quotas.admit_run(tenant, run_id, self.caller_limits())
 
     async def _on_key_update(self, _: None, msg: Delivered) -> None:
         """A key record changed (revoked, replaced, deleted): forget its cached tenant."""
@@ -159,7 +185,19 @@ class Gateway:
         """
         dedup = self.bus.kv[s.DEDUP_BUCKET]
         request_id = f"req-{uuid.uuid4().hex}"
-        existing = await b.kv_create(dedup, dedup_key, request_id.encode())
+        limits = self.caller_limits()
+        if limits.max_inflight:  # a quota: only a new submission takes a slot (``quotas.py``)
+            existing = await _kv_value(dedup, dedup_key)
+            if existing is None:
+                unblocks = subject.startswith(s.TRAIN_PREFIX + ".") and await self._unblocks(
+                    dedup_key
+                )
+                await self.quotas.admit_request(tenant, request_id, limits, unblocks=unblocks)
+                existing = await b.kv_create(dedup, dedup_key, request_id.encode())
+                if existing is not None:  # a copy of it on another gateway won the record
+                    await self.quotas.release_request(tenant, request_id)
+        else:
+            existing = await b.kv_create(dedup, dedup_key, request_id.encode())
         if existing is not None:
             request_id, published = parse_dedup(existing)
             if request_id == REFUSED:
@@ -180,6 +218,13 @@ class Gateway:
         )
         metrics.SUBMISSIONS.labels(op).inc()
         return request_id
+
+    async def _unblocks(self, dedup_key: str) -> bool:
+        """Whether a training request's successor (the run's next seq_id) has come already
+        (accepted, or refused and filled): the run's later requests wait for this one, which is
+        then admitted over the in-flight quota."""
+        run, _, seq = dedup_key.rpartition(".")
+        return await _kv_value(self.bus.kv[s.DEDUP_BUCKET], f"{run}.{int(seq) + 1}") is not None
 
     async def fill_gap(self, tenant: str, run_id: str, seq_id: int, reason: str) -> None:
         """Publish a ``Skip`` in place of a refused training request, unless that seq_id was
@@ -234,6 +279,14 @@ class Gateway:
 
 REFUSED = "refused"
 _PUBLISHED = " published"
+
+
+async def _kv_value(kv: KeyValue, key: str) -> bytes | None:
+    try:
+        entry = await kv.get(key)
+    except (KeyNotFoundError, NotFoundError):
+        return None
+    return None if entry.operation is not None else entry.value
 
 
 def parse_dedup(value: bytes) -> tuple[str, bool]:

@@ -15,6 +15,13 @@ class GatewaySettings(ServiceSettings):
     long_poll_s: float = 25.0  # retrieve_future holds this long (the SDK times out at 45 s)
     max_num_samples: int = 128
     key_cache_s: float = 30.0  # an API key's tenant is cached this long (revocation lag)
+    # Quotas of a tenant's key that sets none (``quotas.py``; 0: no limit): training runs at
+    # once, and requests submitted but not finished. A submission over one gets 429 with
+    # Retry-After of the matching delay (the SDK waits that long before it sends it again).
+    default_max_runs: int = Field(0, ge=0)
+    default_max_inflight: int = Field(0, ge=0)
+    inflight_retry_after_s: float = 1.0
+    runs_retry_after_s: float = 5.0
     # The SDK sends forward_backward in chunks of about 5 MB of protobuf (protocol.md 4.6), and
     # asample prompts are far smaller; 16 MiB lets every SDK request through with room to spare
     # while a runaway body is refused (413) before it is held in memory.

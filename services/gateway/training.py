@@ -99,6 +99,7 @@ async def create_model(
         lora=lora,
         user_metadata=body.user_metadata or {},
     )
+    await gw.admit_run(t, run_id)  # over the tenant's run quota: 429, nothing recorded
     runs = gw.bus.kv[s.RUNS_BUCKET]
     existing = await b.kv_create(runs, s.token(run_id), run.encode())
     if existing is not None and TrainingRunRecord.decode(existing).tenant != t:

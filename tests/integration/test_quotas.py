@@ -1,0 +1,297 @@
+"""Quotas and fair sharing on a real nats-server, with an in-process gateway and real trainer
+workers (built-in model, CPU), and the real tinker SDK where it says so.
+
+* Over a tenant's in-flight quota a submission gets 429 with ``Retry-After`` and a JSON body,
+  and nothing is consumed: no dedup record, no message (no ``Skip`` either: the same seq_id
+  comes back), no usage; the request that unblocks its run's waiting successors is admitted
+  over the limit; the retry of the refused one is accepted once in-flight work drained.
+* Over the run quota ``create_model`` gets 429 and records nothing; a session that finishes
+  frees its slot, and ``set_limits`` applies from the key's next request.
+* The unmodified SDK behind a quota of one request in flight: its optim_step, posted while the
+  forward_backward runs, is refused and retried until it goes through; the loop finishes and
+  every token is billed once.
+* A second tenant is served while the first floods the worker (completion order observed on
+  the futures bucket, no sleeps), and the flood's futures held back report
+  ``paused_rate_limit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import tinker
+import uvicorn
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from tinker import types
+
+from services.gateway import metrics
+from services.gateway.context import train_dedup_key
+from services.scheduler.handlers import Scheduler
+from services.scheduler.settings import SchedulerSettings
+from tests.integration.gateway_app import (
+    PROTOBUF,
+    client,
+    create_run,
+    fb_body,
+    result_of,
+    running_gateway,
+)
+from tests.integration.helpers import eventually
+from tests.integration.test_gateway_submissions import assign, train_messages
+from whetstone import bus as b
+from whetstone import subjects as s
+from whetstone.keys import create_key, set_limits
+from whetstone.messages import FutureRecord
+from whetstone.models.builtin import BUILTIN_MODEL_NAME
+
+pytestmark = pytest.mark.timeout(180)  # a hang fails fast, with every thread's stack
+
+
+async def post_fb(http: httpx.AsyncClient, run_id: str, seq_id: int) -> httpx.Response:
+    return await http.post(
+        "/api/v1/forward_backward",
+        content=fb_body(run_id, seq_id),
+        headers={"content-type": PROTOBUF},
+    )
+
+
+async def usage_messages(bus: b.Bus, tenant: str) -> int:
+    """Usage events stored for ``tenant`` (no billing consumer runs here: they stay)."""
+    subject = s.usage_subject(tenant)
+    info = await bus.js.stream_info(s.USAGE_STREAM, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def test_over_the_inflight_quota_a_submission_gets_429_and_consumes_nothing(
+    bus: b.Bus, nats_url: str, models_dir: Path, log, start_trainer
+) -> None:
+    await start_trainer("w1")
+    key = await create_key(bus, "busy", max_inflight=2)
+    async with running_gateway(nats_url, models_dir, log) as app, client(app, key) as http:
+        run_id, create_request_id = await create_run(http)
+        await assign(bus, "w1", run_id, create_request_id)
+        # seq 2 and 3 are accepted and wait in the run's reorder buffer for seq 1: two in flight
+        waiting = [await post_fb(http, run_id, seq) for seq in (2, 3)]
+        assert [r.status_code for r in waiting] == [200, 200]
+
+        refused = await post_fb(http, run_id, 4)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["category"] == "user" and "in flight" in refused.json()["error"]
+        # Nothing consumed: no dedup record for seq 4, no message (a Skip would wedge nothing
+        # here, but would turn the SDK's retry of seq 4 into a refusal), nothing billed.
+        assert await raw(bus, s.DEDUP_BUCKET, train_dedup_key(run_id, 4)) is None
+        assert await train_messages(bus, run_id) == 2
+
+        # seq 1 is what its accepted successors wait for: admitted over the limit
+        first = await post_fb(http, run_id, 1)
+        assert first.status_code == 200, first.text
+        for answer in (first, *waiting):
+            done = await result_of(http, answer.json()["request_id"], accept=PROTOBUF)
+            assert PROTOBUF in done.headers["content-type"]
+
+        # the same seq_id again, as the SDK resends it: accepted now that the work drained
+        retried = await post_fb(http, run_id, 4)
+        assert retried.status_code == 200, retried.text
+        done = await result_of(http, retried.json()["request_id"], accept=PROTOBUF)
+        assert PROTOBUF in done.headers["content-type"]
+        # four forward_backwards ran, each billed once; the refused attempt billed nothing
+
+        async def billed_four() -> bool:
+            return await usage_messages(bus, "busy") == 4
+
+        await eventually(billed_four, what="one usage event per forward_backward")
+
+
+async def test_over_the_run_quota_create_model_gets_429_until_a_session_finishes(
+    bus: b.Bus, nats_url: str, models_dir: Path, log
+) -> None:
+    key = await create_key(bus, "small", max_runs=1)
+    async with running_gateway(nats_url, models_dir, log) as app, client(app, key) as http:
+        first_run, _ = await create_run(http)
+        second = await new_run_body(http)
+        refused = await http.post("/api/v1/create_model", json=second)
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "training runs" in refused.json()["error"]
+        second_run = f"{second['session_id']}:train:0"
+        assert await raw(bus, s.RUNS_BUCKET, s.token(second_run)) is None  # nothing recorded
+
+        # the first session finishes: its run's slot is free
+        first_session = first_run.split(":train:")[0]
+        assert (await http.post(f"/api/v1/sessions/{first_session}/finish", json={})).is_success
+        answer = await http.post("/api/v1/create_model", json=second)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_id"] == second_run
+
+        # a third run is over the limit of one, until the operator raises it: the gateway
+        # applies the new limit from the key's next request on
+        third = await new_run_body(http)
+        assert (await http.post("/api/v1/create_model", json=third)).status_code == 429
+        await set_limits(bus, key, max_runs=2)
+
+        async def accepted() -> bool:
+            return (await http.post("/api/v1/create_model", json=third)).status_code == 200
+
+        await eventually(accepted, what="create_model under the raised limit")
+        assert await app.state.gateway.quotas.in_use("small", "runs") >= 2
+
+
+async def new_run_body(http: httpx.AsyncClient) -> dict[str, object]:
+    session = (await http.post("/api/v1/create_session", json={})).json()["session_id"]
+    return {"session_id": session, "model_seq_id": 0, "base_model": BUILTIN_MODEL_NAME}
+
+
+async def raw(bus: b.Bus, bucket: str, key: str) -> bytes | None:
+    try:
+        entry = await bus.kv[bucket].get(key)
+    except (KeyNotFoundError, NotFoundError):
+        return None
+    return entry.value
+
+
+class FinishOrder:
+    """Every future that turns final, in order, from the futures bucket's change feed."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+        self.states: dict[str, set[str]] = {}
+
+    async def on_update(self, msg) -> None:  # a core NATS message of $KV.ws_futures.<id>
+        if not msg.data:
+            return
+        record = FutureRecord.decode(msg.data)
+        self.states.setdefault(record.request_id, set()).add(record.queue_state)
+        if record.final and record.request_id not in self.done:
+            self.done.append(record.request_id)
+
+
+async def test_a_second_tenant_is_served_while_the_first_floods(
+    bus: b.Bus, nats_url: str, models_dir: Path, log, start_trainer
+) -> None:
+    await start_trainer("w1", fair_share_report_s=0.0)
+    order = FinishOrder()
+    watch = await bus.nc.subscribe(f"$KV.{s.FUTURES_BUCKET}.>", cb=order.on_update)
+    flood_key = await create_key(bus, "flood")
+    quiet_key = await create_key(bus, "quiet")
+    async with (
+        running_gateway(nats_url, models_dir, log) as app,
+        client(app, flood_key) as flood,
+        client(app, quiet_key) as quiet,
+    ):
+        flood_run, flood_create = await create_run(flood)
+        quiet_run, quiet_create = await create_run(quiet)
+        await assign(bus, "w1", flood_run, flood_create)
+        await assign(bus, "w1", quiet_run, quiet_create)
+        # The flood: 30 requests queued on the worker, held for their seq_id 1.
+        answers = [await post_fb(flood, flood_run, seq) for seq in range(2, 32)]
+        worker_run = (await _worker(start_trainer)).runs[flood_run]
+
+        async def all_held() -> bool:
+            return len(worker_run.buffer) == 30
+
+        await eventually(all_held, what="the flood held by the trainer")
+        # The other tenant's request is queued behind it (its seq 2 held for its seq 1 too),
+        # then both runs' first requests let everything go at once.
+        quiet_answers = [await post_fb(quiet, quiet_run, 2)]
+        answers.insert(0, await post_fb(flood, flood_run, 1))
+        quiet_answers.insert(0, await post_fb(quiet, quiet_run, 1))
+        flood_ids = {a.json()["request_id"] for a in answers}
+        quiet_ids = [a.json()["request_id"] for a in quiet_answers]
+        for request_id in quiet_ids:
+            done = await result_of(quiet, request_id, accept=PROTOBUF)
+            assert PROTOBUF in done.headers["content-type"]
+        for answer in answers:
+            await result_of(flood, answer.json()["request_id"], accept=PROTOBUF)
+
+        async def all_seen() -> bool:
+            return set(order.done) >= flood_ids | set(quiet_ids)
+
+        await eventually(all_seen, what="every result on the futures feed")
+        last_quiet = max(order.done.index(r) for r in quiet_ids)
+        flood_done_before = sum(1 for r in order.done[:last_quiet] if r in flood_ids)
+        # Tenants take turns: the quiet tenant's two requests ran among the first few of the 31
+        # flood requests that were ready with them; in arrival order they would come after all.
+        assert flood_done_before <= 6, (flood_done_before, order.done)
+        # Flood requests passed over for the quiet tenant's turn said so while they waited.
+        held = [r for r in flood_ids if "paused_rate_limit" in order.states.get(r, set())]
+        assert held, order.states
+    await watch.unsubscribe()
+
+
+async def _worker(start_trainer):
+    """The trainer started by ``start_trainer`` in this test (the fixture keeps no handle)."""
+    for cell in start_trainer.__closure__ or ():
+        if isinstance(cell.cell_contents, list) and cell.cell_contents:
+            return cell.cell_contents[-1]
+    raise LookupError("no trainer started")
+
+
+@asynccontextmanager
+async def serving(app) -> AsyncIterator[str]:
+    """``app`` on uvicorn on a free local port, in this event loop: its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def sft_steps(base_url: str, key: str, steps: int) -> list[float]:
+    """A small SFT loop with the unmodified SDK (blocking: run it in a thread). Each step posts
+    its optim_step while the forward_backward still runs, as the SDK always does."""
+    service = tinker.ServiceClient(base_url=base_url, api_key=key)
+    try:
+        training = service.create_lora_training_client(
+            base_model=BUILTIN_MODEL_NAME, rank=4, seed=3
+        ).result()
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints([5, 17, 99, 250, 3, 41]),
+            loss_fn_inputs={"target_tokens": [17, 99, 250, 3, 41, 7]},
+        )
+        losses = []
+        for _ in range(steps):
+            fwd_bwd = training.forward_backward([datum] * 32, "cross_entropy")
+            step = training.optim_step(types.AdamParams(learning_rate=1e-2))
+            losses.append(fwd_bwd.result().metrics["loss:sum"])
+            step.result()
+        return losses
+    finally:
+        service.close("success").result()
+
+
+async def test_the_sdk_retries_429_until_its_work_drains_and_is_billed_once(
+    bus: b.Bus, spawned: None, nats_url: str, models_dir: Path, tmp_path: Path, log, start_trainer
+) -> None:
+    scheduler = Scheduler(SchedulerSettings(nats_url=nats_url, state_dir=tmp_path), bus, log)
+    await scheduler.declare()
+    await scheduler.start()
+    await start_trainer("w1")
+    key = await create_key(bus, "one-at-a-time", max_inflight=1)
+    refusals = metrics.REFUSALS.labels("RateLimited", "user")
+    refused_before = refusals._value.get()
+    async with running_gateway(nats_url, models_dir, log) as app, serving(app) as base_url:
+        losses = await asyncio.wait_for(asyncio.to_thread(sft_steps, base_url, key, 3), 150)
+    assert losses[-1] < losses[0]
+    # optim_steps posted while their forward_backward ran were refused, retried and accepted
+    assert refusals._value.get() - refused_before >= 1
+    # three forward_backwards billed once each, nothing for the refused attempts
+
+    async def billed() -> bool:
+        return await usage_messages(bus, "one-at-a-time") == 3
+
+    await eventually(billed, what="one usage event per forward_backward")
