@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -115,3 +116,96 @@ def chunked_target_logprobs(
             return head(h)
 
     return blockwise_target_logprobs(routed, hidden, targets, chunk_tokens)
+
+
+# ------------------------------------------------------------------ the fused linear head
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1, True)
+
+
+def _softmax_times(logits: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``-scale * softmax(logits)`` in the logits' dtype (computed in at least float32)."""
+    wide = logits.to(lse.dtype)
+    return (-scale * torch.exp(wide - lse)).to(logits.dtype)
+
+
+_FUSED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _pointwise(name: str, fn: Callable[..., torch.Tensor], device: torch.device) -> Callable:
+    """``fn`` compiled on CUDA (one pass over the logits instead of several), eager elsewhere."""
+    if device.type != "cuda":
+        return fn
+    if name not in _FUSED:
+        _FUSED[name] = torch.compile(fn, dynamic=True)
+    return _FUSED[name]
+
+
+class _LinearHeadLogprobs(torch.autograd.Function):
+    """Target logprobs of ``logits = h Wᵀ (+ s Bᵀ)`` for one block, saving only ``h`` (and
+    ``s``) and the logsumexp: backward recomputes the logits, forms
+    ``dlogits = scatter(g) - (Σ_k g) · softmax`` in one pass and returns ``dh`` (and ``ds``,
+    ``dB``); the frozen ``W`` gets no gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: torch.Tensor,
+        w: torch.Tensor,
+        s: torch.Tensor | None,
+        b: torch.Tensor | None,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        logits = h @ w.T if s is None or b is None else torch.addmm(h @ w.T, s, b.T)
+        lse = _pointwise("lse", _logsumexp, h.device)(logits)
+        ctx.save_for_backward(h, w, s, b, targets, lse)
+        return logits.gather(-1, targets).to(lse.dtype) - lse
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        h, w, s, b, targets, lse = ctx.saved_tensors
+        logits = h @ w.T if s is None or b is None else torch.addmm(h @ w.T, s, b.T)
+        softmax_grad = _pointwise("softmax_grad", _softmax_times, h.device)
+        dlogits = softmax_grad(logits, lse, g.sum(-1, keepdim=True))
+        dlogits.scatter_add_(-1, targets, g.to(dlogits.dtype))
+        dh = dlogits @ w
+        ds = db = None
+        if s is not None and b is not None:
+            dh_needed = ctx.needs_input_grad
+            ds = dlogits @ b if dh_needed[2] else None
+            db = dlogits.T @ s if dh_needed[3] else None
+        return dh, None, ds, db, None
+
+
+def linear_target_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """:func:`blockwise_target_logprobs` for the head ``hidden @ weightᵀ`` (plus one adapter's
+    LoRA ``(A, B)``, scale folded into ``B``, on every row), with a fused backward.
+
+    The same function as the blockwise path, computed with less memory traffic: the logits are
+    never upcast and kept, the softmax gradient is one pass (compiled on CUDA), and the LoRA of
+    ``train_unembed`` is exact (``h Wᵀ + (h Aᵀ) Bᵀ``; ``h Aᵀ`` is formed once for all rows).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    s = None if lora is None else hidden @ lora[0].T
+    b = None if lora is None else lora[1]
+    blocks = []
+    for start in range(0, int(hidden.shape[0]), chunk_tokens):
+        stop = start + chunk_tokens
+        s_block = None if s is None else s[start:stop]
+        blocks.append(
+            _LinearHeadLogprobs.apply(hidden[start:stop], weight, s_block, b, targets[start:stop])
+        )
+    if not blocks:
+        return hidden.new_zeros(
+            targets.shape, dtype=torch.promote_types(hidden.dtype, torch.float32)
+        )
+    return torch.cat(blocks)

@@ -15,7 +15,8 @@ Attention (``ModelOptions.attention``; ``auto`` picks):
   single pad token: SDPA with ``is_causal`` and native GQA (cuDNN on Hopper, the fastest path).
 * ``flex``: ragged documents on CUDA under compile: FlexAttention with a document-causal block
   mask built once per pass.
-* ``varlen``: ragged documents on CUDA without compile: ``torch.nn.attention.varlen``.
+* ``varlen``: ragged documents on CUDA without compile: ``torch.nn.attention.varlen`` (its FA2
+  kernels take bf16/fp16 only).
 * ``docs``: one causal SDPA per document (CPU; the reference the others must equal).
 
 Each decoder layer is one function; on CUDA it can be compiled once (``torch.compile``) and run
@@ -63,7 +64,7 @@ class ModelOptions:
     """How the model runs. ``compile``: ``torch.compile`` each decoder layer (CUDA only; ignored
     on CPU); ``checkpointing``: the activation policy with gradients on; ``attention``: the
     kernel for a pack (``auto``: ``rows`` when every document has the same length, else
-    ``flex`` on CUDA under compile, ``varlen`` on CUDA without, ``docs`` on CPU)."""
+    ``flex`` on CUDA under compile, ``varlen`` on CUDA without (half precision), else ``docs``)."""
 
     compile: bool = False
     checkpointing: Checkpointing = "selective"
@@ -473,8 +474,10 @@ class Qwen3Packed:
                 kind = "rows"
             elif self.device.type != "cuda":
                 kind = "docs"
-            else:
-                kind = "flex" if self.compiled else "varlen"
+            elif self.compiled:
+                kind = "flex"
+            else:  # varlen's kernels take half precision only
+                kind = "varlen" if self.dtype in (torch.bfloat16, torch.float16) else "docs"
         if kind == "rows":
             if not pack.equal:
                 raise ValueError("rows attention needs documents of one length")

@@ -54,7 +54,11 @@ from whetstone.messages import (
 from whetstone.models.registry import ModelSpec
 from whetstone.tensors import Tensor
 from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
-from whetstone_ml.logprobs import DEFAULT_CHUNK_TOKENS, blockwise_target_logprobs
+from whetstone_ml.logprobs import (
+    DEFAULT_CHUNK_TOKENS,
+    blockwise_target_logprobs,
+    linear_target_logprobs,
+)
 from whetstone_ml.lora import LoraAdapter, Segment
 from whetstone_ml.qwen3 import (
     AdapterWeights,
@@ -377,10 +381,18 @@ class TrainerEngine:
             [torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in columns]
         )
 
-        def head(h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-            return self.model.head_logits(h, clip_segments(segments, start, stop))
+        if len(segments) == 1:  # one adapter on every row: the fused head
+            weights = segments[0][1]
+            lora = None if weights is None else weights.head
+            lp = linear_target_logprobs(
+                hidden, self.model.head, packed_targets, lora, self.logprob_chunk_tokens
+            )
+        else:
 
-        lp = blockwise_target_logprobs(head, hidden, packed_targets, self.logprob_chunk_tokens)
+            def head(h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+                return self.model.head_logits(h, clip_segments(segments, start, stop))
+
+            lp = blockwise_target_logprobs(head, hidden, packed_targets, self.logprob_chunk_tokens)
         return [
             row[:, : c.shape[1]].reshape(t.shape)
             for row, c, t in zip(lp.split(batch.pack.lengths), columns, targets, strict=True)

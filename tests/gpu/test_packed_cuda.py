@@ -96,7 +96,10 @@ def test_compiled_equals_eager_and_float32(lengths: list[int]) -> None:
 
 @pytest.mark.parametrize("kind", ["flex", "varlen", "rows"])
 def test_cuda_attention_kernels_equal_per_document(kind: str) -> None:
-    hf = hf_model(torch.float32, "cuda")
+    # varlen's FA2 kernels take half precision only: that case is compared in bf16.
+    dtype = torch.bfloat16 if kind == "varlen" else torch.float32
+    tolerance = 2e-2 if kind == "varlen" else 1e-3
+    hf = hf_model(dtype, "cuda")
     lengths = [96] * 3 if kind == "rows" else RAGGED
     options = ModelOptions(attention=kind, compile=kind == "flex")  # type: ignore[arg-type]
     model = Qwen3Packed.from_hf(hf, options)
@@ -104,9 +107,9 @@ def test_cuda_attention_kernels_equal_per_document(kind: str) -> None:
     lora = lora_for(model, seed=2)
     logits, grads = run(model, lengths, lora)
     ref_logits, ref_grads = run(docs, lengths, lora)
-    assert rel(logits, ref_logits) < 1e-3
+    assert rel(logits, ref_logits) < tolerance
     for g, r in zip(grads, ref_grads, strict=True):
-        assert rel(g, r) < 1e-2
+        assert rel(g, r) < 10 * tolerance
 
 
 def test_selective_checkpointing_under_compile_equals_none() -> None:
