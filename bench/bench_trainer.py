@@ -150,14 +150,14 @@ def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace, varian
 
 
 def profile(step, args: argparse.Namespace) -> str:
-    """One step under torch.profiler: the kernels by their own CUDA time, top 25."""
+    """One step under torch.profiler: the kernels by their own CUDA time, top 45."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         sync()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45)
     if args.out:
         (args.out / "profile.txt").write_text(table)
     return table
