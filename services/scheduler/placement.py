@@ -4,6 +4,11 @@ Pure bookkeeping, no I/O: the handlers feed it heartbeats and ask it where a run
 which workers are gone. A worker is live while its last heartbeat is ``worker_timeout_s`` recent
 and does not say ``draining``; a worker never heard of is taken for gone only once this replica
 has listened for ``worker_timeout_s`` (a scheduler that just started knows no one yet).
+
+A run assigned to a worker counts against it (``reserve``) until a heartbeat lists it; a
+reservation that no heartbeat has listed for ``worker_timeout_s`` lapses (the run left the worker
+before any heartbeat saw it, e.g. ``unload_model`` right after creation), so it cannot hold the
+worker's room for ever.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ class WorkerView:
     beat: WorkerHeartbeat
     seen_at: float  # monotonic seconds
     reserved: set[str] = field(default_factory=set)  # runs assigned since the last heartbeat
+    reserved_at: dict[str, float] = field(default_factory=dict)  # monotonic seconds, per run
 
     @property
     def load(self) -> int:
@@ -37,7 +43,13 @@ class Placement:
         the worker starts draining, so that its runs should move now."""
         now = time.monotonic() if now is None else now
         old = self.workers.get(beat.worker_id)
-        new = WorkerView(beat, now, (old.reserved - set(beat.runs)) if old else set())
+        kept = {
+            run
+            for run in (old.reserved - set(beat.runs) if old else set())
+            if old and now - old.reserved_at.get(run, now) <= self.worker_timeout_s
+        }
+        at = {run: old.reserved_at[run] for run in kept if run in old.reserved_at} if old else {}
+        new = WorkerView(beat, now, kept, at)
         self.workers[beat.worker_id] = new
         if beat.draining:
             return old is None or not old.beat.draining
@@ -79,11 +91,14 @@ class Placement:
         best = min(candidates, key=lambda w: (w.load, w.beat.worker_id))
         return best.beat.worker_id
 
-    def reserve(self, worker_id: str, run_id: str) -> None:
-        self.workers[worker_id].reserved.add(run_id)
+    def reserve(self, worker_id: str, run_id: str, now: float | None = None) -> None:
+        view = self.workers[worker_id]
+        view.reserved.add(run_id)
+        view.reserved_at[run_id] = time.monotonic() if now is None else now
 
     def release(self, worker_id: str, run_id: str) -> None:
         """Undo ``reserve`` for an assignment that did not happen."""
         view = self.workers.get(worker_id)
         if view is not None:
             view.reserved.discard(run_id)
+            view.reserved_at.pop(run_id, None)

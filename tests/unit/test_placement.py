@@ -113,3 +113,16 @@ def test_a_failed_assignment_gives_its_reservation_back() -> None:
     assert p.choose(TINY, now=0.5) is None
     p.release("w1", "r1")
     assert p.choose(TINY, now=0.5) == "w1"
+
+
+def test_a_reservation_no_heartbeat_lists_lapses_after_the_timeout() -> None:
+    """A run that left its worker before any heartbeat listed it (unloaded at once) stops
+    counting once a heartbeat comes ``worker_timeout_s`` after the assignment."""
+    p = Placement(worker_timeout_s=5.0)
+    p.observe(beat("w1", max_runs=1), now=0.0)
+    p.reserve("w1", "r1", now=0.0)
+    assert not p.observe(beat("w1", max_runs=1), now=5.0)  # within the grace: still counted
+    assert p.choose(TINY, now=5.0) is None
+    assert p.observe(beat("w1", max_runs=1), now=5.5)  # lapsed: room again, and said so
+    assert p.workers["w1"].reserved == set()
+    assert p.choose(TINY, now=5.5) == "w1"
