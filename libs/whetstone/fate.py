@@ -19,6 +19,11 @@ The one place that keeps a message unacknowledged after its handler returns is t
 ``seq_id`` reorder buffer (a request waiting for an earlier one): its handler calls ``hold(msg)``
 and settles the message itself later, through ``MessageFate.settle``, with the same rules.
 
+Batch subscribers (``PullSub(batch=True)``: billing's usage events, where per-message handling
+cost more than the events' whole insert) get one wrapper call per fetched batch: a batch whose
+handler returns is acknowledged whole unless held (the holder then settles each message, e.g.
+``settle(single(raw), exc)``); a handler that raises leaves every message for redelivery.
+
 The futures a failing message belongs to are found from its headers (``Ws-Request-Id``,
 ``Ws-Tenant``, ``Ws-Op``, set by ``bus.publish``), so even an undecodable request fails its
 future instead of leaving the client waiting.
@@ -41,7 +46,9 @@ import structlog
 from faststream import BaseMiddleware
 from faststream._internal.context import Context
 from faststream.nats import NatsMessage
+from faststream.nats.message import NatsBatchMessage
 from faststream.nats.message import NatsMessage as _NatsMessageClass
+from nats.aio.msg import Msg
 from nats.js import api
 from opentelemetry import propagate, trace
 
@@ -91,14 +98,22 @@ class _MessageField(Context):
 
 # The message being handled, for handlers that settle or hold it: ``msg: Delivered``.
 Delivered = Annotated[_NatsMessageClass, _MessageField("message")]
+# The batch being handled, for a batch subscriber's handler: ``batch: DeliveredBatch``.
+DeliveredBatch = Annotated[NatsBatchMessage, _MessageField("message")]
 
 
-def hold(msg: NatsMessage) -> None:
-    """Leave ``msg`` unacknowledged when its handler returns; its holder settles it later."""
-    msg.ws_held = True  # type: ignore[attr-defined]
+def single(raw: Msg) -> NatsMessage:
+    """One message of a batch as the wrapper settles it (``MessageFate.settle``)."""
+    return _NatsMessageClass(raw_message=raw, body=raw.data, headers=dict(raw.headers or {}))
 
 
-def _held(msg: NatsMessage) -> bool:
+def hold(msg: NatsMessage | NatsBatchMessage) -> None:
+    """Leave ``msg`` (or a batch) unacknowledged when its handler returns; its holder settles
+    it later."""
+    setattr(msg, "ws_held", True)  # noqa: B010 - an attribute of our own on FastStream's object
+
+
+def _held(msg: NatsMessage | NatsBatchMessage) -> bool:
     return bool(getattr(msg, "ws_held", False))
 
 
@@ -237,6 +252,8 @@ class _FateScope(BaseMiddleware):
         self.fate = fate
 
     async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: Any) -> Any:
+        if isinstance(msg, NatsBatchMessage):
+            return await self._consume_batch(call_next, msg)
         headers = msg.headers or {}
         subject = msg.raw_message.subject
         bind_work(
@@ -275,6 +292,21 @@ class _FateScope(BaseMiddleware):
             metrics.REQUEST_LATENCY.labels(
                 self.fate.service, op, str(headers.get(s.MODEL_HEADER, ""))
             ).observe(time.perf_counter() - started)
+        return result
+
+    async def _consume_batch(
+        self, call_next: Callable[[Any], Awaitable[Any]], batch: NatsBatchMessage
+    ) -> Any:
+        """A batch subscriber's fetch (see the module docstring)."""
+        try:
+            result = await call_next(batch)
+        except Exception:  # noqa: BLE001 - redelivered, as any server error
+            subject = batch.raw_message[0].subject if batch.raw_message else "?"
+            log.exception("batch handler failed; redelivered", subject=subject)
+            await self._safely(batch.nack(delay=BACKOFF_S[0]))
+            return None
+        if not _held(batch):
+            await self._safely(batch.ack())
         return result
 
     async def _core_failure(self, msg: Any, exc: BaseException) -> None:

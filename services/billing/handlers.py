@@ -1,11 +1,13 @@
 """Billing's bus side.
 
-Consumes the durable ``ws.usage.>`` queue (consumer ``billing``). Each event's handler only
-buffers it (held unacknowledged, ``fate.hold``); a flusher writes the buffer to ClickHouse in one
-insert per batch and only then acknowledges its messages. ClickHouse being down leaves the events
-waiting in the stream, and a redelivered event is deduplicated by ``event_id`` in the ledger.
-Per-message handlers (rather than FastStream's batch mode) keep one undecodable event from
-terminating its batch-mates. Answers usage reports on ``ws.ctl.billing.report`` (request/reply).
+Consumes the durable ``ws.usage.>`` queue (consumer ``billing``) in batches (FastStream's batch
+mode: one handler call per fetch, where one per event cost ten times the events' insert). The
+handler only buffers a fetch (held unacknowledged, ``fate.hold``); a flusher decodes the buffer
+in one pydantic call (``decode_events``), writes it to ClickHouse in one insert and only then
+acknowledges its messages. An undecodable event is dead-lettered alone; its batch-mates are
+billed. ClickHouse being down leaves the events waiting in the stream, and a redelivered event
+is deduplicated by ``event_id`` in the ledger. Answers usage reports on
+``ws.ctl.billing.report`` (request/reply).
 
 At start-up the ledger's schema is created and migrated, and the roll-ups are reconciled with the
 raw events over the last ``reconcile_days`` days; the reconciliation repeats every
@@ -15,11 +17,15 @@ raw events over the last ``reconcile_days`` days; the reconciliation repeats eve
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, time, timedelta
 
 import structlog
 from faststream import AckPolicy
-from faststream.nats import JStream, NatsMessage, PullSub
+from faststream.nats import JStream, PullSub
+from faststream.nats.message import NatsBatchMessage
+from nats.aio.msg import Msg
+from pydantic import TypeAdapter, ValidationError
 
 from services.billing.ledger import Ledger
 from services.billing.prices import PriceTable
@@ -28,11 +34,38 @@ from whetstone import bus as b
 from whetstone import metrics
 from whetstone import subjects as s
 from whetstone.errors import WhetstoneError
-from whetstone.fate import consumer_config, decoder_for, hold
+from whetstone.fate import DeliveredBatch, consumer_config, decoder_for, hold, single
 from whetstone.messages import UsageEvent, UsageReport, UsageReportQuery
 from whetstone.tasks import Offload, spawn
 
 USAGE_ACK_WAIT_S = 60.0
+_EVENTS = TypeAdapter(list[UsageEvent])
+
+
+def decode_events(bodies: Sequence[bytes]) -> list[UsageEvent | None]:
+    """The events of message bodies, in one pydantic call over them as a JSON array (a third of
+    the time of one call each); when that fails, each alone, ``None`` for the bad ones. The
+    count check catches a body that is several JSON values (it would shift its neighbours)."""
+    try:
+        events: list[UsageEvent | None] = list(
+            _EVENTS.validate_json(b"[" + b",".join(bodies) + b"]")
+        )
+        if len(events) == len(bodies):
+            return events
+    except ValidationError:
+        pass
+    decoded: list[UsageEvent | None] = []
+    for body in bodies:
+        try:
+            decoded.append(UsageEvent.model_validate_json(body))
+        except ValidationError:
+            decoded.append(None)
+    return decoded
+
+
+async def _bodies(batch: NatsBatchMessage) -> list[bytes]:
+    """The batch's decoder: the bodies as they are (the flusher decodes, see ``decode_events``)."""
+    return list(batch.body)
 
 
 class BillingService:
@@ -51,7 +84,7 @@ class BillingService:
         self.log = log
         # chdb is synchronous and single-process: every ledger call runs on this one thread.
         self._db = Offload("clickhouse")
-        self._buffer: list[tuple[UsageEvent, NatsMessage]] = []
+        self._buffer: list[Msg] = []
         self._full = asyncio.Event()
 
     async def declare(self) -> None:
@@ -62,12 +95,13 @@ class BillingService:
             stream=JStream(s.USAGE_STREAM, declare=False),
             durable=s.BILLING_CONSUMER,
             pull_sub=PullSub(
-                batch_size=min(self.settings.batch_size, 1000),
+                batch_size=self.settings.batch_size,
                 timeout=self.settings.fetch_timeout_s,
+                batch=True,
             ),
             config=consumer_config(USAGE_ACK_WAIT_S, max_ack_pending=50_000),
             ack_policy=AckPolicy.MANUAL,
-            decoder=decoder_for(UsageEvent),
+            decoder=_bodies,
             title="usage events",
         )
         await b.subscribe(
@@ -103,9 +137,10 @@ class BillingService:
             await asyncio.sleep(self.settings.reconcile_interval_s)
             await self.reconcile()
 
-    async def handle_usage(self, event: UsageEvent, msg: NatsMessage) -> None:
-        hold(msg)  # acknowledged by the flusher once the insert is written
-        self._buffer.append((event, msg))
+    async def handle_usage(self, bodies: list[bytes], batch: DeliveredBatch) -> None:
+        """One fetch of usage events (``bodies`` as the bus delivered them, decoded later)."""
+        hold(batch)  # each message acknowledged by the flusher once its insert is written
+        self._buffer.extend(batch.raw_message)
         if len(self._buffer) >= self.settings.batch_size:
             self._full.set()
 
@@ -125,15 +160,28 @@ class BillingService:
         )
         if not batch:
             return
+        decoded = decode_events([m.data for m in batch])
+        events = [e for e in decoded if e is not None]
         try:
-            await self._db(self.ledger.insert, [event for event, _ in batch])
+            await self._db(self.ledger.insert, events)
         except Exception:  # noqa: BLE001 - left unacknowledged: redelivered after ack_wait
             self.log.exception("usage insert failed; events will be redelivered", count=len(batch))
-            await asyncio.gather(*(m.nack(delay=1.0) for _, m in batch), return_exceptions=True)
+            await asyncio.gather(*(m.nak(delay=1.0) for m in batch), return_exceptions=True)
             return
-        for event, _ in batch:
-            metrics.TOKENS.labels("billing", event.meter, event.base_model).inc(event.tokens)
-        await asyncio.gather(*(self.bus.fate.settle(m, None) for _, m in batch))
+        tokens: dict[tuple[str, str], int] = {}
+        for e in events:
+            tokens[(e.meter, e.base_model)] = tokens.get((e.meter, e.base_model), 0) + e.tokens
+        for (meter, model), n in tokens.items():
+            metrics.TOKENS.labels("billing", meter, model).inc(n)
+        for m, event in zip(batch, decoded, strict=True):
+            if event is None:  # dead-lettered and terminated, as any undecodable message
+                try:
+                    UsageEvent.model_validate_json(m.data)
+                except ValidationError as exc:
+                    await self.bus.fate.settle(single(m), exc)
+            else:
+                await m.ack()  # a publish into the client's buffer: no round trip to wait for
+        metrics.MESSAGES.labels("billing", "ws.usage", "ack").inc(len(events))
 
     async def stop(self) -> None:
         """Write what is buffered before the broker stops (what fails is redelivered)."""

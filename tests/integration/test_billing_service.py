@@ -1,7 +1,8 @@
 """Billing service (``python -m services.billing``) on a real nats-server and the embedded
 ClickHouse engine: usage events waiting in the durable queue before billing starts are billed once
 it starts, a re-published event counts once (whether JetStream's Nats-Msg-Id window catches it or
-not, and across a restart), and reports come by request/reply on ``ws.ctl.billing.report``.
+not, and across a restart), and reports come by request/reply on ``ws.ctl.billing.report``,
+filtered by API key id; ``whetstone status`` shows each run's cost so far from those reports.
 
 Billing runs as a child process, as in ``whetstone up``: chdb hosts one data directory per
 process, and the ledger unit tests already hold one in the pytest process.
@@ -24,8 +25,16 @@ from services.billing.prices import DEFAULT_PRICE_TABLE
 from tests.integration.helpers import eventually
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.messages import Meter, UsageEvent, UsageReport, UsageReportQuery
+from whetstone.messages import (
+    LoraConfig,
+    Meter,
+    TrainingRunRecord,
+    UsageEvent,
+    UsageReport,
+    UsageReportQuery,
+)
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
+from whetstone.status import StatusCollector
 
 pytestmark = pytest.mark.timeout(60)  # a hang fails fast, with every thread's stack
 
@@ -70,29 +79,30 @@ def billing(nats_url: str, tmp_path: Path) -> Iterator:
             proc.wait()
 
 
-def usage(request_id: str, meter: Meter, tokens: int) -> UsageEvent:
-    return UsageEvent(
-        event_id=f"{request_id}:{meter}",
-        request_id=request_id,
-        tenant=TENANT,
-        base_model=BUILTIN_MODEL_NAME,
-        meter=meter,
-        tokens=tokens,
-        run_id="sess-1:train:0",
+def usage(
+    request_id: str,
+    meter: Meter,
+    tokens: int,
+    run_id: str = "sess-1:train:0",
+    api_key_id: str | None = None,
+) -> UsageEvent:
+    return UsageEvent.of(
+        request_id, TENANT, BUILTIN_MODEL_NAME, meter, tokens, run_id, api_key_id=api_key_id
     )
 
 
-async def report(bus: b.Bus, timeout_s: float = 20.0) -> dict[str, tuple[int, Decimal]]:
+async def report(
+    bus: b.Bus, timeout_s: float = 20.0, **filters: str
+) -> dict[str, tuple[int, Decimal]]:
     """TENANT's report as meter -> (tokens, cost), retried until billing answers."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    query = UsageReportQuery(tenant=TENANT, **filters)  # type: ignore[arg-type]
     while True:
         try:
-            reply = await bus.nc.request(
-                s.USAGE_REPORT_SUBJECT, UsageReportQuery(tenant=TENANT).encode(), timeout=5
-            )
+            reply = await bus.nc.request(s.USAGE_REPORT_SUBJECT, query.encode(), timeout=5)
             break
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):  # starting up
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.1)
@@ -151,4 +161,56 @@ async def test_usage_waits_for_billing_and_counts_once(bus: b.Bus, billing) -> N
         "train_tokens": 100,
         "prefill_tokens": 40,
         "sample_tokens": 7,
+    }
+
+
+async def test_reports_filter_by_api_key_and_status_shows_each_runs_cost(
+    bus: b.Bus, nats_url: str, billing
+) -> None:
+    run_a, run_b = "sess-a:train:0", "sess-b:train:0"
+    for run_id in (run_a, run_b):
+        record = TrainingRunRecord(
+            run_id=run_id,
+            tenant=TENANT,
+            session_id=run_id.split(":")[0],
+            base_model=BUILTIN_MODEL_NAME,
+            lora=LoraConfig(rank=4),
+        )
+        await b.kv_put(bus.kv[s.RUNS_BUCKET], s.token(run_id), record)
+    events = [
+        usage("req-a1", "train_tokens", 300, run_a, api_key_id="key-a"),
+        usage("req-a2", "train_tokens", 20, run_a, api_key_id="key-a"),
+        usage("req-a3", "checkpoint_bytes", 4096, run_a, api_key_id="key-a"),
+        usage("req-b1", "train_tokens", 55, run_b, api_key_id="key-b"),
+    ]
+    await b.publish_usage(bus, events)
+    # An undecodable event among them (billing decodes a fetch at once): dead-lettered alone.
+    await bus.js.publish(s.usage_subject(TENANT), b'{"event_id": "broken"}')
+    billing.start()
+    await report(bus)
+    await eventually(lambda: all_ingested(bus), timeout_s=20.0, what="the events ingested")
+
+    assert await report(bus, api_key_id="key-a") == {
+        "train_tokens": (320, cost("train_tokens", 320)),
+        "checkpoint_bytes": (4096, cost("checkpoint_bytes", 4096)),
+    }
+    assert await report(bus, api_key_id="key-b") == {"train_tokens": (55, cost("train_tokens", 55))}
+    assert await report(bus, api_key_id="no-such-key") == {}
+    dead = await bus.js.get_last_msg(
+        s.DEADLETTER_STREAM, s.deadletter_subject(s.usage_subject(TENANT))
+    )
+    assert dead.data == b'{"event_id": "broken"}'
+
+    # The status view asks billing, as ``whetstone status`` does: a run's tokens (token meters
+    # only) and its cost over every meter.
+    collector = await StatusCollector.open(nats_url)
+    try:
+        snap = await collector.snapshot()
+    finally:
+        await collector.close()
+    assert not snap.problems, snap.problems
+    shown = {r.run_id: (r.tokens, r.cost_usd) for r in snap.runs}
+    assert shown == {
+        run_a: (320, cost("train_tokens", 320) + cost("checkpoint_bytes", 4096)),
+        run_b: (55, cost("train_tokens", 55)),
     }

@@ -1,0 +1,109 @@
+"""Billing's whole ingest path (P6): usage events waiting on the bus -> billed and acknowledged.
+
+Run:  .venv/bin/python bench/bench_billing_service.py [N_EVENTS] [--profile FILE]   (default 200000)
+
+Starts a real nats-server, publishes N synthetic usage events (the ledger bench's mix, encoded
+as the workers encode them) to the durable usage stream while billing is down (not timed), then
+starts the billing service in this process and times it from start until every event is
+written to the embedded ClickHouse engine and acknowledged (the consumer has nothing pending nor
+unacknowledged). That is what ``bench_billing.py`` leaves out: the bus delivery, FastStream's
+handler and middlewares, decoding, and the acknowledgements. ``--profile FILE`` writes a
+cProfile of the timed part (read it with ``python -m pstats FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_billing import BATCH, make_events  # noqa: E402
+
+from services.billing.handlers import BillingService  # noqa: E402
+from services.billing.ledger import Ledger  # noqa: E402
+from services.billing.prices import DEFAULT_PRICE_TABLE  # noqa: E402
+from services.billing.settings import BillingSettings  # noqa: E402
+from whetstone import bus as b  # noqa: E402
+from whetstone import subjects as s  # noqa: E402
+from whetstone.messages import UsageReportQuery  # noqa: E402
+from whetstone.nats_server import start_nats  # noqa: E402
+from whetstone.observability import configure_logging  # noqa: E402
+
+
+async def publish(bus: b.Bus, n: int) -> int:
+    """N events on the usage stream, as ``bus.publish_usage`` sends them; returns their tokens."""
+    rng, tokens = random.Random(0), 0
+    for start in range(0, n, BATCH):
+        events = make_events(start, min(BATCH, n - start), rng)
+        tokens += sum(e.tokens for e in events)
+        acks = [
+            bus.js.publish(
+                s.usage_subject(e.tenant), e.encode(), headers={"Nats-Msg-Id": e.event_id}
+            )
+            for e in events
+        ]
+        await asyncio.gather(*acks)
+    return tokens
+
+
+async def drained(bus: b.Bus) -> bool:
+    try:
+        info = await bus.js.consumer_info(s.USAGE_STREAM, s.BILLING_CONSUMER)
+    except Exception:  # noqa: BLE001 - not created yet
+        return False
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def main(n: int, profile: str | None) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-billing-service-"))
+    server = start_nats(root)
+    try:
+        settings = BillingSettings(nats_url=server.url, state_dir=root / "billing")  # type: ignore[call-arg]
+        log = configure_logging("bench", "WARNING")
+        bus = await b.connect(server.url, "billing", service="billing")
+        t = time.perf_counter()
+        tokens = await publish(bus, n)
+        print(f"published {n} events in {time.perf_counter() - t:.1f} s (not timed)")
+        ledger = Ledger.connect(settings.dsn(), settings.recent_ids)
+        billing = BillingService(settings, bus, ledger, DEFAULT_PRICE_TABLE, log)
+        await billing.declare()
+        profiler = cProfile.Profile() if profile else None
+        t = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        await bus.broker.start()
+        await billing.start()
+        while not await drained(bus):
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - t
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        billed = ledger.report(UsageReportQuery(), DEFAULT_PRICE_TABLE)
+        ok = sum(r.tokens for r in billed.rows) == tokens
+        print(f"billing service ingest: {n} events in {elapsed:.2f} s = {n / elapsed:,.0f} ev/s")
+        print(f"tokens billed == tokens published: {ok}")
+        await bus.close()
+        ledger.close()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("n", nargs="?", type=int, default=200_000, help="events to ingest")
+    ap.add_argument("--profile", default=None, help="write a cProfile of the timed part here")
+    args = ap.parse_args()
+    asyncio.run(main(args.n, args.profile))
