@@ -14,12 +14,16 @@ import torch
 from pydantic import ValidationError
 from tinker.lib.public_interfaces.custom_loss import encode_graph, run_loss_handle, trace_loss
 from tinker.types import Datum, ModelInput, TensorData
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from services.trainer import custom_loss
 from services.trainer.custom_loss import MAX_ELEMENTS, custom_loss_fn, loss_for
+from services.trainer.engine import TrainerEngine
 from services.trainer.losses import count_metrics
-from whetstone.custom_loss import MAX_NODES, CustomLoss
+from whetstone.custom_loss import FUNCTIONS, MAX_NODES, METHODS, CustomLoss
 from whetstone.errors import UserError
-from whetstone.messages import ForwardBackward
+from whetstone.messages import Datum as WireDatum
+from whetstone.messages import ForwardBackward, LoraConfig
 from whetstone.tensors import Tensor
 
 TOL = dict(abs=1e-5, rel=1e-6)
@@ -277,6 +281,11 @@ def test_graphs_off_the_whitelist_are_refused(change, match: str) -> None:
         CustomLoss(**graph_with(change))
 
 
+def test_every_whitelisted_name_has_an_operation() -> None:
+    assert set(custom_loss._FUNCTIONS) == FUNCTIONS
+    assert set(custom_loss._METHODS) == METHODS
+
+
 def test_the_unchanged_graph_is_accepted() -> None:
     """The refusals above are of the changes, not of the graph they start from."""
     loss = CustomLoss(**graph_with(lambda g: None))
@@ -344,3 +353,96 @@ def test_config_takes_only_the_loss_id() -> None:
     assert fn.check_config({"loss_id": "sess:loss:0"}) == {}
     with pytest.raises(UserError, match="only config key 'loss_id'"):
         fn.check_config({"loss_id": "x", "beta": 1.0})
+
+
+# ---------------------------------------------------------------- through the engine
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory):
+    config = Qwen3Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = Qwen3ForCausalLM(config).float()
+    path = tmp_path_factory.mktemp("tiny-qwen3-custom")
+    model.save_pretrained(path)
+    return path
+
+
+def test_the_engine_runs_it_as_the_client_side_path_would(model_dir) -> None:
+    """A custom forward_backward in micro-batches of one datum gives the loss, the metrics and
+    the adapter gradient of the client-side recipe: a forward, then cross-entropy with
+    weights = -dC/dlp (dC/dlp derived by hand for ``weighted_square``)."""
+    engine = TrainerEngine(model_dir, micro_batch_tokens=4)
+    for run_id in ("custom", "surrogate"):
+        engine.create_run(run_id, LoraConfig(rank=4, seed=11))
+    seqs, scale = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26]], 0.5
+    weights = [[1.0 + (i % 2) for i in range(len(s) - 1)] for s in seqs]
+
+    def datum(seq: list[int], extra: dict[str, Tensor]) -> WireDatum:
+        targets = Tensor.from_list(seq[1:], "int64")
+        return WireDatum(
+            model_input=Tensor.from_list(seq[:-1], "int64"),
+            loss_fn_inputs={"target_tokens": targets, **extra},
+        )
+
+    loss = upload(weighted_square, {"logprobs": 1, "weights": 1, "scale": 0})
+    data = [
+        datum(
+            s,
+            {
+                "weights": Tensor.from_list(w, "float32"),
+                "scale": Tensor.from_list([scale], "float32"),
+            },
+        )
+        for s, w in zip(seqs, weights, strict=True)
+    ]
+    result = engine.forward_backward(
+        "custom",
+        ForwardBackward(
+            data=data, loss_fn="custom", loss_fn_config={"loss_id": "x"}, custom_loss=loss
+        ),
+    )
+    lps = [out["logprobs"].to_numpy().astype(float).tolist() for out in result.outputs]
+    assert all("elementwise_loss" not in out for out in result.outputs)
+    expected = sum(
+        scale * sum(wi * x * x for wi, x in zip(w, lp, strict=True)) + sum(lp) / len(lp)
+        for w, lp in zip(weights, lps, strict=True)
+    )
+    assert result.metrics["loss:sum"] == pytest.approx(expected, **TOL)
+    mean_lp = sum(sum(lp) / len(lp) for lp in lps) / len(lps)
+    assert result.metrics["custom/lp_mean:mean"] == pytest.approx(mean_lp, **TOL)
+    assert result.metrics["custom/weight:sum"] == pytest.approx(sum(map(sum, weights)))
+
+    surrogate = [
+        datum(
+            s,
+            {
+                "weights": Tensor.from_list(
+                    [-(2 * scale * wi * x + 1 / len(lp)) for wi, x in zip(w, lp, strict=True)],
+                    "float32",
+                )
+            },
+        )
+        for s, w, lp in zip(seqs, weights, lps, strict=True)
+    ]
+    engine.forward_backward("surrogate", ForwardBackward(data=surrogate, loss_fn="cross_entropy"))
+    grads = [p.grad for p in engine.runs["custom"].adapter.parameters()]
+    expected_grads = [p.grad for p in engine.runs["surrogate"].adapter.parameters()]
+    assert any(float(g.abs().max()) > 0 for g in grads if g is not None)
+    for g, h in zip(grads, expected_grads, strict=True):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
