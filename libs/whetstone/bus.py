@@ -239,20 +239,29 @@ async def kv_put(kv: KeyValue, key: str, record: Message) -> None:
     await kv.put(key, record.encode())
 
 
-async def kv_records(kv: KeyValue, cls: type[M], pattern: str = ">") -> dict[str, tuple[M, int]]:
-    """Every record under the key ``pattern`` (NATS wildcards) as key -> (record, revision), read
-    with one ordered watch instead of a round trip per key; deleted keys are left out."""
-    found: dict[str, tuple[M, int]] = {}
-    watcher = await kv.watch(pattern, ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:  # the end of what is stored now
-                break
-            if entry.value:
-                found[entry.key] = (cls.decode(entry.value), entry.revision or 0)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return found
+async def kv_records(
+    bus: Bus, bucket: str, cls: type[M], pattern: str = ">"
+) -> dict[str, tuple[M, int]]:
+    """Every record of ``bucket`` under the key ``pattern`` (NATS wildcards) as key -> (record,
+    revision); deleted keys are left out. The keys come from the bucket's stream (one
+    ``stream_info``), then each is read: a KV watch's end-of-data marker can come before entries
+    already on their way (nats-py), and a listing read that way could miss records."""
+    prefix = f"$KV.{bucket}."
+    info = await bus.js.stream_info(f"KV_{bucket}", subjects_filter=prefix + pattern)
+    keys = [subject[len(prefix) :] for subject in info.state.subjects or {}]
+    kv = bus.kv[bucket]
+
+    async def read(key: str) -> tuple[str, M, int] | None:
+        try:
+            entry = await kv.get(key)
+        except (KeyNotFoundError, NotFoundError):
+            return None  # deleted: only its marker is left
+        if entry.value is None or entry.operation is not None:
+            return None
+        return key, cls.decode(entry.value), entry.revision or 0
+
+    found = await asyncio.gather(*(read(key) for key in keys))
+    return {key: (record, revision) for key, record, revision in filter(None, found)}
 
 
 async def kv_create(kv: KeyValue, key: str, value: bytes) -> bytes | None:

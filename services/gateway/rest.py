@@ -36,7 +36,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from nats.js.errors import KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -89,9 +88,11 @@ R = TypeVar("R", bound=Message)
 # ---------------------------------------------------------------- reading the buckets
 
 
-async def records(kv: KeyValue, cls: type[R], pattern: str = ">") -> list[tuple[R, int]]:
-    """Every record under the key pattern, with its revision; deleted keys are left out."""
-    return list((await b.kv_records(kv, cls, pattern)).values())
+async def records(
+    gw: Gateway, bucket: str, cls: type[R], pattern: str = ">"
+) -> list[tuple[R, int]]:
+    """Every record of ``bucket`` under the key pattern, with its revision."""
+    return list((await b.kv_records(gw.bus, bucket, cls, pattern)).values())
 
 
 def live(record: CheckpointRecord, now: datetime) -> bool:
@@ -102,7 +103,7 @@ def live(record: CheckpointRecord, now: datetime) -> bool:
 async def run_checkpoints(gw: Gateway, run_id: str) -> list[CheckpointRecord]:
     """A run's live checkpoints, oldest first."""
     now = utcnow()
-    found = await records(gw.bus.kv[s.CHECKPOINTS_BUCKET], CheckpointRecord, f"{s.token(run_id)}.>")
+    found = await records(gw, s.CHECKPOINTS_BUCKET, CheckpointRecord, f"{s.token(run_id)}.>")
     return sorted((r for r, _ in found if live(r, now)), key=lambda r: r.created_at)
 
 
@@ -187,17 +188,17 @@ async def list_training_runs(
     t: str = Depends(tenant),
     gw: Gateway = Depends(gateway),
 ) -> dict[str, object]:
-    runs = [r for r, _ in await records(gw.bus.kv[s.RUNS_BUCKET], TrainingRunRecord)]
+    runs = [r for r, _ in await records(gw, s.RUNS_BUCKET, TrainingRunRecord)]
     readable: set[str] = set()  # "accessible": also the runs with a checkpoint published
     if access_scope == "accessible":
         now = utcnow()
-        found = await records(gw.bus.kv[s.CHECKPOINTS_BUCKET], CheckpointRecord)
+        found = await records(gw, s.CHECKPOINTS_BUCKET, CheckpointRecord)
         readable = {c.run_id for c, _ in found if c.public and live(c, now)}
     mine = [r for r in runs if r.tenant == t or r.run_id in readable]
     if project_id is not None:
         sessions = {
             r.session_id
-            for r, _ in await records(gw.bus.kv[s.SESSIONS_BUCKET], SessionRecord)
+            for r, _ in await records(gw, s.SESSIONS_BUCKET, SessionRecord)
             if r.tenant == t and r.project_id == project_id
         }
         mine = [r for r in mine if r.session_id in sessions]
@@ -246,7 +247,7 @@ async def list_user_checkpoints(
     gw: Gateway = Depends(gateway),
 ) -> dict[str, object]:
     now = utcnow()
-    found = await records(gw.bus.kv[s.CHECKPOINTS_BUCKET], CheckpointRecord)
+    found = await records(gw, s.CHECKPOINTS_BUCKET, CheckpointRecord)
     mine = [r for r, _ in found if r.tenant == t and live(r, now)]
     mine.sort(key=lambda r: (r.created_at, r.tinker_path), reverse=True)  # newest first
     return {
@@ -504,7 +505,7 @@ async def list_sessions(
     t: str = Depends(tenant),
     gw: Gateway = Depends(gateway),
 ) -> dict[str, object]:
-    found = await records(gw.bus.kv[s.SESSIONS_BUCKET], SessionRecord)
+    found = await records(gw, s.SESSIONS_BUCKET, SessionRecord)
     mine = sorted(
         (r for r, _ in found if r.tenant == t),
         key=lambda r: (r.created_at, r.session_id),
@@ -521,8 +522,8 @@ async def get_session(
     gw: Gateway = Depends(gateway),
 ) -> dict[str, object]:
     session = await gw.session(t, session_id)
-    runs = await records(gw.bus.kv[s.RUNS_BUCKET], TrainingRunRecord)
-    samplers = await records(gw.bus.kv[s.SAMPLERS_BUCKET], SamplingSessionRecord)
+    runs = await records(gw, s.RUNS_BUCKET, TrainingRunRecord)
+    samplers = await records(gw, s.SAMPLERS_BUCKET, SamplingSessionRecord)
     return {
         "training_run_ids": _by_seq(r.run_id for r, _ in runs if r.session_id == session_id),
         "sampler_ids": _by_seq(r.sampler_id for r, _ in samplers if r.session_id == session_id),

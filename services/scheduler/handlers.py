@@ -267,7 +267,7 @@ class Scheduler:
         record (compare-and-set), then its files. Returns how many went."""
         kv = self.bus.kv[s.CHECKPOINTS_BUCKET]
         deleted = 0
-        checkpoints = await b.kv_records(kv, CheckpointRecord)
+        checkpoints = await b.kv_records(self.bus, s.CHECKPOINTS_BUCKET, CheckpointRecord)
         for action in expired_checkpoints(checkpoints, wall_now or utcnow()):
             try:
                 await kv.delete(action.key, last=action.revision)
