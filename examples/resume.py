@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--base-model", default="whetstone/tiny-qwen3")
     parser.add_argument("--steps-before", type=int, default=8)
     parser.add_argument("--steps-after", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
