@@ -25,6 +25,7 @@ import io
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.errors
@@ -44,7 +45,7 @@ from nats.js.object_store import ObjectStore
 from opentelemetry import propagate
 
 from whetstone import subjects as s
-from whetstone.messages import FutureRecord, Message, Result, UsageEvent
+from whetstone.messages import FutureRecord, Message, Result, UsageEvent, utcnow
 
 if TYPE_CHECKING:
     from whetstone.fate import MessageFate
@@ -67,6 +68,7 @@ _STREAMS: dict[str, list[str]] = {
 _BUCKETS: dict[str, float | None] = {  # bucket -> TTL in seconds (None: forever)
     s.FUTURES_BUCKET: FUTURE_TTL_S,
     s.DEDUP_BUCKET: DEDUP_TTL_S,
+    s.FUTURE_INDEX_BUCKET: FUTURE_TTL_S,
     s.KEYS_BUCKET: None,
     s.SESSIONS_BUCKET: None,
     s.RUNS_BUCKET: None,
@@ -289,7 +291,14 @@ async def finish_future(bus: Bus, pending: FutureRecord, result: Result) -> None
     await kv_put(
         bus.kv[s.FUTURES_BUCKET],
         pending.request_id,
-        pending.model_copy(update={"status": "done", "result": result, "trace": trace_carrier()}),
+        pending.model_copy(
+            update={
+                "status": "done",
+                "result": result,
+                "finished_at": utcnow(),
+                "trace": trace_carrier(),
+            }
+        ),
     )
 
 
@@ -302,10 +311,18 @@ async def fail_future(bus: Bus, pending: FutureRecord, error: str, category: str
                 "status": "failed",
                 "error": error,
                 "category": category,
+                "finished_at": utcnow(),
                 "trace": trace_carrier(),
             }
         ),
     )
+
+
+def enqueued_at(msg: Any) -> datetime | None:
+    """When the stream stored a delivered JetStream message: when its request was queued."""
+    metadata = getattr(getattr(msg, "raw_message", msg), "metadata", None)
+    stamp = getattr(metadata, "timestamp", None)
+    return stamp if isinstance(stamp, datetime) else None
 
 
 async def future_record(bus: Bus, request_id: str) -> FutureRecord | None:

@@ -122,6 +122,17 @@ class SaveWeights(Message):
     sampler_id: str | None = None
 
 
+class LoadWeights(Message):
+    """``load_state``: the run's adapter becomes a checkpoint's (``optimizer``: its AdamW moments
+    and step too; else they restart from zero). Gradients not yet stepped are dropped; the run's
+    seq_id position is its own (the load is one of its requests)."""
+
+    op: Literal["load_weights"] = "load_weights"
+    tinker_path: str
+    store_key: str
+    optimizer: bool
+
+
 class Skip(Message):
     """Fills the seq_id of a submission the gateway refused, so the run's later requests do not
     wait for it forever. The trainer only advances past it; no future belongs to it."""
@@ -131,7 +142,7 @@ class Skip(Message):
 
 
 TrainCommand = Annotated[
-    ForwardBackward | OptimStep | SaveWeights | Skip, Field(discriminator="op")
+    ForwardBackward | OptimStep | SaveWeights | LoadWeights | Skip, Field(discriminator="op")
 ]
 
 
@@ -234,9 +245,20 @@ class SaveWeightsResult(Message):
     size_bytes: int | None = None
 
 
+class LoadWeightsResult(Message):
+    op: Literal["load_weights"] = "load_weights"
+    path: str
+    model_id: str
+
+
 class CreateCustomLossResult(Message):
     op: Literal["create_custom_loss"] = "create_custom_loss"
     loss_id: str
+
+
+class UnloadModelResult(Message):
+    op: Literal["unload_model"] = "unload_model"
+    model_id: str
 
 
 class SampledSequence(Message):
@@ -256,6 +278,8 @@ Result = Annotated[
     | ForwardBackwardResult
     | OptimStepResult
     | SaveWeightsResult
+    | LoadWeightsResult
+    | UnloadModelResult
     | SampleResult
     | CreateCustomLossResult,
     Field(discriminator="op"),
@@ -277,6 +301,12 @@ class FutureRecord(Message):
     error: str | None = None
     category: Literal["user", "server", "unknown"] | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    # The request's timing as the worker saw it: queued on the bus (the stream's timestamp of
+    # the message), taken up for execution, and finished (``bus.finish_future``/``fail_future``).
+    # A session's trace export is built from these.
+    enqueued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     # W3C trace context of the work that wrote the record: the gateway continues the request's
     # trace from it when it hands the result back.
     trace: dict[str, str] = {}
@@ -322,7 +352,20 @@ class SessionRecord(Message):
     project_id: str | None = None  # Tinker's project (``PUT /sessions/{id}/project``)
 
 
+class InitialWeights(Message):
+    """A run created from a checkpoint (``create_training_client_from_state[_with_optimizer]``):
+    its first holder starts it from these weights (and optimizer state) instead of a fresh
+    adapter; that load is the run's seq 0."""
+
+    tinker_path: str
+    store_key: str
+    optimizer: bool
+
+
 class TrainingRunRecord(Message):
+    """A training run. ``initial``: created from a checkpoint; ``unloaded_at``: freed by
+    ``unload_model``, every later request on it is refused."""
+
     run_id: str  # <session>:train:<model_seq_id>
     tenant: str
     session_id: str
@@ -330,14 +373,20 @@ class TrainingRunRecord(Message):
     lora: LoraConfig
     user_metadata: dict[str, str] = {}
     created_at: datetime = Field(default_factory=utcnow)
+    initial: InitialWeights | None = None
+    unloaded_at: datetime | None = None
 
 
 class SamplingSessionRecord(Message):
+    """A sampling session. ``clients``: how many unpickled copies of its SamplingClient have
+    joined it (``join_sampling_session``); the n-th gets clone id n."""
+
     sampler_id: str  # <session>:sample:<n>
     tenant: str
     session_id: str
     base_model: str
     adapter: AdapterRef | None = None
+    clients: int = 0
 
 
 class CustomLossRecord(Message):

@@ -44,6 +44,9 @@ RUNS_BUCKET = "ws_runs"  # run token -> TrainingRunRecord
 SAMPLERS_BUCKET = "ws_samplers"  # sampler token -> SamplingSessionRecord
 CUSTOM_LOSSES_BUCKET = "ws_custom_losses"  # loss token -> CustomLossRecord
 CHECKPOINTS_BUCKET = "ws_checkpoints"  # <run token>.<kind>.<name token> -> CheckpointRecord
+# <session or sampling-session token>.<request_id> -> "" (TTL): which futures belong to which
+# session (trace export) and sampling session (retrieve_futures).
+FUTURE_INDEX_BUCKET = "ws_future_index"
 PLACEMENTS_BUCKET = "ws_placements"  # run token -> worker id
 QUOTAS_BUCKET = "ws_quotas"  # <tenant token>.<quota> -> QuotaSlots (gateway quotas.py)
 RUN_PROGRESS_BUCKET = "ws_run_progress"  # run token -> RunProgress (snapshot, next seq_id)

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from structlog.stdlib import BoundLogger
 
-from services.gateway import billing, custom_loss, metrics, rest, sampling, training
+from services.gateway import billing, custom_loss, metrics, rest, sampling, traces, training
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
 from services.gateway.limits import BodyLimit
@@ -54,10 +54,12 @@ from whetstone.messages import (
     CreateModelResult,
     ForwardBackwardResult,
     FutureRecord,
+    LoadWeightsResult,
     OptimStepResult,
     SampleResult,
     SaveWeightsResult,
     SessionRecord,
+    UnloadModelResult,
     utcnow,
 )
 
@@ -121,6 +123,8 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
     app.include_router(training.router)
     app.include_router(sampling.router)
     app.include_router(billing.router)
+    app.include_router(traces.router)  # before rest's session routes
+    app.include_router(traces.downloads)  # before rest's downloads: a more specific path
     app.include_router(rest.router)
     app.include_router(rest.downloads)
     app.include_router(custom_loss.router)
@@ -238,7 +242,7 @@ unrouted = APIRouter()
 
 @unrouted.post("/api/v1/{path:path}", include_in_schema=False)
 async def unsupported(path: str, request: Request, gw: Gateway = Depends(gateway)) -> Response:
-    """A Tinker endpoint this server does not serve (``load_weights``, ...). A training call
+    """A Tinker endpoint this server does not serve. A training call
     spent a seq_id all the same: fill it, so that the run's later requests still run."""
     endpoint = f"/api/v1/{path}"
     raw = await request.body()
@@ -256,14 +260,18 @@ async def unsupported(path: str, request: Request, gw: Gateway = Depends(gateway
 
 
 @router.post("/client/config")
-async def client_config() -> dict[str, object]:
-    # create_custom_loss uploads the traced loss; the trainer runs it (custom_loss.py).
-    return {"custom_loss_server_side": True}
+async def client_config(gw: Gateway = Depends(gateway)) -> dict[str, object]:
+    return {
+        "sample_use_retrieve_futures": gw.settings.sample_use_retrieve_futures,
+        "sample_join_sampling_session": gw.settings.sample_join_sampling_session,
+        # create_custom_loss uploads the traced loss; the trainer runs it (custom_loss.py).
+        "custom_loss_server_side": True,
+    }
 
 
 @router.post("/client/dynamic_config")
-async def client_dynamic_config() -> dict[str, object]:
-    return {}
+async def client_dynamic_config(gw: Gateway = Depends(gateway)) -> dict[str, object]:
+    return {"sample_cancel_enabled": gw.settings.sample_cancel_enabled}
 
 
 @router.post("/telemetry")
@@ -410,6 +418,12 @@ def future_response(record: FutureRecord, wants_proto: bool) -> Response:
         return JSONResponse(sample_response_json(result))
     if isinstance(result, CreateModelResult):
         return JSONResponse({"type": "create_model", "model_id": result.model_id})
+    if isinstance(result, LoadWeightsResult):
+        return JSONResponse(
+            {"type": "load_weights", "path": result.path, "model_id": result.model_id}
+        )
+    if isinstance(result, UnloadModelResult):
+        return JSONResponse({"type": "unload_model", "model_id": result.model_id})
     if isinstance(result, OptimStepResult):
         return JSONResponse({"type": "optim_step", "metrics": result.metrics})
     if isinstance(result, CreateCustomLossResult):

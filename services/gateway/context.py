@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from structlog.stdlib import BoundLogger
 
 from services.gateway import metrics
-from services.gateway.futures import FutureWaiters
+from services.gateway.futures import FutureIndex, FutureWaiters
 from services.gateway.quotas import Limits, Quotas
 from services.gateway.settings import GatewaySettings
 from whetstone import bus as b
@@ -134,12 +134,16 @@ class Gateway:
 
     async def run_record(self, run_id: str) -> TrainingRunRecord | None:
         """A run's record whoever owns it (for a published checkpoint's run); None if unknown."""
-        record = self._runs.get(run_id)  # run records never change once created
+        record = self._runs.get(run_id)  # changed only by unload_model (``remember_run``)
         if record is None:
             record = await b.kv_get(self.bus.kv[s.RUNS_BUCKET], s.token(run_id), TrainingRunRecord)
             if record is not None:
                 self._runs[run_id] = record
         return record
+
+    def remember_run(self, record: TrainingRunRecord) -> None:
+        """This gateway's view of a run record that changed (``unload_model``)."""
+        self._runs[record.run_id] = record
 
     async def checkpoint(
         self, tenant: str, path: TinkerPath, *, published_ok: bool = False
@@ -175,9 +179,11 @@ class Gateway:
         op: str,
         subject: str,
         message_for: Callable[[str], Message],
+        index: Sequence[str] = (),
     ) -> str:
         """Accept a request exactly once per ``dedup_key`` (e.g. run + seq_id): a retried
-        submission gets the first one's request id back.
+        submission gets the first one's request id back. ``index``: the sessions and sampling
+        sessions whose futures it counts among (``FutureIndex``).
 
         ``message_for(request_id)`` builds the bus message. It is published until the stream
         has acknowledged it once: a failed publish answers ``Unavailable`` (503, which the SDK
@@ -215,6 +221,7 @@ class Gateway:
             subject,
             message_for(request_id),
             b.kv_create(self.bus.kv[s.FUTURES_BUCKET], request_id, pending.encode()),
+            *(FutureIndex(self.bus).add(scope, request_id) for scope in index),
         )
         metrics.SUBMISSIONS.labels(op).inc()
         return request_id

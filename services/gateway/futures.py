@@ -1,18 +1,22 @@
-"""Futures as clients see them: long-polling on KV ``ws_futures``.
+"""Futures as clients see them: long-polling on KV ``ws_futures``, and which futures belong to
+which session and sampling session (``FutureIndex``, KV ``ws_future_index``).
 
 One subscription to the bucket's subject (``$KV.ws_futures.>``, a FastStream subscriber of the
 gateway's broker) serves every waiting ``retrieve_future`` of this gateway: a poller registers
 for its request id, checks the current record, and sleeps until a worker writes the final
 record or the poll window ends. No polling of the KV store, no per-request watcher. An update
 that does not decode is the fate wrapper's to count and dead-letter; waiters are untouched.
+``wait_any`` does the same for many ids at once (``retrieve_futures``' long poll).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Sequence
 
 from faststream.nats import NatsMessage
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from services.gateway import metrics
 from whetstone import bus as b
@@ -76,3 +80,76 @@ class FutureWaiters:
                 waiters.remove(fut)
                 if not waiters:
                     del self._waiters[request_id]
+
+    async def wait_any(self, request_ids: Sequence[str], timeout_s: float) -> None:
+        """Return once any of ``request_ids`` has a final record written, or after
+        ``timeout_s``. The caller reads the records (they may have been final already)."""
+        if not request_ids:
+            await asyncio.sleep(timeout_s)
+            return
+        fut: asyncio.Future[FutureRecord] = asyncio.get_running_loop().create_future()
+        for request_id in request_ids:
+            self._waiters[request_id].append(fut)
+        metrics.LONG_POLLS.inc()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            metrics.LONG_POLLS.dec()
+            for request_id in request_ids:
+                waiters = self._waiters.get(request_id)
+                if waiters and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiters[request_id]
+
+
+class FutureIndex:
+    """Which futures belong to a scope (a session id, or a sampling session and clone): KV
+    ``ws_future_index`` under ``<scope token>.<request id>``, expiring with the futures. Written
+    by the gateway when it accepts a request; read by the trace export and ``retrieve_futures``.
+    """
+
+    def __init__(self, bus: b.Bus) -> None:
+        self.kv = bus.kv[s.FUTURE_INDEX_BUCKET]
+        self.futures = bus.kv[s.FUTURES_BUCKET]
+
+    async def add(self, scope: str, request_id: str) -> None:
+        await self.kv.put(f"{s.token(scope)}.{request_id}", b"")
+
+    async def remove(self, scope: str, request_id: str) -> None:
+        await self.kv.purge(f"{s.token(scope)}.{request_id}")
+
+    async def request_ids(self, scope: str) -> list[str]:
+        """The scope's request ids, read with one ordered watch filtered by the server."""
+        prefix = f"{s.token(scope)}."
+        ids: list[str] = []
+        watcher = await self.kv.watch(f"{prefix}*", ignore_deletes=True, meta_only=True)
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of what is stored now
+                    break
+                ids.append(entry.key[len(prefix) :])
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return sorted(ids)
+
+    async def records(self, request_ids: Sequence[str]) -> list[tuple[FutureRecord, int]]:
+        """The futures' records with their KV revisions (expired ones left out)."""
+        entries = await asyncio.gather(*(self._entry(rid) for rid in request_ids))
+        return [entry for entry in entries if entry is not None]
+
+    async def _entry(self, request_id: str) -> tuple[FutureRecord, int] | None:
+        try:
+            entry = await self.futures.get(request_id)
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        if entry.value is None or entry.operation is not None:
+            return None
+        return FutureRecord.decode(entry.value), int(entry.revision or 0)
+
+    async def last_revision(self) -> int:
+        """The futures bucket's latest revision: every record at or below it is readable now."""
+        info = await self.futures.status()
+        return int(info.stream_info.state.last_seq)

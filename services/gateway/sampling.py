@@ -1,4 +1,5 @@
-"""Sampling endpoints of the Tinker API: create_sampling_session, samplers/{id}, asample.
+"""Sampling endpoints of the Tinker API: create_sampling_session, samplers/{id}, asample, and
+the session poller's ``retrieve_futures``, ``cancel_future`` and ``join_sampling_session``.
 
 A sampling session names a base model and, optionally, LoRA sampler weights (a checkpoint of one
 of the tenant's runs). ``asample`` validates the prompt and publishes the request on the base
@@ -7,17 +8,28 @@ model's shared queue ``ws.sample.<base>``; any sampler replica of that model ser
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from fastapi import APIRouter, Depends
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from pydantic import BaseModel, ConfigDict
 
 from services.gateway.context import Gateway, caller_key_id, gateway, tenant
+from services.gateway.futures import FutureIndex
 from services.gateway.validation import check_sample
 from services.gateway.wire import model_input_from_json, sampling_params_from_json
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.checkpoints import TinkerPath
 from whetstone.errors import NotFound, UserError
-from whetstone.messages import AdapterRef, SampleRequest, SamplingSessionRecord
+from whetstone.messages import (
+    AdapterRef,
+    FutureRecord,
+    SampleRequest,
+    SamplingSessionRecord,
+    utcnow,
+)
 
 router = APIRouter(prefix="/api/v1")
 
@@ -123,8 +135,136 @@ async def asample(
         "sample",
         s.sample_subject(spec.name),
         lambda rid: request.model_copy(update={"request_id": rid}),
+        index=(sampler.session_id, clone_scope(sampler.sampler_id, body.seq_id)),
     )
     return {
         "request_id": request_id,
         "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
     }
+
+
+# ---------------------------------------------------------------- session poller, cancel, join
+
+CLONE_SEQ_BLOCK = 1_000_000_000  # a cloned SamplingClient's seq_ids start at clone id x this
+RECHECK_S = 2.0  # a long poll with nothing pending looks again this often (new submissions)
+
+
+def clone_scope(sampler_id: str, seq_id: int) -> str:
+    """The ``FutureIndex`` scope of one SamplingClient copy: its sampling session and clone id
+    (``seq_id // 1e9``, as the SDK numbers them)."""
+    return f"{sampler_id}#{seq_id // CLONE_SEQ_BLOCK}"
+
+
+class FuturesTarget(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = "sampling_session"
+    sampling_session_id: str
+    cloned_sampler_id: int = 0
+
+
+class RetrieveFuturesBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    target: FuturesTarget
+    prev_cursor: int = 0
+    timeout: float | None = None
+    retrieved_request_ids: list[str] = []
+
+
+@router.post("/retrieve_futures")
+async def retrieve_futures(
+    body: RetrieveFuturesBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> dict[str, object]:
+    """The sampling session's futures that finished or failed since ``prev_cursor``; a long
+    poll (up to ``long_poll_s``) until there is one, unless ``timeout`` says otherwise (0: ack
+    only). The cursor is the futures bucket's revision: a record's final write has a revision
+    above every earlier write, so "final at a revision in (prev_cursor, cursor]" reports each
+    completion exactly once. ``retrieved_request_ids`` leave the session's index."""
+    if body.target.type != "sampling_session":
+        raise UserError(f"retrieve_futures serves sampling sessions, not {body.target.type!r}")
+    sampler = await gw.sampler(t, body.target.sampling_session_id)
+    scope = clone_scope(sampler.sampler_id, body.target.cloned_sampler_id * CLONE_SEQ_BLOCK)
+    index = FutureIndex(gw.bus)
+    await asyncio.gather(*(index.remove(scope, rid) for rid in body.retrieved_request_ids))
+    hold_s = gw.settings.long_poll_s if body.timeout is None else body.timeout
+    deadline = time.monotonic() + max(0.0, min(hold_s, gw.settings.long_poll_s))
+    while True:
+        cursor = await index.last_revision()  # before the reads: nothing at or below is missed
+        records = await index.records(await index.request_ids(scope))
+        completions = [
+            {
+                "state": "finished" if record.status == "done" else "failed",
+                "request_id": record.request_id,
+            }
+            for record, revision in records
+            if record.final and body.prev_cursor < revision <= cursor
+        ]
+        remaining = deadline - time.monotonic()
+        if completions or remaining <= 0:
+            return {"completions": completions, "cursor": max(cursor, body.prev_cursor)}
+        pending = [record.request_id for record, _ in records if not record.final]
+        await gw.waiters.wait_any(pending, min(remaining, RECHECK_S))
+
+
+class CancelFutureBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    request_id: str
+
+
+@router.post("/cancel_future")
+async def cancel_future(
+    body: CancelFutureBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> dict[str, object]:
+    """Cancel a sample: its future fails (``category: "user"``) at once, so a sampler that has
+    not started it never runs it, and one that has does not write or bill its result (both
+    compare the record's revision). A future that is already final stays as it is."""
+    kv = gw.bus.kv[s.FUTURES_BUCKET]
+    while True:
+        try:
+            entry = await kv.get(body.request_id)
+        except (KeyNotFoundError, NotFoundError):
+            entry = None
+        record = FutureRecord.decode(entry.value) if entry and entry.value else None
+        if entry is None or record is None or record.tenant != t:
+            raise NotFound(f"unknown request_id {body.request_id!r}")
+        if record.op != "sample":
+            raise UserError("only sampling requests can be cancelled")
+        if record.final:
+            return {}
+        cancelled = record.model_copy(
+            update={
+                "status": "failed",
+                "error": "cancelled by the client",
+                "category": "user",
+                "finished_at": utcnow(),
+            }
+        )
+        try:
+            await kv.update(body.request_id, cancelled.encode(), last=entry.revision)
+            return {}
+        except KeyWrongLastSequenceError:
+            continue  # written meanwhile (its result, most likely): look again
+
+
+class JoinSamplingSessionBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    sampling_session_id: str
+
+
+@router.post("/join_sampling_session")
+async def join_sampling_session(
+    body: JoinSamplingSessionBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+) -> dict[str, object]:
+    """A clone id for an unpickled SamplingClient: 1, 2, ... per sampling session (the original
+    client is 0), counted on the session's record with a compare-and-set."""
+    await gw.sampler(t, body.sampling_session_id)
+    kv = gw.bus.kv[s.SAMPLERS_BUCKET]
+    key = s.token(body.sampling_session_id)
+    while True:
+        entry = await kv.get(key)
+        record = SamplingSessionRecord.decode(entry.value or b"")
+        joined = record.model_copy(update={"clients": record.clients + 1})
+        try:
+            await kv.update(key, joined.encode(), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return {"type": "join_sampling_session", "client_counter": joined.clients}

@@ -26,6 +26,12 @@ class GatewaySettings(ServiceSettings):
     # asample prompts are far smaller; 16 MiB lets every SDK request through with room to spare
     # while a runaway body is refused (413) before it is held in memory.
     max_body_bytes: int = 16 * 1024 * 1024
+    # The SDK's optional sampling features, announced in client/config and dynamic_config:
+    # one retrieve_futures long poll per SamplingClient instead of one retrieve_future per
+    # sample, server-allocated clone ids for unpickled SamplingClients, and cancel_future.
+    sample_use_retrieve_futures: bool = True
+    sample_join_sampling_session: bool = True
+    sample_cancel_enabled: bool = True
     # Download URLs of external weights are signed (HMAC-SHA256) with this secret and served by
     # the gateway itself. Empty: a random one per process, so URLs die with the gateway; every
     # replica behind one address must be given the same secret.

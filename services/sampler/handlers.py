@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import structlog
 from faststream import AckPolicy
 from faststream.nats import JStream, PullSub
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from services.sampler.engine import SamplerEngine
 from services.sampler.settings import SamplerSettings
@@ -39,6 +40,7 @@ from whetstone.messages import (
     SampleResult,
     UsageEvent,
     WorkerHeartbeat,
+    utcnow,
 )
 from whetstone.tasks import Offload, heartbeats, spawn
 
@@ -248,8 +250,46 @@ class SamplerWorker:
         )
 
     async def handle_sample(self, req: SampleRequest, msg: Delivered) -> None:
+        # A request its client cancelled while it waited in the queue never runs.
+        record, revision = await self._future(req.request_id)
+        if record is not None and record.final:
+            return
+        pending = FutureRecord(
+            request_id=req.request_id,
+            tenant=req.tenant,
+            op="sample",
+            enqueued_at=b.enqueued_at(msg),
+            started_at=utcnow(),
+        )
         result = await self.batcher.generate(req, await self._adapter(req))
-        await self._finish(req, result)
+        await self._finish(req, pending, result, revision)
+
+    async def _future(self, request_id: str) -> tuple[FutureRecord | None, int | None]:
+        """The request's future record and its KV revision (None, None before the gateway's
+        pending record lands: it is written alongside the publish)."""
+        try:
+            entry = await self.bus.kv[s.FUTURES_BUCKET].get(request_id)
+        except (KeyNotFoundError, NotFoundError):
+            return None, None
+        if entry.value is None or entry.operation is not None:
+            return None, None
+        return FutureRecord.decode(entry.value), entry.revision
+
+    async def _write_result(self, final: FutureRecord, revision: int | None) -> bool:
+        """Write the final record unless the future was cancelled meanwhile (compare-and-set on
+        the revision read before the work); False when it was, so nothing is billed."""
+        kv = self.bus.kv[s.FUTURES_BUCKET]
+        while True:
+            try:
+                if revision is None:
+                    await kv.create(final.request_id, final.encode())
+                else:
+                    await kv.update(final.request_id, final.encode(), last=revision)
+                return True
+            except KeyWrongLastSequenceError:
+                record, revision = await self._future(final.request_id)
+                if record is not None and record.final:
+                    return record.status == "done"  # a copy finished first: its usage ids match
 
     async def _adapter(self, req: SampleRequest) -> str | None:
         if req.adapter is None:
@@ -260,8 +300,9 @@ class SamplerWorker:
         await self._torch(self.engine.ensure_adapter, req.adapter.store_key, directory)
         return req.adapter.store_key
 
-    async def _finish(self, req: SampleRequest, result: SampleResult) -> None:
-        pending = FutureRecord(request_id=req.request_id, tenant=req.tenant, op="sample")
+    async def _finish(
+        self, req: SampleRequest, pending: FutureRecord, result: SampleResult, revision: int | None
+    ) -> None:
         usage: dict[Meter, int] = {
             "prefill_tokens": req.prompt.numel,
             "sample_tokens": sum(seq.tokens.numel for seq in result.sequences),
@@ -282,7 +323,15 @@ class SamplerWorker:
         ]
         for meter, tokens in usage.items():
             metrics.TOKENS.labels("sampler", meter, req.base_model).inc(tokens)
-        # Result and usage land together, before the wrapper acknowledges the request.
-        await asyncio.gather(
-            b.finish_future(self.bus, pending, result), b.publish_usage(self.bus, events)
+        # The result, then its usage (none for a request cancelled meanwhile), both before the
+        # wrapper acknowledges the request.
+        final = pending.model_copy(
+            update={
+                "status": "done",
+                "result": result,
+                "finished_at": utcnow(),
+                "trace": b.trace_carrier(),
+            }
         )
+        if await self._write_result(final, revision):
+            await b.publish_usage(self.bus, events)

@@ -41,6 +41,8 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -74,6 +76,8 @@ from whetstone.messages import (
     CreateModelResult,
     ForwardBackward,
     FutureRecord,
+    LoadWeights,
+    LoadWeightsResult,
     Operation,
     OptimStep,
     QueueState,
@@ -88,6 +92,7 @@ from whetstone.messages import (
     UsageEvent,
     UsageMeter,
     WorkerHeartbeat,
+    utcnow,
 )
 from whetstone.observability import bind_work, tracer_provider
 from whetstone.tasks import Offload, heartbeats, spawn
@@ -193,11 +198,12 @@ class TrainerWorker:
     async def handle_assign(self, assign: AssignRun) -> bytes:
         run = assign.run
         rid = assign.request_id  # None: a run that moves here, with no future to complete
-        pending = FutureRecord(request_id=rid or "", tenant=run.tenant, op="create_model")
+        op = "load_weights" if run.initial else "create_model"
+        pending = FutureRecord(request_id=rid or "", tenant=run.tenant, op=op)
         try:
             await self.open_run(run)
             if rid:
-                await b.finish_future(self.bus, pending, CreateModelResult(model_id=run.run_id))
+                await b.finish_future(self.bus, pending, _created(run))
             reply = AssignReply(ok=True)
         except UserError as exc:
             if rid:
@@ -235,8 +241,8 @@ class TrainerWorker:
                 directory = self.store.path(progress.snapshot_key)
                 await self._torch(load_snapshot, self.engine, run.run_id, run.lora, directory)
                 claim = progress.model_copy(update={"holder": self.settings.worker_id})
-            else:  # new: the first snapshot pins the adapter's random initialisation
-                await self._torch(self.engine.create_run, run.run_id, run.lora)
+            else:  # new: the first snapshot pins the adapter's initial weights
+                await self._start_run(run)
                 next_seq = progress.next_seq_id if progress else 1
                 claim = RunProgress(
                     run_id=run.run_id,
@@ -257,6 +263,20 @@ class TrainerWorker:
             queue.ran_through = claim.next_seq_id
             self.runs[run.run_id] = queue
             queue.subscriber = await self.subscribe_run(run.run_id)
+
+    async def _start_run(self, run: TrainingRunRecord) -> None:
+        """A new run's state: a fresh adapter, or a checkpoint's (create-via-load, which is the
+        run's seq 0: its first request is seq_id 1)."""
+        if run.initial is None:
+            await self._torch(self.engine.create_run, run.run_id, run.lora)
+            return
+        directory = self._checkpoint_dir(run.initial.store_key, run.initial.tinker_path)
+        await self._torch(self.engine.load_state, run.run_id, directory, run.initial.optimizer)
+
+    def _checkpoint_dir(self, key: str, tinker_path: str) -> Path:
+        if not self.store.exists(key):
+            raise UserError(f"checkpoint {tinker_path} no longer exists")
+        return self.store.path(key)
 
     async def _read_progress(self, run_id: str) -> tuple[RunProgress | None, int | None]:
         """The run's position and its revision; (None, None) for a run that never ran."""
@@ -480,7 +500,7 @@ class TrainerWorker:
                 f"execute {op}",
                 attributes={"whetstone.run_id": req.run_id, "whetstone.seq_id": req.seq_id},
             ):
-                outcome = await self._with_retries(req)
+                outcome = await self._with_retries(req, b.enqueued_at(item.msg))
                 if outcome is not None:
                     await self._fail_now(item, outcome)
                 elif isinstance(req.command, OptimStep):
@@ -488,11 +508,16 @@ class TrainerWorker:
                     queue.steps_since_snapshot += 1
                 elif isinstance(req.command, ForwardBackward) and not req.command.forward_only:
                     queue.dirty = True
+                elif isinstance(req.command, LoadWeights):
+                    queue.dirty = True
                 queue.unacked.append((item, outcome))
                 queue.ran_through = req.seq_id + 1
                 queue.last_ran_at = time.monotonic()
                 stepped = queue.steps_since_snapshot >= self.settings.snapshot_every_steps
-                if not queue.dirty or (isinstance(req.command, OptimStep) and stepped):
+                # A load replaces the whole state: snapshot it at once, so the checkpoint it
+                # came from may go.
+                loaded = isinstance(req.command, LoadWeights)
+                if not queue.dirty or loaded or (isinstance(req.command, OptimStep) and stepped):
                     await self._commit_or_lose(queue)
         finally:
             otel_context.detach(token)
@@ -563,14 +588,16 @@ class TrainerWorker:
 
     # ------------------------------------------------------------ executing one request
 
-    async def _with_retries(self, req: TrainRequest) -> BaseException | None:
+    async def _with_retries(
+        self, req: TrainRequest, enqueued_at: datetime | None = None
+    ) -> BaseException | None:
         """Run ``req``; None on success, else the error that ends it (a user error at once, a
         server error after ``MAX_DELIVER`` tries in place)."""
         for attempt in range(1, MAX_DELIVER + 1):
             started = time.perf_counter()
             metrics.IN_FLIGHT.labels("trainer", _op(req)).inc()
             try:
-                await self._execute(req)
+                await self._execute(req, enqueued_at)
                 metrics.REQUESTS.labels("trainer", _op(req), self.settings.base_model).inc()
                 metrics.REQUEST_LATENCY.labels(
                     "trainer", _op(req), self.settings.base_model
@@ -587,16 +614,26 @@ class TrainerWorker:
                 metrics.IN_FLIGHT.labels("trainer", _op(req)).dec()
         raise AssertionError("unreachable")
 
-    async def _execute(self, req: TrainRequest) -> None:
+    async def _execute(self, req: TrainRequest, enqueued_at: datetime | None = None) -> None:
         cmd = req.command
         if isinstance(cmd, Skip):
             return  # a refused submission's seq_id: nothing to run, nobody waiting
-        pending = FutureRecord(request_id=req.request_id, tenant=req.tenant, op=_op(req))
+        pending = FutureRecord(
+            request_id=req.request_id,
+            tenant=req.tenant,
+            op=_op(req),
+            enqueued_at=enqueued_at,
+            started_at=utcnow(),
+        )
         result: Result
         if isinstance(cmd, ForwardBackward):
             result = await self._torch(self.engine.forward_backward, req.run_id, cmd)
         elif isinstance(cmd, OptimStep):
             result = await self._torch(self.engine.optim_step, req.run_id, cmd.adam)
+        elif isinstance(cmd, LoadWeights):
+            directory = self._checkpoint_dir(cmd.store_key, cmd.tinker_path)
+            await self._torch(self.engine.load_state, req.run_id, directory, cmd.optimizer)
+            result = LoadWeightsResult(path=cmd.tinker_path, model_id=req.run_id)
         else:
             result, saved_bytes = await self._save(req, cmd)
         writes = [b.finish_future(self.bus, pending, result)]
@@ -679,6 +716,13 @@ class TrainerWorker:
                     back += [i.msg for i, _ in queue.unacked]
         await asyncio.gather(*(m.nack() for m in back), return_exceptions=True)
         self.log.info("trainer drained", handed_back=len(back))
+
+
+def _created(run: TrainingRunRecord) -> Result:
+    """The result of a run's creation future: create_model's, or create-via-load's."""
+    if run.initial is not None:
+        return LoadWeightsResult(path=run.initial.tinker_path, model_id=run.run_id)
+    return CreateModelResult(model_id=run.run_id)
 
 
 _USAGE_OPERATION: dict[str, Operation] = {
