@@ -1,5 +1,5 @@
 """Quotas and fair sharing on a real nats-server, with an in-process gateway and real trainer
-workers (built-in model, CPU), and the real tinker SDK where it says so.
+and sampler workers (built-in model, CPU), and the real tinker SDK where it says so.
 
 * Over a tenant's in-flight quota a submission gets 429 with ``Retry-After`` and a JSON body,
   and nothing is consumed: no dedup record, no message (no ``Skip`` either: the same seq_id
@@ -10,6 +10,8 @@ workers (built-in model, CPU), and the real tinker SDK where it says so.
 * The unmodified SDK behind a quota of one request in flight: its optim_step, posted while the
   forward_backward runs, is refused and retried until it goes through; the loop finishes and
   every token is billed once.
+* An ``asample`` over the quota gets 429, and its retry with the same seq_id (what the SDK
+  sends) runs once the sampler has drained the first; each request is billed once.
 * A second tenant is served while the first floods the worker (completion order observed on
   the futures bucket, no sleeps), and the flood's futures held back report
   ``paused_rate_limit``.
@@ -32,6 +34,9 @@ from tinker import types
 
 from services.gateway import metrics
 from services.gateway.context import train_dedup_key
+from services.sampler.engine import SamplerEngine
+from services.sampler.handlers import SamplerWorker
+from services.sampler.settings import SamplerSettings
 from services.scheduler.handlers import Scheduler
 from services.scheduler.settings import SchedulerSettings
 from tests.integration.gateway_app import (
@@ -46,9 +51,11 @@ from tests.integration.helpers import eventually
 from tests.integration.test_gateway_submissions import assign, train_messages
 from whetstone import bus as b
 from whetstone import subjects as s
+from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.keys import create_key, set_limits
 from whetstone.messages import FutureRecord
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
+from whetstone.models.registry import default_registry
 
 pytestmark = pytest.mark.timeout(180)  # a hang fails fast, with every thread's stack
 
@@ -175,7 +182,7 @@ class FinishOrder:
 async def test_a_second_tenant_is_served_while_the_first_floods(
     bus: b.Bus, nats_url: str, models_dir: Path, log, start_trainer
 ) -> None:
-    await start_trainer("w1", fair_share_report_s=0.0)
+    worker = await start_trainer("w1", fair_share_report_s=0.0)
     order = FinishOrder()
     watch = await bus.nc.subscribe(f"$KV.{s.FUTURES_BUCKET}.>", cb=order.on_update)
     flood_key = await create_key(bus, "flood")
@@ -191,7 +198,7 @@ async def test_a_second_tenant_is_served_while_the_first_floods(
         await assign(bus, "w1", quiet_run, quiet_create)
         # The flood: 30 requests queued on the worker, held for their seq_id 1.
         answers = [await post_fb(flood, flood_run, seq) for seq in range(2, 32)]
-        worker_run = (await _worker(start_trainer)).runs[flood_run]
+        worker_run = worker.runs[flood_run]
 
         async def all_held() -> bool:
             return len(worker_run.buffer) == 30
@@ -223,14 +230,6 @@ async def test_a_second_tenant_is_served_while_the_first_floods(
         held = [r for r in flood_ids if "paused_rate_limit" in order.states.get(r, set())]
         assert held, order.states
     await watch.unsubscribe()
-
-
-async def _worker(start_trainer):
-    """The trainer started by ``start_trainer`` in this test (the fixture keeps no handle)."""
-    for cell in start_trainer.__closure__ or ():
-        if isinstance(cell.cell_contents, list) and cell.cell_contents:
-            return cell.cell_contents[-1]
-    raise LookupError("no trainer started")
 
 
 @asynccontextmanager
@@ -295,3 +294,56 @@ async def test_the_sdk_retries_429_until_its_work_drains_and_is_billed_once(
         return await usage_messages(bus, "one-at-a-time") == 3
 
     await eventually(billed, what="one usage event per forward_backward")
+
+
+async def test_an_asample_over_the_quota_gets_429_and_its_retry_with_the_same_seq_id_runs(
+    bus: b.Bus, spawned: None, nats_url: str, models_dir: Path, tmp_path: Path, log
+) -> None:
+    key = await create_key(bus, "sampling", max_inflight=1)
+    async with running_gateway(nats_url, models_dir, log) as app, client(app, key) as http:
+        session = (await http.post("/api/v1/create_session", json={})).json()["session_id"]
+        answer = await http.post(
+            "/api/v1/create_sampling_session",
+            json={
+                "session_id": session,
+                "sampling_session_seq_id": 0,
+                "base_model": BUILTIN_MODEL_NAME,
+            },
+        )
+        sampler_id = answer.json()["sampling_session_id"]
+
+        def body(seq_id: int) -> dict[str, object]:
+            return {
+                "sampling_session_id": sampler_id,
+                "seq_id": seq_id,
+                "num_samples": 1,
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+                "sampling_params": {"max_tokens": 3, "seed": 1},
+            }
+
+        # no sampler yet: the first request waits in the queue, in flight
+        first = await http.post("/api/v1/asample", json=body(0))
+        assert first.status_code == 200, first.text
+        refused = await http.post("/api/v1/asample", json=body(1))
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert await raw(bus, s.DEDUP_BUCKET, f"{s.token(sampler_id)}.1") is None
+
+        settings = SamplerSettings(nats_url=nats_url, state_dir=tmp_path, models_dir=models_dir)
+        registry = default_registry(models_dir)
+        engine = SamplerEngine.from_spec(registry.resolve(BUILTIN_MODEL_NAME))
+        worker = SamplerWorker(settings, bus, engine, LocalCheckpointStore(tmp_path / "ck"), log)
+        await worker.declare()
+        await worker.start()
+        await result_of(http, first.json()["request_id"], accept=PROTOBUF)
+
+        # the SDK sends the refused request again with the same seq_id: it runs now
+        retried = await http.post("/api/v1/asample", json=body(1))
+        assert retried.status_code == 200, retried.text
+        done = await result_of(http, retried.json()["request_id"], accept=PROTOBUF)
+        assert PROTOBUF in done.headers["content-type"]
+
+        async def billed() -> bool:  # prefill and sample tokens of two requests, once each
+            return await usage_messages(bus, "sampling") == 4
+
+        await eventually(billed, what="two requests' usage, once")
