@@ -13,7 +13,7 @@ both win, and the record lives in NATS, so a restarted gateway (or another repli
 with the same count. Nothing ever has to give a slot back: the record is an index, and the truth
 is elsewhere. When the record is full, the gateway checks its ids against that truth and drops
 those that are done: a request once its future is final (or gone, past its TTL), a run once its
-session has finished (the scheduler marks an expired session
+record says unloaded or its session has finished (the scheduler marks an expired session
 finished). An id whose record is missing counts as done only once admitted ``GRACE_S`` ago:
 its future or run record may not be written yet. So a crash anywhere (gateway, worker) leaks no
 slot, workers take no part, and a tenant under its limits pays one read and one write per
@@ -185,6 +185,8 @@ class Quotas:
         run = await b.kv_get(self.bus.kv[s.RUNS_BUCKET], s.token(run_id), TrainingRunRecord)
         if run is None:
             return None
+        if run.unloaded_at is not None:
+            return True
         session = await b.kv_get(
             self.bus.kv[s.SESSIONS_BUCKET], s.token(run.session_id), SessionRecord
         )
