@@ -78,6 +78,7 @@ _BUCKETS: dict[str, float | None] = {  # bucket -> TTL in seconds (None: forever
     s.PLACEMENTS_BUCKET: None,
     s.QUOTAS_BUCKET: None,
     s.RUN_PROGRESS_BUCKET: None,
+    s.RUN_SEQ_BUCKET: None,
     s.SCHEDULER_BUCKET: None,
 }
 

@@ -50,6 +50,7 @@ FUTURE_INDEX_BUCKET = "ws_future_index"
 PLACEMENTS_BUCKET = "ws_placements"  # run token -> worker id
 QUOTAS_BUCKET = "ws_quotas"  # <tenant token>.<quota> -> QuotaSlots (gateway quotas.py)
 RUN_PROGRESS_BUCKET = "ws_run_progress"  # run token -> RunProgress (snapshot, next seq_id)
+RUN_SEQ_BUCKET = "ws_run_seq"  # run token -> next seq_id handed out by gateways (hpcai sends none)
 SCHEDULER_BUCKET = "ws_scheduler"  # "leader" -> SchedulerLease
 LEADER_KEY = "leader"
 

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from structlog.stdlib import BoundLogger
 
-from services.gateway import billing, custom_loss, metrics, rest, sampling, traces, training
+from services.gateway import billing, custom_loss, hpcai, metrics, rest, sampling, traces, training
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
 from services.gateway.limits import BodyLimit
@@ -119,6 +119,7 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
 
     app = FastAPI(title="Whetstone", lifespan=lifespan)
     app.include_router(probes)
+    app.include_router(hpcai.router)  # only hpcai requests match it; the rest fall through
     app.include_router(router)
     app.include_router(training.router)
     app.include_router(sampling.router)
