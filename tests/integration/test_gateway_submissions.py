@@ -124,7 +124,7 @@ async def test_every_refused_training_request_fills_its_seq_id(
         await assign(bus, "w1", run_id, create_request_id)
         proto = {"content-type": PROTOBUF}
 
-        # seq 1: an endpoint this server does not serve
+        # seq 1: a load_state of a checkpoint that does not exist
         answer = await http.post(
             "/api/v1/load_weights",
             json={
@@ -136,7 +136,7 @@ async def test_every_refused_training_request_fills_its_seq_id(
             },
         )
         assert answer.status_code == 404
-        assert "/api/v1/load_weights" in answer.json()["error"]
+        assert "unknown checkpoint" in answer.json()["error"]
         assert answer.json()["category"] == "user"
         # seq 2: AdamParams out of range (refused by the contract model itself)
         answer = await http.post(
@@ -167,7 +167,7 @@ async def test_every_refused_training_request_fills_its_seq_id(
         assert answer.status_code == 400 and "checkpoint name" in answer.json()["error"]
         # A refusal of a run that does not exist has no gap to fill, and publishes nothing.
         answer = await http.post(
-            "/api/v1/load_weights", json={"model_id": "sess-x:train:0", "seq_id": 1}
+            "/api/v1/no_such_endpoint", json={"model_id": "sess-x:train:0", "seq_id": 1}
         )
         assert answer.status_code == 404
         assert await train_messages(bus, "sess-x:train:0") == 0
