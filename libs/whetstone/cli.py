@@ -7,7 +7,8 @@
                                                 mint an API key (printed once, stored hashed)
     whetstone keys set-limits PREFIX_OR_KEY [--max-runs N] [--max-inflight M]
                                                 change a key's quotas ("default": the platform's)
-    whetstone keys list                         tenant, prefix, key id, admin, created, revoked
+    whetstone keys list                         tenant, prefix, key id, admin, quotas, created,
+                                                revoked
     whetstone keys revoke PREFIX_OR_KEY         revoke a key; gateways refuse it at once
     whetstone usage [filters] [--group-by G,..] [--format table|csv|json]
                                                 usage and exact cost; filters: --tenant --key
@@ -295,7 +296,7 @@ async def _keys(nats_url: str, args: argparse.Namespace) -> int:
         elif args.keys_command == "list":
             header = (
                 f"{'tenant':<24} {'key prefix':<12} {'key id':<17} {'admin':<6}"
-                f"{'created (UTC)':<20} revoked"
+                f"{'max runs':<9} {'in flight':<9} {'created (UTC)':<20} revoked"
             )
             print(header)
             print("-" * len(header))
@@ -303,9 +304,10 @@ async def _keys(nats_url: str, args: argparse.Namespace) -> int:
                 created = f"{record.created_at:%Y-%m-%d %H:%M:%S}"
                 revoked = "yes" if record.revoked else "no"
                 admin = "yes" if record.admin else "no"
+                runs, inflight = _quota_cell(record.max_runs), _quota_cell(record.max_inflight)
                 print(
                     f"{record.tenant:<24} {record.key_prefix:<12} {key_id_of_hash(digest):<17} "
-                    f"{admin:<6}{created:<20} {revoked}"
+                    f"{admin:<6}{runs:<9} {inflight:<9} {created:<20} {revoked}"
                 )
         else:
             record = await revoke_key(bus, args.key)
@@ -341,6 +343,10 @@ def _quota_value(text: str) -> int | None:
 
 def _quota(value: int | None) -> str:
     return "platform default" if value is None else "no limit" if value == 0 else str(value)
+
+
+def _quota_cell(value: int | None) -> str:
+    return "default" if value is None else "none" if value == 0 else str(value)
 
 
 # ---------------------------------------------------------------- dead letters

@@ -50,9 +50,10 @@ from tests.integration.gateway_app import (
 from tests.integration.helpers import eventually
 from tests.integration.test_gateway_submissions import assign, train_messages
 from whetstone import bus as b
+from whetstone import cli
 from whetstone import subjects as s
 from whetstone.checkpoints import LocalCheckpointStore
-from whetstone.keys import create_key, set_limits
+from whetstone.keys import create_key, lookup_key, set_limits
 from whetstone.messages import FutureRecord
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 from whetstone.models.registry import default_registry
@@ -347,3 +348,25 @@ async def test_an_asample_over_the_quota_gets_429_and_its_retry_with_the_same_se
             return await usage_messages(bus, "sampling") == 4
 
         await eventually(billed, what="two requests' usage, once")
+
+
+async def test_the_cli_sets_a_keys_quotas(
+    bus: b.Bus, nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def whetstone_keys(*argv: str) -> str:
+        args = cli._parser().parse_args(["keys", *argv])
+        assert await cli._keys(nats_url, args) == 0
+        return capsys.readouterr().out
+
+    key = (await whetstone_keys("create", "--tenant", "ops", "--max-runs", "2")).strip()
+    record = await lookup_key(bus, key)
+    assert record is not None and (record.max_runs, record.max_inflight) == (2, None)
+    said = await whetstone_keys("set-limits", key[:8], "--max-inflight", "0")
+    assert "max runs 2, max in flight no limit" in said
+    record = await lookup_key(bus, key)
+    assert record is not None and (record.max_runs, record.max_inflight) == (2, 0)
+    await whetstone_keys("set-limits", key, "--max-runs", "default")
+    listed = [line for line in (await whetstone_keys("list")).splitlines() if key[:8] in line]
+    assert len(listed) == 1 and "default" in listed[0] and "none" in listed[0]
+    with pytest.raises(SystemExit):  # argparse refuses a negative quota
+        cli._parser().parse_args(["keys", "set-limits", key, "--max-runs", "-1"])
