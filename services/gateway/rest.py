@@ -354,7 +354,7 @@ async def download(
     if not hmac.compare_digest(expected, sig) or expires < time.time():
         return _forbidden("the download URL is expired or invalid; ask for new URLs")
     record = await b.kv_get(gw.bus.kv[s.CHECKPOINTS_BUCKET], record_key(path), CheckpointRecord)
-    if record is None:
+    if record is None or not live(record, utcnow()):
         raise NotFound(f"unknown checkpoint {path}")
     root = gw.settings.checkpoint_store().path(record.store_key).resolve()
     target = (root / file).resolve()
