@@ -164,6 +164,8 @@ class TrainRequest(Message):
 
 MAX_STOP_SEQUENCES = 64  # stop strings or stop token ids in one request
 MAX_STOP_STRING_CHARS = 1024
+MAX_TOPK_LOGPROBS = 64  # top-k prompt/sample logprobs and prompt alternatives per position
+MAX_TARGET_PROMPT_LOGPROBS = 1024  # token ids scored per prompt position
 
 
 class SamplingParams(Message):
@@ -212,10 +214,40 @@ class SampleRequest(Message):
     num_samples: int = Field(1, ge=1)  # the most a gateway accepts is its own setting
     params: SamplingParams
     prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = Field(0, ge=0)
+    # Top-k alternatives per prompt position and per sampled token (protocol.md 5.8-5.9).
+    topk_prompt_logprobs: int = Field(0, ge=0, le=MAX_TOPK_LOGPROBS)
+    topk_sample_logprobs: int = Field(0, ge=0, le=MAX_TOPK_LOGPROBS)
+    # Score only the last N prompt positions (prompt and top-k prompt logprobs).
+    prompt_logprobs_last_n: int | None = Field(None, ge=1)
+    # int64 ``[len(prompt) - 1, K]`` token ids to score at prompt positions 1..; -1: none.
+    target_prompt_logprobs: Tensor | None = None
+    target_prompt_csr: bool = False  # the client sent it sparse: answer in the same layout
+    prompt_alt_tokens_k: int = Field(0, ge=0, le=MAX_TOPK_LOGPROBS)
+    record_stability_info: bool = False
     sampler_id: str | None = None
     session_id: str | None = None
     api_key_id: str | None = None
+
+    @model_validator(mode="after")
+    def _prompt_options_fit(self) -> Self:
+        positions = self.prompt.numel - 1
+        if self.prompt_logprobs_last_n is not None:
+            if not self.prompt_logprobs:
+                raise ValueError("prompt_logprobs_last_n needs prompt_logprobs")
+            if self.prompt_logprobs_last_n > positions:
+                raise ValueError(
+                    f"prompt_logprobs_last_n must be in 1..{positions} (len(prompt) - 1)"
+                )
+        target = self.target_prompt_logprobs
+        if target is not None:
+            if target.dtype not in ("int64", "int32") or len(target.shape) != 2:
+                raise ValueError("target_prompt_logprobs must be int64 [len(prompt) - 1, K]")
+            if target.shape[0] != positions or target.shape[1] > MAX_TARGET_PROMPT_LOGPROBS:
+                raise ValueError(
+                    f"target_prompt_logprobs must have shape [{positions}, K] with "
+                    f"K <= {MAX_TARGET_PROMPT_LOGPROBS}, got {list(target.shape)}"
+                )
+        return self
 
 
 # ---------------------------------------------------------------- results and futures
@@ -261,16 +293,33 @@ class UnloadModelResult(Message):
     model_id: str
 
 
+class TopkLogprobs(Message):
+    """The ``k`` most likely tokens at ``length`` positions: ids int64 ``[length, k]`` and
+    logprobs float32 ``[length, k]``, most likely first; an empty cell is ``(0, -99999.0)``."""
+
+    token_ids: Tensor
+    logprobs: Tensor
+
+
+TOPK_EMPTY_LOGPROB = -99999.0  # the SDK's sentinel of an empty top-k cell (with token id 0)
+
+
 class SampledSequence(Message):
     tokens: Tensor  # int64
     logprobs: Tensor  # float32, one per token
     stop_reason: Literal["stop", "length"]
+    topk_logprobs: TopkLogprobs | None = None  # one row per sampled token
 
 
 class SampleResult(Message):
     op: Literal["sample"] = "sample"
     sequences: list[SampledSequence]
     prompt_logprobs: Tensor | None = None  # float32, NaN at position 0
+    topk_prompt_logprobs: TopkLogprobs | None = None  # one row per prompt position
+    target_prompt_logprobs: Tensor | None = None  # float32, the request's shape, 0.0 where -1
+    target_prompt_csr: bool = False
+    prompt_alt_tokens: TopkLogprobs | None = None  # [len(prompt) - 1, k] draws and logprobs
+    prompt_cache_hit_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 Result = Annotated[

@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict
 from services.gateway.context import Gateway, caller_key_id, gateway, tenant
 from services.gateway.futures import FutureIndex
 from services.gateway.validation import check_sample
-from services.gateway.wire import model_input_from_json, sampling_params_from_json
+from services.gateway.wire import (
+    model_input_from_json,
+    sampling_params_from_json,
+    target_prompt_logprobs_from_json,
+)
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.checkpoints import TinkerPath
@@ -52,6 +56,10 @@ class SampleBody(BaseModel):
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None
+    target_prompt_logprobs: dict[str, object] | None = None
+    prompt_alt_tokens_k: int = 0
+    record_stability_info: bool | None = None
 
 
 @router.post("/create_sampling_session")
@@ -114,6 +122,11 @@ async def asample(
     check_sample(prompt.to_numpy(), params, spec)
     if body.num_samples > gw.settings.max_num_samples:
         raise UserError(f"num_samples must be in 1..{gw.settings.max_num_samples}")
+    target = (
+        target_prompt_logprobs_from_json(body.target_prompt_logprobs)
+        if body.target_prompt_logprobs is not None
+        else None
+    )
     # Built (and so validated by SampleRequest's rules) before anything is recorded.
     request = SampleRequest(
         request_id="",
@@ -125,6 +138,12 @@ async def asample(
         params=params,
         prompt_logprobs=body.prompt_logprobs,
         topk_prompt_logprobs=body.topk_prompt_logprobs,
+        topk_sample_logprobs=body.topk_sample_logprobs,
+        prompt_logprobs_last_n=body.prompt_logprobs_last_n,
+        target_prompt_logprobs=target[0] if target else None,
+        target_prompt_csr=target[1] if target else False,
+        prompt_alt_tokens_k=body.prompt_alt_tokens_k,
+        record_stability_info=bool(body.record_stability_info),
         sampler_id=sampler.sampler_id,
         session_id=sampler.session_id,
         api_key_id=caller_key_id(),

@@ -34,6 +34,7 @@ from whetstone.messages import (
     ForwardBackwardResult,
     SampleResult,
     SamplingParams,
+    TopkLogprobs,
 )
 from whetstone.tensors import DType, Tensor
 
@@ -266,15 +267,69 @@ def encode_sample_response(result: SampleResult) -> bytes:
         tokens = seq.tokens.to_numpy()
         logprobs = seq.logprobs.to_numpy()
         assert tokens.size == logprobs.size, "one logprob per sampled token"
-        out.sequences.add(
+        added = out.sequences.add(
             stop_reason=_STOP_REASONS[seq.stop_reason],
             tokens=tokens.astype("<i4").tobytes(),
             logprobs=logprobs.astype("<f4").tobytes(),
         )
+        if seq.topk_logprobs is not None:
+            _fill_topk(added.topk_sampled_logprobs, seq.topk_logprobs)
     if result.prompt_logprobs is not None:
         out.prompt_logprobs = result.prompt_logprobs.to_numpy().astype("<f4").tobytes()
+    if result.topk_prompt_logprobs is not None:
+        _fill_topk(out.topk_prompt_logprobs, result.topk_prompt_logprobs)
+    if result.target_prompt_logprobs is not None:
+        _fill_tensor(
+            out.target_prompt_logprobs,
+            result.target_prompt_logprobs.to_numpy(),
+            csr=result.target_prompt_csr,
+        )
+    if result.prompt_alt_tokens is not None:
+        _fill_tensor(out.prompt_alt_tokens.tokens, result.prompt_alt_tokens.token_ids.to_numpy())
+        _fill_tensor(out.prompt_alt_tokens.logprobs, result.prompt_alt_tokens.logprobs.to_numpy())
+    out.prompt_cache_hit_tokens = result.prompt_cache_hit_tokens
     encoded: bytes = out.SerializeToString()  # protobuf has no stubs installed: name the type
     return encoded
+
+
+def _fill_topk(msg: pb.TopkLogprobs, topk: TopkLogprobs) -> None:
+    """``TopkLogprobs``: int32 ids and float32 logprobs, row-major ``length x k``."""
+    ids, values = topk.token_ids.to_numpy(), topk.logprobs.to_numpy()
+    msg.length, msg.k = ids.shape
+    msg.token_ids = ids.astype("<i4").tobytes()
+    msg.logprobs = values.astype("<f4").tobytes()
+
+
+def _fill_tensor(msg: pb.Tensor, array: np.ndarray, csr: bool = False) -> None:
+    """A float32 or int64 proto ``Tensor``; sparse CSR (the nonzero cells) when ``csr``."""
+    floating = array.dtype.kind == "f"
+    wire = np.dtype("<f4") if floating else np.dtype("<i8")
+    msg.dtype = pb.DTYPE_FLOAT32 if floating else pb.DTYPE_INT64
+    msg.shape.extend(int(d) for d in array.shape)
+    if csr and array.ndim == 2:
+        rows, cols = np.nonzero(array)
+        crow = np.zeros(array.shape[0] + 1, dtype="<i8")
+        np.cumsum(np.bincount(rows, minlength=array.shape[0]), out=crow[1:])
+        msg.sparse_csr.values = array[rows, cols].astype(wire).tobytes()
+        msg.sparse_csr.crow_indices = crow.tobytes()
+        msg.sparse_csr.col_indices = cols.astype("<i8").tobytes()
+    else:
+        msg.dense = np.ascontiguousarray(array, dtype=wire).tobytes()
+
+
+def target_prompt_logprobs_from_json(td: JsonObject) -> tuple[Tensor, bool]:
+    """asample's ``target_prompt_logprobs`` (int64 ``[len(prompt) - 1, K]``, -1: nothing) as a
+    dense tensor, and whether it came as sparse CSR (its unlisted cells request nothing)."""
+    if td.get("dtype") != "int64":
+        raise UserError("target_prompt_logprobs must be an int64 tensor of token ids")
+    csr = td.get("sparse_crow_indices") is not None or td.get("sparse_col_indices") is not None
+    if not csr:
+        return tensor_from_json(td), False
+    # Shift by one so that CSR's implicit zeros become -1 ("nothing requested").
+    data = td.get("data")
+    shifted = [v + 1 for v in data] if isinstance(data, list) and all(map(_is_int, data)) else data
+    dense = tensor_from_json({**td, "data": shifted}).to_numpy() - 1
+    return Tensor.from_numpy(dense), True
 
 
 def model_input_from_json(model_input: JsonObject) -> Tensor:

@@ -41,7 +41,8 @@ from transformers import AutoTokenizer, PreTrainedModel
 from services.sampler.graphs import DecodeGraphs
 from services.sampler.kvcache import BlockAllocator, CacheShape, PagedKVCache
 from services.sampler.model import DecodeBatch, LoraRuns, PrefillBatch
-from services.sampler.sampling import SamplingRows, sample
+from services.sampler.prompt_scores import PromptScores
+from services.sampler.sampling import SamplingRows, sample, sampled_topk
 from services.sampler.weights import (
     ResidentAdapters,
     build_stacks,
@@ -49,7 +50,13 @@ from services.sampler.weights import (
     resident_from_hf,
 )
 from whetstone.errors import UserError, WhetstoneError
-from whetstone.messages import SampledSequence, SampleRequest, SampleResult
+from whetstone.messages import (
+    TOPK_EMPTY_LOGPROB,
+    SampledSequence,
+    SampleRequest,
+    SampleResult,
+    TopkLogprobs,
+)
 from whetstone.models.registry import ModelSpec
 from whetstone.tensors import Tensor
 from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
@@ -57,6 +64,8 @@ from whetstone_ml.lora import LoraAdapter
 
 # Tokens that end a turn in ChatML-style tokenizers, on top of the tokenizer's own eos token.
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# Prompt positions whose full-vocabulary logits are materialised at once when scoring a prompt.
+SCORE_ROWS = 256
 
 
 @dataclass
@@ -72,7 +81,8 @@ class _Request:
     promised_blocks: int
     blocks: list[int] = field(default_factory=list)  # the prompt's KV, until the fork
     prefilled: int = 0
-    prompt_logprobs: torch.Tensor | None = None
+    scores: PromptScores | None = None  # what it asked of its prompt (prompt_scores)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     sequences: list[SampledSequence | None] = field(default_factory=list)
 
 
@@ -86,6 +96,7 @@ class _Seq:
     length: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per token
 
 
 class SamplerEngine:
@@ -254,6 +265,14 @@ class SamplerEngine:
         promised = self._blocks_needed(len(prompt), p.max_tokens, n)
         if promised > self.cache.shape.num_blocks - 1:
             raise UserError("prompt, max_tokens and num_samples exceed this sampler's KV cache")
+        target = request.target_prompt_logprobs
+        if target is not None:
+            ids = target.to_numpy()
+            if ids.size and (ids.min() < -1 or ids.max() >= self.vocab_size):
+                raise UserError(
+                    "target_prompt_logprobs holds token ids outside the vocabulary "
+                    f"[0, {self.vocab_size}) (-1: nothing requested)"
+                )
         stop_ids = frozenset(list(p.stop_token_ids) + (self.eos_ids if p.stop_on_eos else []))
         gen = torch.Generator()
         if p.seed is None:
@@ -261,10 +280,11 @@ class SamplerEngine:
         else:
             gen.manual_seed(p.seed)
         uniforms = torch.rand(n, max(1, p.max_tokens), generator=gen).numpy()
+        scores = PromptScores.of(request, prompt, gen)  # its draws after the samples'
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         return _Request(
             handle, request, adapter_id, prompt, stop_ids, uniforms, promised,
-            sequences=[None] * n,
+            scores=scores if scores.wanted else None, sequences=[None] * n,
         )  # fmt: skip
 
     def _blocks_needed(self, prompt: int, max_tokens: int, samples: int) -> int:
@@ -380,8 +400,8 @@ class SamplerEngine:
         )
         done: list[tuple[_Request, int]] = []
         for (req, start, stop), (row, _, _, _) in zip(picked, chunks, strict=True):
-            if req.request.prompt_logprobs:
-                self._prompt_logprobs(req, hidden, row, start, stop)
+            if req.scores is not None:
+                self._score_prompt(req, req.scores, hidden, row, start, stop)
             req.prefilled = stop
             if stop == len(req.prompt):
                 done.append((req, row + stop - start - 1))
@@ -403,28 +423,22 @@ class SamplerEngine:
             forked_rows += [i] * len(seqs)
         self._sample(forked, logits[forked_rows], finished)
 
-    def _prompt_logprobs(
+    def _score_prompt(
         self,
         req: _Request,
+        scores: PromptScores,
         hidden: torch.Tensor,
         row: int,
         start: int,
         stop: int,
     ) -> None:
-        """log p(prompt[p + 1] | prompt[: p + 1]) at temperature 1 for this chunk's positions;
-        NaN at position 0 by contract."""
-        n = len(req.prompt)
-        if req.prompt_logprobs is None:
-            req.prompt_logprobs = torch.full((n,), float("nan"), dtype=torch.float32)
-        count = min(stop, n - 1) - start
-        if count <= 0:
-            return
-        rows = list(range(row, row + count))
-        masks = self._masks([req.adapter_id] * count)
-        scores = torch.log_softmax(self.model.logits(hidden[rows], masks), dim=-1)
-        target = torch.tensor(req.prompt[start + 1 : start + 1 + count], device=scores.device)
-        values = scores.gather(-1, target[:, None]).squeeze(-1)
-        req.prompt_logprobs[start + 1 : start + 1 + count] = values.float().cpu()
+        """The prompt scores of this chunk's positions (``prompt_scores``), ``SCORE_ROWS``
+        positions' logits at a time."""
+        lo, hi = max(start, scores.first_position), min(stop, len(req.prompt) - 1)
+        for a in range(lo, hi, SCORE_ROWS):
+            b = min(hi, a + SCORE_ROWS)
+            masks = self._masks([req.adapter_id] * (b - a))
+            scores.score(self.model.logits(hidden[row + a - start : row + b - start], masks), a)
 
     # ------------------------------------------------------------------------------ decode
 
@@ -495,6 +509,16 @@ class SamplerEngine:
         # One device-to-host copy for both (token ids are exact in float64).
         drawn = torch.stack([tokens_t.double(), logprobs_t.double()]).tolist()
         tokens, logprobs = [int(t) for t in drawn[0]], drawn[1]
+        ks = [seq.req.request.topk_sample_logprobs for seq in live]
+        if any(ks):
+            top_ids, top_logprobs = sampled_topk(logits, rows, max(ks))
+            top = torch.stack([top_ids.double(), top_logprobs.double()]).cpu().numpy()
+            for i, (seq, k) in enumerate(zip(live, ks, strict=True)):
+                if k:
+                    ids, values = top[0, i, :k].astype(np.int64), top[1, i, :k].astype(np.float32)
+                    cut = ~np.isfinite(values)  # removed by top-k/top-p: an empty cell
+                    ids[cut], values[cut] = 0, TOPK_EMPTY_LOGPROB
+                    seq.topk.append((ids, values))
         for seq, p, token, logprob in zip(live, params, tokens, logprobs, strict=True):
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
@@ -548,23 +572,33 @@ class SamplerEngine:
         self.cache.allocator.release(seq.blocks)
         seq.blocks = []
         self._free_rows += 1
+        k = req.request.topk_sample_logprobs
+        topk = None
+        if k:
+            rows = len(seq.topk)
+            topk = TopkLogprobs(
+                token_ids=Tensor.from_numpy(
+                    np.stack([i for i, _ in seq.topk]) if rows else np.zeros((0, k), np.int64)
+                ),
+                logprobs=Tensor.from_numpy(
+                    np.stack([v for _, v in seq.topk]) if rows else np.zeros((0, k), np.float32)
+                ),
+            )
         req.sequences[seq.index] = SampledSequence(
             tokens=Tensor.from_numpy(np.asarray(seq.tokens, dtype=np.int64)),
             logprobs=Tensor.from_numpy(np.asarray(seq.logprobs, dtype=np.float32)),
             stop_reason="stop" if stopped else "length",
+            topk_logprobs=topk,
         )
         if all(s is not None for s in req.sequences):
             self._free_blocks += req.promised_blocks
-            plp = req.prompt_logprobs
-            finished.append(
-                (
-                    req.handle,
-                    SampleResult(
-                        sequences=[s for s in req.sequences if s is not None],
-                        prompt_logprobs=Tensor.from_numpy(plp.numpy()) if plp is not None else None,
-                    ),
-                )
+            scores = req.scores.result(req.request.target_prompt_csr) if req.scores else {}
+            result = SampleResult(
+                sequences=[s for s in req.sequences if s is not None],
+                prompt_cache_hit_tokens=req.cached_tokens,
+                **scores,  # type: ignore[arg-type]
             )
+            finished.append((req.handle, result))
 
 
 def _runs(chunks: list[tuple[int, int, str | None]]) -> LoraRuns | None:

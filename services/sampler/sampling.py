@@ -81,24 +81,53 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return pick.squeeze(-1)
 
 
-def _truncated(
+def sampled_topk(
+    logits: torch.Tensor, rows: SamplingRows, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely tokens ``[B, k]`` of the distribution each row sampled from, and
+    their logprobs under it (``-inf`` for tokens the truncation removed): the same numbers as
+    ``sample``'s logprobs, so a sampled token in the list carries its reported logprob. Greedy
+    rows report the temperature-1, untruncated distribution, as ``sample`` does."""
+    vocab = logits.shape[-1]
+    logp = torch.log_softmax(logits / rows.temperature[:, None], dim=-1)
+    values, ids = logp.topk(min(k, vocab), dim=-1)
+    if rows.any_truncated:
+        truncated = ((rows.top_k < vocab) | (rows.top_p < 1)) & ~rows.greedy
+        width = min(vocab, max(CANDIDATES, rows.max_top_k, k))
+        t_ids, kept, covered = _nucleus(logp, rows, width)
+        if not bool(covered.all()):
+            t_ids, kept, _ = _nucleus(logp, rows, vocab)
+        t_values = (kept / kept.sum(dim=-1, keepdim=True)).log()[:, : values.shape[1]]
+        values = torch.where(truncated[:, None], t_values, values)
+        ids = torch.where(truncated[:, None], t_ids[:, : values.shape[1]], ids)
+    return ids, values
+
+
+def _nucleus(
     logp: torch.Tensor, rows: SamplingRows, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k then top-p over the ``k`` most likely tokens: tokens, logprobs under the truncated
-    distribution, and whether the candidates provably held every token the row may keep."""
+    """Top-k then top-p over the ``k`` most likely tokens (sorted): their ids, their kept
+    probability mass (0 where truncated away, not renormalised), and whether the candidates
+    provably held every token the row may keep."""
     values, ids = logp.topk(k, dim=-1)  # sorted, descending
     probs = values.exp()
     ranks = torch.arange(k, device=logp.device)
     probs = probs * (ranks[None] < rows.top_k[:, None])
-    # Rows whose top_k lies within the candidates renormalise over them; the others keep the
-    # full vocabulary's normalisation (their candidates are only the head of it).
     within = rows.top_k <= k
     mass = probs.sum(dim=-1, keepdim=True)
     probs = torch.where(within[:, None], probs / mass, probs)
     cum = probs.cumsum(dim=-1)
     keep = (cum - probs) < rows.top_p[:, None]
     covered = within | (cum[:, -1] >= rows.top_p)
-    kept = probs * keep
+    return ids, probs * keep, covered
+
+
+def _truncated(
+    logp: torch.Tensor, rows: SamplingRows, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k then top-p over the ``k`` most likely tokens: tokens, logprobs under the truncated
+    distribution, and whether the candidates provably held every token the row may keep."""
+    ids, kept, covered = _nucleus(logp, rows, k)
     pick = _inverse_cdf(kept, rows.uniforms)
     total = kept.sum(dim=-1)
     chosen = kept.gather(-1, pick[:, None]).squeeze(-1)
