@@ -441,7 +441,8 @@ class Qwen3Packed:
         For a fused projection the sub-projections' ``A`` are stacked (``[R_q + R_k + R_v, in]``)
         and their scaled ``B`` placed block-diagonally (``[out, R_q + R_k + R_v]``; a missing
         sub-projection is a zero block), so ``x @ Aᵀ @ Bᵀ`` is every sub-projection's LoRA at
-        once. Differentiable: gradients reach the fp32 masters.
+        once. Differentiable: gradients reach the fp32 masters; built with gradients off, the
+        result is detached from them.
         """
         f = adapter.factors
         layers: list[LayerLora] = []
@@ -462,7 +463,10 @@ class Qwen3Packed:
                 fused.append((a, torch.block_diag(*blocks)))
             layers.append(tuple(fused))
         h = f.get(HEAD)
-        head = None if h is None else (h.a.to(self.dtype), (h.b * h.scale).to(self.dtype))
+        # A fresh tensor even when no cast is needed: without gradients it must not be the leaf.
+        head = (
+            None if h is None else (h.a.to(self.dtype, copy=True), (h.b * h.scale).to(self.dtype))
+        )
         return AdapterWeights(layers, head)
 
     # ---------------------------------------------------------------- forward

@@ -42,7 +42,7 @@ import torch
 
 from services.trainer.custom_loss import loss_for
 from services.trainer.losses import LossFn, count_metrics
-from whetstone.errors import Conflict, NotFound, UserError
+from whetstone.errors import Conflict, NotFound, UserError, WhetstoneError
 from whetstone.messages import (
     AdamParams,
     Datum,
@@ -56,7 +56,6 @@ from whetstone.tensors import Tensor
 from whetstone_ml.loading import load_base_model, local_model_dir, torch_dtype
 from whetstone_ml.logprobs import (
     DEFAULT_CHUNK_TOKENS,
-    blockwise_target_logprobs,
     linear_target_logprobs,
 )
 from whetstone_ml.lora import LoraAdapter, Segment
@@ -67,7 +66,6 @@ from whetstone_ml.qwen3 import (
     ModelOptions,
     Pack,
     Qwen3Packed,
-    clip_segments,
 )
 
 DEFAULT_MAX_LORA_RANK = 64
@@ -91,6 +89,17 @@ class ParsedDatum:
 
     tokens: torch.Tensor  # (N,) int64
     inputs: dict[str, torch.Tensor]  # the loss's inputs, each shaped like target_tokens
+
+
+@dataclass
+class _Job:
+    """One checked forward_backward call: the run, its datums and its loss."""
+
+    run_id: str
+    datums: list[ParsedDatum]
+    loss_fn: LossFn
+    config: Mapping[str, float]
+    forward_only: bool
 
 
 @dataclass
@@ -293,106 +302,144 @@ class TrainerEngine:
         Every datum is checked before anything runs, so a bad one changes no gradient.
         """
         with self._lock:
-            state = self._run(run_id)
-            loss_fn = loss_for(cmd)
-            config = loss_fn.check_config(cmd.loss_fn_config)
-            if not cmd.data:
-                raise UserError("forward_backward needs at least one datum")
-            datums = [self._parse_datum(i, datum, loss_fn) for i, datum in enumerate(cmd.data)]
-            params = state.adapter.parameters()
-            before = [None if p.grad is None else p.grad.clone() for p in params]
-            while True:
-                try:
-                    return self._micro_batched(run_id, datums, loss_fn, config, cmd.forward_only)
-                except torch.OutOfMemoryError:
-                    # Redo the whole call from the gradients it started with, in halves.
-                    longest = max(int(d.tokens.shape[0]) for d in datums)
-                    if self.micro_batch_tokens <= longest:
-                        raise
-                    for p, g in zip(params, before, strict=True):
-                        p.grad = None if g is None else g.clone()
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    self.micro_batch_tokens = max(longest, self.micro_batch_tokens // 2)
+            return self._run_jobs([self._job(run_id, cmd)])[0]
 
-    def _micro_batched(
-        self,
-        run_id: str,
-        datums: list[ParsedDatum],
-        loss_fn: LossFn,
-        config: Mapping[str, float],
-        forward_only: bool,
-    ) -> ForwardBackwardResult:
-        """Forward (and backward) over the datums in micro-batches of at most
-        ``micro_batch_tokens`` tokens; outputs and metrics as one pass would give them."""
-        outputs: list[dict[str, Tensor]] = []
-        total = torch.zeros((), dtype=torch.float64)
-        counts: dict[str, torch.Tensor] = {}
-        lengths = [int(d.tokens.shape[0]) for d in datums]
+    def forward_backward_many(
+        self, calls: Sequence[tuple[str, ForwardBackward]]
+    ) -> list[ForwardBackwardResult | WhetstoneError]:
+        """Several calls (of one run or of many) through the base model together.
+
+        Each call's datums are packed after the previous call's, each run's rows use its own
+        adapter, and every call keeps its own loss, outputs and metrics: the results (and each
+        run's gradients) equal calling :meth:`forward_backward` once per call in order, up to
+        float rounding. A call that fails its checks (unknown run, bad datum, bad config) is
+        returned as its error and leaves the others to run; call order within a run is kept.
+        """
+        with self._lock:
+            results: list[ForwardBackwardResult | WhetstoneError] = []
+            jobs: list[_Job] = []
+            for run_id, cmd in calls:
+                try:
+                    jobs.append(self._job(run_id, cmd))
+                    results.append(ForwardBackwardResult(outputs=[], metrics={}))
+                except UserError as exc:
+                    results.append(exc)
+            done = iter(self._run_jobs(jobs) if jobs else [])
+            return [r if isinstance(r, WhetstoneError) else next(done) for r in results]
+
+    def _job(self, run_id: str, cmd: ForwardBackward) -> _Job:
+        self._run(run_id)
+        loss_fn = loss_for(cmd)
+        config = loss_fn.check_config(cmd.loss_fn_config)
+        if not cmd.data:
+            raise UserError("forward_backward needs at least one datum")
+        datums = [self._parse_datum(i, datum, loss_fn) for i, datum in enumerate(cmd.data)]
+        return _Job(run_id, datums, loss_fn, config, cmd.forward_only)
+
+    def _run_jobs(self, jobs: list[_Job]) -> list[ForwardBackwardResult]:
+        """:meth:`_micro_batched`, redone from the gradients it started with at half the token
+        budget if a micro-batch runs out of device memory (and the smaller budget kept)."""
+        trained = {job.run_id for job in jobs if not job.forward_only}
+        params = [p for run_id in sorted(trained) for p in self.runs[run_id].adapter.parameters()]
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        longest = max(int(d.tokens.shape[0]) for job in jobs for d in job.datums)
+        while True:
+            try:
+                return self._micro_batched(jobs)
+            except torch.OutOfMemoryError:
+                if self.micro_batch_tokens <= longest:
+                    raise  # a single datum too large for the device cannot be split
+                for p, g in zip(params, before, strict=True):
+                    p.grad = None if g is None else g.clone()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.micro_batch_tokens = max(longest, self.micro_batch_tokens // 2)
+
+    def _micro_batched(self, jobs: list[_Job]) -> list[ForwardBackwardResult]:
+        """Forward (and backward) over every job's datums in micro-batches of at most
+        ``micro_batch_tokens`` tokens; each job's outputs and metrics as its own pass gives."""
+        entries = [(j, d) for j, job in enumerate(jobs) for d in job.datums]
+        outputs: list[list[dict[str, Tensor]]] = [[] for _ in jobs]
+        totals = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in jobs]
+        counts: list[dict[str, torch.Tensor]] = [{} for _ in jobs]
+        lengths = [int(d.tokens.shape[0]) for _, d in entries]
+        train = not all(job.forward_only for job in jobs)
         for group in micro_batches(lengths, self.micro_batch_tokens):
-            part = [datums[i] for i in group]
-            with torch.set_grad_enabled(not forward_only):
+            part = [entries[i] for i in group]
+            runs = [(j, [d for k, d in part if k == j]) for j in dict.fromkeys(k for k, _ in part)]
+            with torch.set_grad_enabled(train):
                 logprobs = self._target_logprobs(
-                    run_id, [d.tokens for d in part], [d.inputs["target_tokens"] for d in part]
+                    [(jobs[j], [d.tokens for d in ds]) for j, ds in runs],
+                    [d.inputs["target_tokens"] for _, d in part],
                 )
                 loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
                 pieces: list[torch.Tensor] = []
-                for datum, lp in zip(part, logprobs, strict=True):
-                    loss = loss_fn(lp, datum.inputs, config)
-                    loss_sum = loss_sum + loss.elementwise.sum()
+                for (j, datum), lp in zip(part, logprobs, strict=True):
+                    job = jobs[j]
+                    loss = job.loss_fn(lp, datum.inputs, job.config)
+                    total = loss.elementwise.sum()
+                    totals[j] = totals[j] + total.detach().double()
+                    if not job.forward_only:
+                        loss_sum = loss_sum + total
                     for name, value in loss.counts.items():
                         value = value.detach().double()
-                        counts[name] = counts[name] + value if name in counts else value
+                        counts[j][name] = counts[j][name] + value if name in counts[j] else value
                     pieces += [lp.detach(), loss.elementwise.detach()]
-                if not forward_only and loss_sum.requires_grad:
-                    loss_sum.backward()  # accumulates into the adapter's .grad until optim_step
-            total += loss_sum.detach().double().cpu()
+                if loss_sum.requires_grad:
+                    loss_sum.backward()  # accumulates into each adapter's .grad until optim_step
             # One device-to-host copy per micro-batch, then split back into each datum's outputs.
             flat = torch.cat([p.float().reshape(-1) for p in pieces]).cpu()
             host = [
                 x.reshape(p.shape)
                 for x, p in zip(flat.split([p.numel() for p in pieces]), pieces, strict=True)
             ]
-            for i in range(len(part)):
+            for i, (j, _) in enumerate(part):
                 output = {"logprobs": _to_wire(host[2 * i])}
-                if loss_fn.per_token:  # a custom loss has one value per datum, not per token
+                if jobs[j].loss_fn.per_token:  # a custom loss has one value per datum
                     output["elementwise_loss"] = _to_wire(host[2 * i + 1])
-                outputs.append(output)
-        metrics = {"loss:sum": float(total)}
-        metrics.update(count_metrics(counts))
-        return ForwardBackwardResult(outputs=outputs, metrics=metrics)
+                outputs[j].append(output)
+        results = []
+        for j in range(len(jobs)):
+            metrics = {"loss:sum": float(totals[j])}
+            metrics.update(count_metrics(counts[j]))
+            results.append(ForwardBackwardResult(outputs=outputs[j], metrics=metrics))
+        return results
 
     def _target_logprobs(
-        self, run_id: str | None, rows: list[torch.Tensor], targets: list[torch.Tensor]
+        self, requests: list[tuple[_Job, list[torch.Tensor]]], targets: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Each row's learner logprobs of its targets (``(N,)`` or ``(N, K)``, float32) through
-        ``run_id``'s adapter (``None``: the base model).
+        """Each row's learner logprobs of its targets (``(N,)`` or ``(N, K)``, float32), the rows
+        of each request through its run's adapter (detached for a forward_only job, so that it
+        gains no gradient).
 
-        The rows are packed into one row of tokens; the final hidden states are unembedded in
-        blocks, so only one block's logits exist at a time. Rows with fewer target columns than
-        the widest are padded with id 0, whose logprobs are dropped.
+        The rows are packed into one row of tokens; the final hidden states go through the fused
+        head one run segment and one block at a time, so only one block's logits exist at a
+        time. Rows with fewer target columns than the widest are padded with id 0, whose
+        logprobs are dropped.
         """
-        batch = pack_requests([(run_id, rows)], self.device)
-        segments = self._route(batch.segments)
+        batch = pack_requests([(job.run_id, rows) for job, rows in requests], self.device)
+        segments = []
+        for (job, _), seg in zip(requests, batch.segments, strict=True):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not job.forward_only):
+                segments.append((seg, self.model.lora_weights(self.runs[job.run_id].adapter)))
         hidden = self.model.hidden(batch.tokens, batch.pack, segments)
         columns = [t.reshape(t.shape[0], -1) for t in targets]
         width = max(c.shape[1] for c in columns)
         packed_targets = torch.cat(
             [torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in columns]
         )
-
-        if len(segments) == 1:  # one adapter on every row: the fused head
-            weights = segments[0][1]
-            lora = None if weights is None else weights.head
-            lp = linear_target_logprobs(
-                hidden, self.model.head, packed_targets, lora, self.logprob_chunk_tokens
-            )
-        else:
-
-            def head(h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-                return self.model.head_logits(h, clip_segments(segments, start, stop))
-
-            lp = blockwise_target_logprobs(head, hidden, packed_targets, self.logprob_chunk_tokens)
+        lp = torch.cat(
+            [
+                linear_target_logprobs(
+                    hidden[seg.start : seg.stop],
+                    self.model.head,
+                    packed_targets[seg.start : seg.stop],
+                    weights.head,
+                    self.logprob_chunk_tokens,
+                )
+                for seg, weights in segments
+            ]
+        )
         return [
             row[:, : c.shape[1]].reshape(t.shape)
             for row, c, t in zip(lp.split(batch.pack.lengths), columns, targets, strict=True)
