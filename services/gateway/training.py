@@ -362,7 +362,7 @@ async def refused_in_order(
     try:
         yield
     except UserError as exc:
-        if seq_id >= 1:
+        if seq_id >= 1 and run.unloaded_at is None:  # an unloaded run's queue stays empty
             await gw.fill_gap(t, run.run_id, seq_id, exc.message)
         raise
 
@@ -386,6 +386,8 @@ async def fill_gap_of(gw: Gateway, api_key: str | None, body: object, reason: st
         run = await gw.run(t, model_id)
     except UserError:
         return False
+    if run.unloaded_at is not None:
+        return False  # refused anyway; its queue stays empty, so no trainer takes it back
     await gw.fill_gap(t, run.run_id, seq_id, reason)
     return True
 
