@@ -195,10 +195,13 @@ class Gateway:
         if limits.max_inflight:  # a quota: only a new submission takes a slot (``quotas.py``)
             existing = await _kv_value(dedup, dedup_key)
             if existing is None:
-                unblocks = subject.startswith(s.TRAIN_PREFIX + ".") and await self._unblocks(
-                    dedup_key
+                training = subject.startswith(s.TRAIN_PREFIX + ".")
+                await self.quotas.admit_request(
+                    tenant,
+                    request_id,
+                    limits,
+                    exempt=(lambda: self._unblocks(dedup_key)) if training else None,
                 )
-                await self.quotas.admit_request(tenant, request_id, limits, unblocks=unblocks)
                 existing = await b.kv_create(dedup, dedup_key, request_id.encode())
                 if existing is not None:  # a copy of it on another gateway won the record
                     await self.quotas.release_request(tenant, request_id)
@@ -227,11 +230,32 @@ class Gateway:
         return request_id
 
     async def _unblocks(self, dedup_key: str) -> bool:
-        """Whether a training request's successor (the run's next seq_id) has come already
-        (accepted, or refused and filled): the run's later requests wait for this one, which is
-        then admitted over the in-flight quota."""
-        run, _, seq = dedup_key.rpartition(".")
-        return await _kv_value(self.bus.kv[s.DEDUP_BUCKET], f"{run}.{int(seq) + 1}") is not None
+        """Whether a training request must be admitted over the in-flight quota, lest its run
+        wedge: its successor (the run's next seq_id) has come already (accepted, or refused and
+        filled), so that it fills the gap the run's later requests wait for; or the run's
+        accepted requests just before it wait for a seq_id further down that has not come. The
+        SDK posts the chunks of one ``forward_backward`` at once and their first one last, after
+        all the others were accepted: refusing one while its siblings hold the tenant's slots
+        would hold them all until the gap timeout failed them. Only ``UNBLOCK_WINDOW`` seq_ids
+        down are looked at, so a client that leaves a gap on purpose gains little."""
+        dedup = self.bus.kv[s.DEDUP_BUCKET]
+        run, _, seq_text = dedup_key.rpartition(".")
+        seq = int(seq_text)
+        if await _kv_value(dedup, f"{run}.{seq + 1}") is not None:
+            return True
+        waiting_above = False
+        for earlier in range(seq - 1, max(seq - 1 - UNBLOCK_WINDOW, 0), -1):
+            value = await _kv_value(dedup, f"{run}.{earlier}")
+            if value is None:  # not come: the pending ones above it cannot run
+                return waiting_above
+            request_id, _ = parse_dedup(value)
+            if request_id == REFUSED:
+                continue  # filled by a Skip
+            record = await b.future_record(self.bus, request_id)
+            if record is None or record.final:
+                return False  # everything below has run: the run is not stuck
+            waiting_above = True
+        return False
 
     async def fill_gap(self, tenant: str, run_id: str, seq_id: int, reason: str) -> None:
         """Publish a ``Skip`` in place of a refused training request, unless that seq_id was
@@ -285,6 +309,7 @@ class Gateway:
 
 
 REFUSED = "refused"
+UNBLOCK_WINDOW = 64  # seq_ids below a training request that ``Gateway._unblocks`` looks at
 _PUBLISHED = " published"
 
 

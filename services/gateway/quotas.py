@@ -23,10 +23,11 @@ submission (no limit: nothing at all).
 ``Retry-After``) before any dedup record, future or message exists, and nothing is billed. A 429
 does not refuse a training request's seq_id: the SDK sends the same seq_id again
 (``tinker-wire/protocol.md`` §4.7), so no ``Skip`` fills it. One exception keeps a run from
-wedging itself: a training request whose run already has its next seq_id accepted is admitted
-over the limit (``unblocks``). The chunks of one ``forward_backward`` are posted with the lowest
-seq_id last; refusing it while its successors hold every slot would leave them waiting for it
-until the reorder buffer's gap timeout fails them.
+wedging itself: a training request without which its run's accepted requests cannot run is
+admitted over the limit (``exempt``, ``Gateway._unblocks``). The SDK posts the chunks of one
+``forward_backward`` at once, the lowest seq_id last and only after the others were accepted;
+refusing any of them while its siblings hold the tenant's slots would leave them all waiting
+until the reorder buffer's gap timeout failed them.
 """
 
 from __future__ import annotations
@@ -70,16 +71,21 @@ class Quotas:
         self.runs_retry_s = runs_retry_s
 
     async def admit_request(
-        self, tenant: str, request_id: str, limits: Limits, *, unblocks: bool = False
+        self,
+        tenant: str,
+        request_id: str,
+        limits: Limits,
+        *,
+        exempt: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        """Take an in-flight slot for ``request_id`` or raise ``RateLimited``. ``unblocks``: a
-        training request that later accepted ones of its run wait for (admitted over the
-        limit, and counted)."""
+        """Take an in-flight slot for ``request_id`` or raise ``RateLimited``. ``exempt``, asked
+        only when the tenant is at its limit: True admits the request all the same (a training
+        request its run would wedge without; it is counted)."""
         if limits.max_inflight == 0:
             return
-        limit = 0 if unblocks else limits.max_inflight
         key = _key(tenant, "inflight")
-        if not await self._admit(key, request_id, limit, self._request_done):
+        limit = limits.max_inflight
+        if not await self._admit(key, request_id, limit, self._request_done, exempt):
             raise RateLimited(
                 f"tenant {tenant!r} has {limits.max_inflight} requests in flight, its limit; "
                 "retry once some have finished",
@@ -111,21 +117,32 @@ class Quotas:
 
     # ------------------------------------------------------------ the compare-and-set
 
-    async def _admit(self, key: str, member: str, limit: int, done: _Done) -> bool:
+    async def _admit(
+        self,
+        key: str,
+        member: str,
+        limit: int,
+        done: _Done,
+        exempt: Callable[[], Awaitable[bool]] | None = None,
+    ) -> bool:
         """Add ``member`` to the record under ``key`` if it has fewer than ``limit`` members
-        (0: whatever it has) after pruning what ``done`` says finished; False when full."""
+        after pruning what ``done`` says finished, or if ``exempt()`` says so; False when
+        full."""
         kv = self.bus.kv[s.QUOTAS_BUCKET]
+        exempted = False
         for _ in range(_CAS_TRIES):
             slots, revision = await self._read(key)
             held = dict(slots.slots)
             if member in held:
                 return True
-            if limit and len(held) >= limit:
+            if len(held) >= limit and not exempted:
                 held = await self._prune(held, done)
                 if len(held) >= limit:
-                    if len(held) < len(slots.slots):
-                        await self._write(kv, key, held, revision)  # what pruning found stays
-                    return False
+                    exempted = exempt is not None and await exempt()
+                    if not exempted:
+                        if len(held) < len(slots.slots):
+                            await self._write(kv, key, held, revision)  # pruning's finds stay
+                        return False
             held[member] = time.time()
             if await self._write(kv, key, held, revision):
                 return True

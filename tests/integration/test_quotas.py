@@ -82,39 +82,43 @@ async def test_over_the_inflight_quota_a_submission_gets_429_and_consumes_nothin
     await start_trainer("w1")
     key = await create_key(bus, "busy", max_inflight=2)
     async with running_gateway(nats_url, models_dir, log) as app, client(app, key) as http:
+        # No trainer holds the run yet: its creation and seq 1 stay in flight, two of two.
         run_id, create_request_id = await create_run(http)
-        await assign(bus, "w1", run_id, create_request_id)
-        # seq 2 and 3 are accepted and wait in the run's reorder buffer for seq 1: two in flight
-        waiting = [await post_fb(http, run_id, seq) for seq in (2, 3)]
-        assert [r.status_code for r in waiting] == [200, 200]
+        first = await post_fb(http, run_id, 1)
+        assert first.status_code == 200, first.text
 
-        refused = await post_fb(http, run_id, 4)
+        refused = await post_fb(http, run_id, 2)
         assert refused.status_code == 429, refused.text
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["category"] == "user" and "in flight" in refused.json()["error"]
-        # Nothing consumed: no dedup record for seq 4, no message (a Skip would wedge nothing
-        # here, but would turn the SDK's retry of seq 4 into a refusal), nothing billed.
-        assert await raw(bus, s.DEDUP_BUCKET, train_dedup_key(run_id, 4)) is None
-        assert await train_messages(bus, run_id) == 2
+        # Nothing consumed: no dedup record for seq 2 and no message for it (no Skip either:
+        # it would turn the SDK's retry of seq 2 into a refusal), nothing billed.
+        assert await raw(bus, s.DEDUP_BUCKET, train_dedup_key(run_id, 2)) is None
+        assert await train_messages(bus, run_id) == 1
 
-        # seq 1 is what its accepted successors wait for: admitted over the limit
-        first = await post_fb(http, run_id, 1)
-        assert first.status_code == 200, first.text
-        for answer in (first, *waiting):
+        # The run lands on the trainer, its work drains, and the same seq_id (as the SDK sends
+        # it again) is accepted.
+        await assign(bus, "w1", run_id, create_request_id)
+        await result_of(http, first.json()["request_id"], accept=PROTOBUF)
+        retried = await post_fb(http, run_id, 2)
+        assert retried.status_code == 200, retried.text
+        await result_of(http, retried.json()["request_id"], accept=PROTOBUF)
+
+        # The SDK's chunked forward_backward: chunks 2..4 of a call at seq 3 posted first, the
+        # first chunk last. Two take the slots; the third and the first are admitted over the
+        # limit, since the accepted ones cannot run without them (no wedged run).
+        chunks = [await post_fb(http, run_id, seq) for seq in (4, 5, 6)]
+        chunks.append(await post_fb(http, run_id, 3))
+        assert [c.status_code for c in chunks] == [200] * 4, [c.text for c in chunks]
+        for answer in chunks:
             done = await result_of(http, answer.json()["request_id"], accept=PROTOBUF)
             assert PROTOBUF in done.headers["content-type"]
 
-        # the same seq_id again, as the SDK resends it: accepted now that the work drained
-        retried = await post_fb(http, run_id, 4)
-        assert retried.status_code == 200, retried.text
-        done = await result_of(http, retried.json()["request_id"], accept=PROTOBUF)
-        assert PROTOBUF in done.headers["content-type"]
-        # four forward_backwards ran, each billed once; the refused attempt billed nothing
+        # six forward_backwards ran, each billed once; the refused attempt billed nothing
+        async def billed_six() -> bool:
+            return await usage_messages(bus, "busy") == 6
 
-        async def billed_four() -> bool:
-            return await usage_messages(bus, "busy") == 4
-
-        await eventually(billed_four, what="one usage event per forward_backward")
+        await eventually(billed_six, what="one usage event per forward_backward")
 
 
 async def test_over_the_run_quota_create_model_gets_429_until_a_session_finishes(
