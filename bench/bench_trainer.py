@@ -15,6 +15,8 @@ AdamW step, LoRA rank 32 on every attention and MLP projection, base weights in 
   naive step does not fit at 16k tokens), ``model(input_ids)``, fp32 cross-entropy, backward,
   AdamW. The model is put in train mode: HF applies gradient checkpointing only in training.
 
+``--p2`` measures P2 instead: 8 runs of one 2048-token datum each, stepped one after another
+against one ``forward_backward_many`` pass over all of them (then each run's optim_step).
 ``--models 4b,8b`` picks the sizes (random weights of Qwen3-4B's and Qwen3-8B's configs).
 ``--profile`` profiles one step of the first variant (torch.profiler) and prints the top kernels.
 A side that runs out of memory is reported as OOM. MFU counts 4·N·T (forward plus the backward
@@ -149,6 +151,40 @@ def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace, varian
     return result  # the caller frees what it held (free())
 
 
+def many_runs(directory: Path, args: argparse.Namespace, runs: int = 8) -> dict:
+    """P2: ``runs`` runs of one ``--seq``-token datum each, stepped one after another
+    (forward_backward + optim_step per run) and together (one ``forward_backward_many`` over all
+    runs, then each run's optim_step), on one engine (compile+selective)."""
+    engine = TrainerEngine(
+        directory, device=args.device, dtype="bfloat16", compile=args.device == "cuda"
+    )
+    tokens = batch(runs, args.seq, engine.vocab_size)
+    calls = []
+    for i, row in enumerate(tokens):
+        engine.create_run(f"r{i}", LoraConfig(rank=RANK, seed=i, train_unembed=False))
+        datum = Datum(
+            model_input=Tensor.from_list(row[:-1].tolist(), "int64"),
+            loss_fn_inputs={"target_tokens": Tensor.from_list(row[1:].tolist(), "int64")},
+        )
+        calls.append((f"r{i}", ForwardBackward(data=[datum], loss_fn="cross_entropy")))
+    adam = AdamParams(learning_rate=1e-4)
+
+    def one_after_another() -> None:
+        for run_id, cmd in calls:
+            engine.forward_backward(run_id, cmd)
+            engine.optim_step(run_id, adam)
+
+    def together() -> None:
+        for result in engine.forward_backward_many(calls):
+            assert not isinstance(result, Exception), result
+        for run_id, _ in calls:
+            engine.optim_step(run_id, adam)
+
+    out = {"sequential": timed(one_after_another, args.warmup, args.steps)}
+    out["one pass"] = timed(together, args.warmup, args.steps)
+    return out
+
+
 def profile(step, args: argparse.Namespace) -> str:
     """One step under torch.profiler: the kernels by their own CUDA time, top 45."""
     from torch.profiler import ProfilerActivity
@@ -212,6 +248,7 @@ def main() -> int:
     parser.add_argument("--variants", default="compile+selective", help="ours, comma-separated")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive PEFT loop")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--p2", action="store_true", help="only P2: 8 runs in one pass")
     parser.add_argument("--out", type=Path, help="folder for profile.txt")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -232,6 +269,12 @@ def main() -> int:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config)
                 n_params = sum(p.numel() for p in model.parameters())
+            if args.p2:
+                p2 = many_runs(directory, args)
+                free()
+                results["p2"] = {f"{size} 8 runs x {args.seq}": p2}
+                print(json.dumps(results["p2"]), flush=True)
+                continue
             for rows in [int(r) for r in args.rows.split(",")]:
                 tokens = batch(rows, args.seq, config.vocab_size)
                 shape: dict = {"flops": flops_per_step(config, rows, args.seq, n_params)}
@@ -260,6 +303,22 @@ def main() -> int:
         f"\n{results['device']} (torch {results['torch']}): LoRA rank {RANK}, attention + MLP, "
         "bf16 base"
     )
+    for name, p2 in results.get("p2", {}).items():
+        print(f"\nP2, {name}, LoRA rank {RANK}: one step of every run")
+        print("| how | step s | tokens/s | peak GiB | vs sequential |")
+        print("|---|---|---|---|---|")
+        tokens = 8 * args.seq
+        for how, r in p2.items():
+            if r["oom"]:
+                print(f"| {how} | OOM | - | - | - |")
+                continue
+            speed = p2["sequential"]["step_s"] / r["step_s"] if not p2["sequential"]["oom"] else 0
+            print(
+                f"| {how} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} | "
+                f"{r['peak_bytes'] / 2**30:.1f} | {speed:.2f}x |"
+            )
+    if args.p2:
+        return 0
     print("| model, step | engine | step s | tokens/s | MFU | peak GiB | vs naive |")
     print("|---|---|---|---|---|---|---|")
     for name, shape in results["shapes"].items():

@@ -151,3 +151,34 @@ def test_compiled_bf16_engine_trains_like_cpu(tmp_path: Path) -> None:
     assert losses["cuda"][0] == pytest.approx(losses["cpu"][0], rel=1e-2)
     assert losses["cuda"][1] == pytest.approx(losses["cpu"][1], rel=1e-2)
     assert losses["cuda"][1] < losses["cuda"][0]
+
+
+def test_many_runs_in_one_compiled_pass_equal_separate_passes(tmp_path: Path) -> None:
+    hf_model(torch.float32, "cpu").save_pretrained(tmp_path / "m")
+    gen = torch.Generator().manual_seed(1)
+    calls = []
+    for i, n in enumerate((64, 64, 30, 64)):
+        seq = torch.randint(0, VOCAB, (n + 1,), generator=gen)
+        datum = Datum(
+            model_input=Tensor.from_numpy(seq[:-1].numpy()),
+            loss_fn_inputs={"target_tokens": Tensor.from_numpy(seq[1:].numpy())},
+        )
+        calls.append((f"r{i % 3}", ForwardBackward(data=[datum], loss_fn="cross_entropy")))
+    engines = {}
+    for how in ("together", "apart"):
+        engine = TrainerEngine(tmp_path / "m", device="cuda", dtype="bfloat16", compile=True)
+        for i in range(3):
+            engine.create_run(f"r{i}", LoraConfig(rank=8 * (i + 1), seed=i))
+        engines[how] = engine
+    joint = engines["together"].forward_backward_many(calls)
+    alone = [engines["apart"].forward_backward(run_id, cmd) for run_id, cmd in calls]
+    for x, y in zip(joint, alone, strict=True):
+        assert not isinstance(x, Exception)
+        assert x.metrics["loss:sum"] == pytest.approx(y.metrics["loss:sum"], rel=2e-2)
+    for i in range(3):
+        run_id = f"r{i}"
+        together = engines["together"].runs[run_id].adapter.parameters()
+        apart = engines["apart"].runs[run_id].adapter.parameters()
+        for p, q in zip(together, apart, strict=True):
+            assert p.grad is not None and q.grad is not None
+            assert rel(p.grad, q.grad) < 5e-2
