@@ -14,7 +14,9 @@ and the seq_id after the last request in it. A forward, a save, a Skip or a fail
 state as the snapshot has it, so it moves the position on and is acknowledged at once; a
 ``forward_backward`` or an ``optim_step`` waits for the next snapshot, taken after every
 ``snapshot_every_steps``-th step and when a run with unacknowledged requests has been idle
-``snapshot_idle_s`` (with its gradient). Results and usage are written as each request runs, so
+``snapshot_idle_s`` (with its gradient); a ``load_weights`` replaces the whole state and is
+snapshotted at once (a run created from a checkpoint, ``TrainingRunRecord.initial``, starts from
+it, and that load is its seq 0). Results and usage are written as each request runs, so
 a holder that dies loses nothing: the next one loads the snapshot, acknowledges redelivered
 seq_ids below its position and replays the rest, reproducing the same weights; replayed usage
 events keep their ids, so nothing is billed twice. Positions are written with a compare-and-set:
