@@ -181,4 +181,7 @@ def test_many_runs_in_one_compiled_pass_equal_separate_passes(tmp_path: Path) ->
         apart = engines["apart"].runs[run_id].adapter.parameters()
         for p, q in zip(together, apart, strict=True):
             assert p.grad is not None and q.grad is not None
-            assert rel(p.grad, q.grad) < 5e-2
+            if float(q.grad.norm()) == 0:  # A of a fresh adapter (B = 0) gets no gradient
+                assert float(p.grad.norm()) == 0
+            else:
+                assert rel(p.grad, q.grad) < 5e-2
