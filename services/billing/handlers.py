@@ -2,9 +2,9 @@
 
 Consumes the durable ``ws.usage.>`` queue (consumer ``billing``) in batches (FastStream's batch
 mode: one handler call per fetch, where one per event cost ten times the events' insert). The
-handler only buffers a fetch (held unacknowledged, ``fate.hold``); a flusher decodes the buffer
-in one pydantic call (``decode_events``), writes it to ClickHouse in one insert and only then
-acknowledges its messages. An undecodable event is dead-lettered alone; its batch-mates are
+fetch is decoded in one pydantic call (``decode_events``); the handler only buffers it (held
+unacknowledged, ``fate.hold``); a flusher writes the buffer to ClickHouse in one insert and only
+then acknowledges its messages. An undecodable event is dead-lettered alone; its batch-mates are
 billed. ClickHouse being down leaves the events waiting in the stream, and a redelivered event
 is deduplicated by ``event_id`` in the ledger. Answers usage reports on
 ``ws.ctl.billing.report`` (request/reply).
@@ -38,7 +38,12 @@ from whetstone.fate import DeliveredBatch, consumer_config, decoder_for, hold, s
 from whetstone.messages import UsageEvent, UsageReport, UsageReportQuery
 from whetstone.tasks import Offload, spawn
 
-USAGE_ACK_WAIT_S = 60.0
+# Short, because a fetch can be lost in the client (Python 3.11's ``asyncio.wait_for`` may drop
+# a message that lands as a fetch times out, e.g. while a long insert holds the loop): its
+# events come back after this long. A held event waits for its flush far less than this (the
+# buffer is at most ``max_ack_pending``, flushed at tens of thousands per second), and a copy
+# redelivered meanwhile is dropped by the ledger's recent ids.
+USAGE_ACK_WAIT_S = 10.0
 _EVENTS = TypeAdapter(list[UsageEvent])
 
 
@@ -63,9 +68,9 @@ def decode_events(bodies: Sequence[bytes]) -> list[UsageEvent | None]:
     return decoded
 
 
-async def _bodies(batch: NatsBatchMessage) -> list[bytes]:
-    """The batch's decoder: the bodies as they are (the flusher decodes, see ``decode_events``)."""
-    return list(batch.body)
+async def _decode_batch(batch: NatsBatchMessage) -> list[UsageEvent | None]:
+    """The batch subscriber's decoder; it never raises (a bad body decodes to ``None``)."""
+    return decode_events([m.data for m in batch.raw_message])
 
 
 class BillingService:
@@ -84,7 +89,7 @@ class BillingService:
         self.log = log
         # chdb is synchronous and single-process: every ledger call runs on this one thread.
         self._db = Offload("clickhouse")
-        self._buffer: list[Msg] = []
+        self._buffer: list[tuple[UsageEvent | None, Msg]] = []
         self._full = asyncio.Event()
 
     async def declare(self) -> None:
@@ -101,7 +106,7 @@ class BillingService:
             ),
             config=consumer_config(USAGE_ACK_WAIT_S, max_ack_pending=50_000),
             ack_policy=AckPolicy.MANUAL,
-            decoder=_bodies,
+            decoder=_decode_batch,
             title="usage events",
         )
         await b.subscribe(
@@ -137,10 +142,10 @@ class BillingService:
             await asyncio.sleep(self.settings.reconcile_interval_s)
             await self.reconcile()
 
-    async def handle_usage(self, bodies: list[bytes], batch: DeliveredBatch) -> None:
-        """One fetch of usage events (``bodies`` as the bus delivered them, decoded later)."""
+    async def handle_usage(self, events: list[UsageEvent | None], batch: DeliveredBatch) -> None:
+        """One fetch of usage events (``None``: a body that is no event)."""
         hold(batch)  # each message acknowledged by the flusher once its insert is written
-        self._buffer.extend(batch.raw_message)
+        self._buffer.extend(zip(events, batch.raw_message, strict=True))
         if len(self._buffer) >= self.settings.batch_size:
             self._full.set()
 
@@ -160,20 +165,19 @@ class BillingService:
         )
         if not batch:
             return
-        decoded = decode_events([m.data for m in batch])
-        events = [e for e in decoded if e is not None]
+        events = [e for e, _ in batch if e is not None]
         try:
             await self._db(self.ledger.insert, events)
         except Exception:  # noqa: BLE001 - left unacknowledged: redelivered after ack_wait
             self.log.exception("usage insert failed; events will be redelivered", count=len(batch))
-            await asyncio.gather(*(m.nak(delay=1.0) for m in batch), return_exceptions=True)
+            await asyncio.gather(*(m.nak(delay=1.0) for _, m in batch), return_exceptions=True)
             return
         tokens: dict[tuple[str, str], int] = {}
         for e in events:
             tokens[(e.meter, e.base_model)] = tokens.get((e.meter, e.base_model), 0) + e.tokens
         for (meter, model), n in tokens.items():
             metrics.TOKENS.labels("billing", meter, model).inc(n)
-        for m, event in zip(batch, decoded, strict=True):
+        for event, m in batch:
             if event is None:  # dead-lettered and terminated, as any undecodable message
                 try:
                     UsageEvent.model_validate_json(m.data)
