@@ -54,6 +54,7 @@ M = TypeVar("M", bound=Message)
 
 FUTURE_TTL_S = 24 * 3600
 DEDUP_TTL_S = 24 * 3600
+STABILITY_TTL_S = 24 * 3600  # a recorded sequence can be trained on for a day (losses.md 2.7)
 PAYLOAD_TTL_S = 7 * 24 * 3600
 DEADLETTER_MAX_AGE_S = 14 * 24 * 3600
 OFFLOAD_BYTES = 4 * 1024 * 1024  # well under the server's 8 MB max payload, headers included
@@ -80,6 +81,7 @@ _BUCKETS: dict[str, float | None] = {  # bucket -> TTL in seconds (None: forever
     s.RUN_PROGRESS_BUCKET: None,
     s.RUN_SEQ_BUCKET: None,
     s.SCHEDULER_BUCKET: None,
+    s.STABILITY_BUCKET: STABILITY_TTL_S,
 }
 
 

@@ -17,6 +17,8 @@ Which subject carries what (``subjects.py`` has the names):
 * ``FutureRecord``      worker -> gateway, KV ``ws_futures`` under the request id
 * ``RunProgress``       trainer -> trainer, KV ``ws_run_progress``: a run's snapshot and next seq_id
 * ``SchedulerLease``    scheduler replicas, KV ``ws_scheduler``: which one is active
+* ``StabilityRecord``   sampler -> trainer, KV ``ws_stability``: sequences sampled with
+  ``record_stability_info``
 * the ``*Record`` types are the values of the state buckets.
 """
 
@@ -320,6 +322,29 @@ class SampleResult(Message):
     target_prompt_csr: bool = False
     prompt_alt_tokens: TopkLogprobs | None = None  # [len(prompt) - 1, k] draws and logprobs
     prompt_cache_hit_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class RecordedSequence(Message):
+    tokens: Tensor  # int64, the sampled tokens
+    logprobs: Tensor  # float32, the sampler's logprob of each (the distribution it drew from)
+
+
+class StabilityRecord(Message):
+    """What a sampler keeps of a request sampled with ``record_stability_info`` (losses.md 2.7,
+    the recommended record): its prompt, each sequence's tokens and float32 logprobs, the sampler
+    weights and parameters, for a day (KV ``ws_stability`` under the request id). Sequence ``i``
+    of it is the SDK's ``sequence_id`` ``<request_id>:<i>``; a training request of the same
+    session may name it in provenance spans."""
+
+    request_id: str
+    tenant: str
+    session_id: str | None = None
+    sampler_id: str | None = None
+    adapter: str | None = None  # tinker:// path of the sampler weights; None: the base model
+    params: SamplingParams
+    prompt: Tensor  # int64
+    sequences: list[RecordedSequence]
+    recorded_at: datetime = Field(default_factory=utcnow)
 
 
 Result = Annotated[

@@ -52,6 +52,7 @@ QUOTAS_BUCKET = "ws_quotas"  # <tenant token>.<quota> -> QuotaSlots (gateway quo
 RUN_PROGRESS_BUCKET = "ws_run_progress"  # run token -> RunProgress (snapshot, next seq_id)
 RUN_SEQ_BUCKET = "ws_run_seq"  # run token -> next seq_id handed out by gateways (hpcai sends none)
 SCHEDULER_BUCKET = "ws_scheduler"  # "leader" -> SchedulerLease
+STABILITY_BUCKET = "ws_stability"  # request_id -> StabilityRecord (TTL; record_stability_info)
 LEADER_KEY = "leader"
 
 # Object store: payloads over the bus limit (the message carries the object's name).

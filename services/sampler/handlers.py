@@ -5,9 +5,11 @@ Pulls from the shared durable queue of its base model (``ws.sample.<base>``, con
 balancing and failover come from JetStream). Each message's handler hands its request to the
 ``Batcher``, which adds it to the engine's continuous batch between two decode steps (tenants
 taking turns, ``whetstone.fairness``) and returns its result when its last sequence finishes;
-the handler then writes the future's result to KV ``ws_futures`` and publishes prefill and
-sample token usage on ``ws.usage.<tenant>``. The message-fate wrapper acknowledges it after
-that, or fails the future on a user error. Heartbeats on ``ws.ctl.heartbeat.sampler.<id>``.
+the handler then writes the future's result to KV ``ws_futures`` and publishes prefill, cached
+prefill (prompt tokens the prefix cache served) and sample token usage on ``ws.usage.<tenant>``;
+a request sampled with ``record_stability_info`` is first recorded in KV ``ws_stability``.
+The message-fate wrapper acknowledges it after that, or fails the future on a user error.
+Heartbeats on ``ws.ctl.heartbeat.sampler.<id>``.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from whetstone.fairness import FairShare, Ready
 from whetstone.fate import Delivered, consumer_config, decoder_for
 from whetstone.messages import (
     FutureRecord,
-    Meter,
     QueueState,
+    RecordedSequence,
     SampleRequest,
     SampleResult,
+    StabilityRecord,
     UsageEvent,
+    UsageMeter,
     WorkerHeartbeat,
     utcnow,
 )
@@ -166,6 +170,21 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - handed to the request's handler
                 out.append(exc)
         return out
+
+
+def _stability(req: SampleRequest, result: SampleResult) -> StabilityRecord:
+    return StabilityRecord(
+        request_id=req.request_id,
+        tenant=req.tenant,
+        session_id=req.session_id,
+        sampler_id=req.sampler_id,
+        adapter=req.adapter.tinker_path if req.adapter else None,
+        params=req.params,
+        prompt=req.prompt,
+        sequences=[
+            RecordedSequence(tokens=seq.tokens, logprobs=seq.logprobs) for seq in result.sequences
+        ],
+    )
 
 
 def _cost(req: SampleRequest) -> float:
@@ -303,10 +322,13 @@ class SamplerWorker:
     async def _finish(
         self, req: SampleRequest, pending: FutureRecord, result: SampleResult, revision: int | None
     ) -> None:
-        usage: dict[Meter, int] = {
-            "prefill_tokens": req.prompt.numel,
+        cached = result.prompt_cache_hit_tokens
+        usage: dict[UsageMeter, int] = {
+            "prefill_tokens": req.prompt.numel - cached,
             "sample_tokens": sum(seq.tokens.numel for seq in result.sequences),
         }
+        if cached:
+            usage["cached_prefill_tokens"] = cached
         events = [
             UsageEvent.of(
                 req.request_id,
@@ -323,6 +345,8 @@ class SamplerWorker:
         ]
         for meter, tokens in usage.items():
             metrics.TOKENS.labels("sampler", meter, req.base_model).inc(tokens)
+        if req.record_stability_info:  # before the result: a client that sees it may train on it
+            await b.kv_put(self.bus.kv[s.STABILITY_BUCKET], req.request_id, _stability(req, result))
         # The result, then its usage (none for a request cancelled meanwhile), both before the
         # wrapper acknowledges the request.
         final = pending.model_copy(
