@@ -192,7 +192,9 @@ class Gateway:
         dedup = self.bus.kv[s.DEDUP_BUCKET]
         request_id = f"req-{uuid.uuid4().hex}"
         limits = self.caller_limits()
-        if limits.max_inflight:  # a quota: only a new submission takes a slot (``quotas.py``)
+        # A quota: only a new submission takes a slot (``quotas.py``). A run's creation takes a
+        # run slot instead (``admit_run``, checked before its record is written).
+        if limits.max_inflight and subject != s.PLACE_SUBJECT:
             existing = await _kv_value(dedup, dedup_key)
             if existing is None:
                 training = subject.startswith(s.TRAIN_PREFIX + ".")

@@ -345,8 +345,12 @@ async def save_weights_for_sampler(
             base_model=run.base_model,
             adapter=AdapterRef(tinker_path=str(path), store_key=store_key(t, path)),
         )
-        await b.kv_put(gw.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id), record)
         command = SaveWeights(kind="sampler", name=name, overwrite=True, sampler_id=sampler_id)
+        request_id = await _submit(gw, t, run, body.seq_id, "save_weights", command)
+        # Recorded once accepted (a refusal, a 429 included, leaves no sampling session), before
+        # the answer: the client learns the session's id only from the future's result.
+        await b.kv_put(gw.bus.kv[s.SAMPLERS_BUCKET], s.token(sampler_id), record)
+        return _future(request_id, run.run_id)
     else:
         async with refused_in_order(gw, t, run, body.seq_id):
             raise UserError("save_weights_for_sampler needs 'path' or 'sampling_session_seq_id'")

@@ -82,43 +82,45 @@ async def test_over_the_inflight_quota_a_submission_gets_429_and_consumes_nothin
     await start_trainer("w1")
     key = await create_key(bus, "busy", max_inflight=2)
     async with running_gateway(nats_url, models_dir, log) as app, client(app, key) as http:
-        # No trainer holds the run yet: its creation and seq 1 stay in flight, two of two.
+        # No trainer holds the run yet: seq 1 and 2 stay in flight, two of two (a run's
+        # creation takes a run slot, not one of these).
         run_id, create_request_id = await create_run(http)
-        first = await post_fb(http, run_id, 1)
-        assert first.status_code == 200, first.text
+        waiting = [await post_fb(http, run_id, seq) for seq in (1, 2)]
+        assert [w.status_code for w in waiting] == [200, 200], waiting[-1].text
 
-        refused = await post_fb(http, run_id, 2)
+        refused = await post_fb(http, run_id, 3)
         assert refused.status_code == 429, refused.text
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["category"] == "user" and "in flight" in refused.json()["error"]
-        # Nothing consumed: no dedup record for seq 2 and no message for it (no Skip either:
-        # it would turn the SDK's retry of seq 2 into a refusal), nothing billed.
-        assert await raw(bus, s.DEDUP_BUCKET, train_dedup_key(run_id, 2)) is None
-        assert await train_messages(bus, run_id) == 1
+        # Nothing consumed: no dedup record for seq 3 and no message for it (no Skip either:
+        # it would turn the SDK's retry of seq 3 into a refusal), nothing billed.
+        assert await raw(bus, s.DEDUP_BUCKET, train_dedup_key(run_id, 3)) is None
+        assert await train_messages(bus, run_id) == 2
 
         # The run lands on the trainer, its work drains, and the same seq_id (as the SDK sends
         # it again) is accepted.
         await assign(bus, "w1", run_id, create_request_id)
-        await result_of(http, first.json()["request_id"], accept=PROTOBUF)
-        retried = await post_fb(http, run_id, 2)
+        for answer in waiting:
+            await result_of(http, answer.json()["request_id"], accept=PROTOBUF)
+        retried = await post_fb(http, run_id, 3)
         assert retried.status_code == 200, retried.text
         await result_of(http, retried.json()["request_id"], accept=PROTOBUF)
 
-        # The SDK's chunked forward_backward: chunks 2..4 of a call at seq 3 posted first, the
+        # The SDK's chunked forward_backward: chunks 2..4 of a call at seq 4 posted first, the
         # first chunk last. Two take the slots; the third and the first are admitted over the
         # limit, since the accepted ones cannot run without them (no wedged run).
-        chunks = [await post_fb(http, run_id, seq) for seq in (4, 5, 6)]
-        chunks.append(await post_fb(http, run_id, 3))
+        chunks = [await post_fb(http, run_id, seq) for seq in (5, 6, 7)]
+        chunks.append(await post_fb(http, run_id, 4))
         assert [c.status_code for c in chunks] == [200] * 4, [c.text for c in chunks]
         for answer in chunks:
             done = await result_of(http, answer.json()["request_id"], accept=PROTOBUF)
             assert PROTOBUF in done.headers["content-type"]
 
-        # six forward_backwards ran, each billed once; the refused attempt billed nothing
-        async def billed_six() -> bool:
-            return await usage_messages(bus, "busy") == 6
+        # seven forward_backwards ran, each billed once; the refused attempt billed nothing
+        async def billed_seven() -> bool:
+            return await usage_messages(bus, "busy") == 7
 
-        await eventually(billed_six, what="one usage event per forward_backward")
+        await eventually(billed_seven, what="one usage event per forward_backward")
 
 
 async def test_over_the_run_quota_create_model_gets_429_until_a_session_finishes(
@@ -374,3 +376,35 @@ async def test_the_cli_sets_a_keys_quotas(
     assert len(listed) == 1 and "default" in listed[0] and "none" in listed[0]
     with pytest.raises(SystemExit):  # argparse refuses a negative quota
         cli._parser().parse_args(["keys", "set-limits", key, "--max-runs", "-1"])
+
+
+async def test_the_count_is_shared_by_gateways_and_outlives_them(
+    bus: b.Bus, nats_url: str, models_dir: Path, log
+) -> None:
+    key = await create_key(bus, "two-doors", max_inflight=2)
+    async with running_gateway(nats_url, models_dir, log) as one, client(one, key) as http:
+        run_id, _ = await create_run(http)  # no trainer: seq 1 and 2 stay in flight
+        assert [(await post_fb(http, run_id, seq)).status_code for seq in (1, 2)] == [200, 200]
+    # the first gateway is gone; a new one (or any replica) sees the same two in flight
+    async with (
+        running_gateway(nats_url, models_dir, log) as two,
+        running_gateway(nats_url, models_dir, log) as three,
+        client(two, key) as http_two,
+        client(three, key) as http_three,
+    ):
+        assert (await post_fb(http_two, run_id, 3)).status_code == 429
+        assert (await post_fb(http_three, run_id, 3)).status_code == 429
+        # another run of the tenant is created (that takes a run slot), but its first request
+        # is refused too: the quota is the tenant's, not the run's
+        other_run, _ = await create_run(http_three)
+        answer = await post_fb(http_three, other_run, 1)
+        assert answer.status_code == 429, answer.text
+        # save_weights_and_get_sampling_client's save, refused: it leaves no sampling session
+        save = await http_three.post(
+            "/api/v1/save_weights_for_sampler",
+            json={"model_id": other_run, "seq_id": 1, "sampling_session_seq_id": 5},
+        )
+        assert save.status_code == 429, save.text
+        sampler_id = f"{other_run.split(':train:')[0]}:sample:5"
+        assert await raw(bus, s.SAMPLERS_BUCKET, s.token(sampler_id)) is None
+        assert (await http_three.get(f"/api/v1/samplers/{sampler_id}")).status_code == 404
