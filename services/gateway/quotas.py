@@ -4,7 +4,9 @@
 --max-runs N --max-inflight M``, ``whetstone keys set-limits``); a key without them gets the
 platform's defaults (``GatewaySettings.default_max_runs``, ``default_max_inflight``); 0 means no
 limit. The limits of the key that makes a request apply; what counts against them is the
-tenant's, over all of its keys and every gateway.
+tenant's, over all of its keys and every gateway. A run's creation (``create_model``, or a
+``load_weights`` that creates one) takes a run slot, checked before the run is recorded, and no
+in-flight slot; every other submission (training, sampling) takes an in-flight slot.
 
 **Counting.** One record per tenant and quota in KV ``ws_quotas`` (``<tenant>.inflight`` and
 ``<tenant>.runs``, a ``QuotaSlots``): the ids holding a slot, each with when it was admitted.
