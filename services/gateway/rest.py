@@ -39,6 +39,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import Convertor, register_url_convertor
 
+from services.gateway.billing import run_usage_json
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.training import _submit, refused_in_order
 from whetstone import bus as b
@@ -220,7 +221,12 @@ async def get_training_run(
     run = await gw.run_record(run_id)
     if run is None or (run.tenant != t and not await _has_published(gw, run, access_scope)):
         raise NotFound(f"unknown training run {run_id!r}")
-    return await run_json(gw, run)
+    info = await run_json(gw, run)
+    if run.tenant == t:  # its cost so far, for its owner (absent while billing is not answering)
+        usage = await run_usage_json(gw, t, run.run_id)
+        if usage is not None:
+            info["usage"] = usage
+    return info
 
 
 async def _has_published(gw: Gateway, run: TrainingRunRecord, scope: AccessScope) -> bool:

@@ -2,7 +2,8 @@
 ClickHouse engine: usage events waiting in the durable queue before billing starts are billed once
 it starts, a re-published event counts once (whether JetStream's Nats-Msg-Id window catches it or
 not, and across a restart), and reports come by request/reply on ``ws.ctl.billing.report``,
-filtered by API key id; ``whetstone status`` shows each run's cost so far from those reports.
+filtered by API key id; ``whetstone status`` and the REST run info (an in-process gateway) show
+each run's cost so far from those reports.
 
 Billing runs as a child process, as in ``whetstone up``: chdb hosts one data directory per
 process, and the ledger unit tests already hold one in the pytest process.
@@ -22,9 +23,11 @@ import nats.errors
 import pytest
 
 from services.billing.prices import DEFAULT_PRICE_TABLE
+from tests.integration.gateway_app import client, running_gateway
 from tests.integration.helpers import eventually
 from whetstone import bus as b
 from whetstone import subjects as s
+from whetstone.keys import create_key
 from whetstone.messages import (
     LoraConfig,
     Meter,
@@ -165,7 +168,7 @@ async def test_usage_waits_for_billing_and_counts_once(bus: b.Bus, billing) -> N
 
 
 async def test_reports_filter_by_api_key_and_status_shows_each_runs_cost(
-    bus: b.Bus, nats_url: str, billing
+    bus: b.Bus, nats_url: str, billing, models_dir: Path, log
 ) -> None:
     run_a, run_b = "sess-a:train:0", "sess-b:train:0"
     for run_id in (run_a, run_b):
@@ -186,6 +189,11 @@ async def test_reports_filter_by_api_key_and_status_shows_each_runs_cost(
     await b.publish_usage(bus, events)
     # An undecodable event among them (billing decodes a fetch at once): dead-lettered alone.
     await bus.js.publish(s.usage_subject(TENANT), b'{"event_id": "broken"}')
+    mine, theirs = await create_key(bus, TENANT), await create_key(bus, "tenant-b")
+    async with running_gateway(nats_url, models_dir, log) as app:
+        async with client(app, mine) as http:
+            info = await http.get(f"/api/v1/training_runs/{run_a}")
+        assert info.status_code == 200 and "usage" not in info.json()  # billing not answering
     billing.start()
     await report(bus)
     await eventually(lambda: all_ingested(bus), timeout_s=20.0, what="the events ingested")
@@ -214,3 +222,14 @@ async def test_reports_filter_by_api_key_and_status_shows_each_runs_cost(
         run_a: (320, cost("train_tokens", 320) + cost("checkpoint_bytes", 4096)),
         run_b: (55, cost("train_tokens", 55)),
     }
+
+    # The REST run info carries the same cost, for the run's owner only.
+    async with running_gateway(nats_url, models_dir, log) as app:
+        async with client(app, mine) as http:
+            info = (await http.get(f"/api/v1/training_runs/{run_a}")).json()
+        async with client(app, theirs) as http:
+            assert (await http.get(f"/api/v1/training_runs/{run_a}")).status_code == 404
+    assert info["training_run_id"] == run_a
+    assert info["usage"]["tokens"] == 320
+    assert Decimal(info["usage"]["cost_usd"]) == shown[run_a][1]
+    assert info["usage"]["meters"]["checkpoint_bytes"]["quantity"] == 4096
