@@ -408,11 +408,18 @@ def test_cancelled_sample_answers_cancelled_and_is_not_billed(platform) -> None:
         cancels = gateway_requests(platform, "/api/v1/cancel_future")
         long = types.SamplingParams(max_tokens=1500, stop=[])
 
+        submitted = gateway_requests(platform, "/api/v1/asample")
+
         async def abandon() -> None:
             task = asyncio.ensure_future(
                 sampler.sample_async(types.ModelInput.from_ints([1, 2, 3]), 4, long)
             )
-            await asyncio.sleep(1.0)
+            # Abandoned once accepted: queued or just started, far from its 1500 tokens.
+            while (
+                await asyncio.to_thread(gateway_requests, platform, "/api/v1/asample") == submitted
+            ):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # the client has read the answer (its request id)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
