@@ -109,31 +109,31 @@ class FutureIndex:
     """Which futures belong to a scope (a session id, or a sampling session and clone): KV
     ``ws_future_index`` under ``<scope token>.<request id>``, expiring with the futures. Written
     by the gateway when it accepts a request; read by the trace export and ``retrieve_futures``.
+
+    A scope is listed from the bucket's stream state (one ``stream_info`` filtered by subject),
+    not with a KV watch, whose end-of-data marker can arrive before the entries (nats-py) and
+    would hide a completion from ``retrieve_futures`` for good. So entries are removed by purging
+    their subject outright, leaving no delete marker behind to list.
     """
 
     def __init__(self, bus: b.Bus) -> None:
+        self.bus = bus
         self.kv = bus.kv[s.FUTURE_INDEX_BUCKET]
         self.futures = bus.kv[s.FUTURES_BUCKET]
+        self._stream = f"KV_{s.FUTURE_INDEX_BUCKET}"
+        self._prefix = f"$KV.{s.FUTURE_INDEX_BUCKET}."
 
     async def add(self, scope: str, request_id: str) -> None:
         await self.kv.put(f"{s.token(scope)}.{request_id}", b"")
 
     async def remove(self, scope: str, request_id: str) -> None:
-        await self.kv.purge(f"{s.token(scope)}.{request_id}")
+        subject = f"{self._prefix}{s.token(scope)}.{request_id}"
+        await self.bus.js.purge_stream(self._stream, subject=subject)
 
     async def request_ids(self, scope: str) -> list[str]:
-        """The scope's request ids, read with one ordered watch filtered by the server."""
-        prefix = f"{s.token(scope)}."
-        ids: list[str] = []
-        watcher = await self.kv.watch(f"{prefix}*", ignore_deletes=True, meta_only=True)
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of what is stored now
-                    break
-                ids.append(entry.key[len(prefix) :])
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return sorted(ids)
+        head = f"{self._prefix}{s.token(scope)}."
+        info = await self.bus.js.stream_info(self._stream, subjects_filter=f"{head}*")
+        return sorted(subject[len(head) :] for subject in info.state.subjects or {})
 
     async def records(self, request_ids: Sequence[str]) -> list[tuple[FutureRecord, int]]:
         """The futures' records with their KV revisions (expired ones left out)."""
