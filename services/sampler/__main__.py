@@ -24,7 +24,10 @@ async def main() -> None:
         torch.set_num_threads(settings.torch_threads)
     spec = settings.registry().resolve(settings.base_model)
     engine = SamplerEngine.from_spec(
-        spec, device=settings.device or None, max_adapters=settings.max_adapters
+        spec,
+        device=settings.device or None,
+        max_adapters=settings.max_adapters,
+        prefix_cache_blocks=settings.prefix_cache_blocks,
     )
     bus = await b.connect(settings.nats_url, settings.worker_id, service="sampler")
     worker = SamplerWorker(settings, bus, engine, settings.checkpoint_store(), log)

@@ -11,11 +11,14 @@ One step:
 
 1. **admit** waiting requests while rows (``max_seqs``) and KV blocks allow. A request's blocks
    are promised at admission for its worst case (prompt + ``max_tokens`` for every sample), so a
-   running sequence never waits for memory and nothing is ever preempted;
+   running sequence never waits for memory and nothing is ever preempted. An admitted request
+   starts after the longest prefix of its prompt whose full blocks the **prefix cache**
+   (``kvcache.PrefixCache``, keyed by weights and tokens) holds from an earlier request
+   (``prompt_cache_hit_tokens``); idle cached blocks are evicted when a promise needs them;
 2. **prefill** up to ``prefill_tokens`` prompt tokens (chunks of one or more prompts packed in one
    forward; a long prompt takes several steps). A prompt whose last chunk ran is **forked** into
    its ``num_samples`` sequences, which share its full KV blocks (prefill once), and each draws its
-   first token from the same last-position logits;
+   first token from the same last-position logits; its full blocks enter the prefix cache;
 3. **decode** one token for every running sequence in one forward (a CUDA graph per batch and
    context bucket on GPU, the same function eagerly on CPU), sample, and retire the sequences that
    hit a stop token, a stop string or ``max_tokens``.
@@ -39,7 +42,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from services.sampler.graphs import DecodeGraphs
-from services.sampler.kvcache import BlockAllocator, CacheShape, PagedKVCache
+from services.sampler.kvcache import BlockAllocator, CacheShape, PagedKVCache, PrefixCache
 from services.sampler.model import DecodeBatch, LoraRuns, PrefillBatch
 from services.sampler.prompt_scores import PromptScores
 from services.sampler.sampling import SamplingRows, sample, sampled_topk
@@ -83,6 +86,7 @@ class _Request:
     prefilled: int = 0
     scores: PromptScores | None = None  # what it asked of its prompt (prompt_scores)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prefix_keys: list[bytes] = field(default_factory=list)  # its full blocks' cache keys
     sequences: list[SampledSequence | None] = field(default_factory=list)
 
 
@@ -127,6 +131,7 @@ class SamplerEngine:
         prefill_tokens: int = 8192,
         cuda_graphs: bool | None = None,
         decode_attention: str | None = None,
+        prefix_cache_blocks: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
@@ -169,10 +174,21 @@ class SamplerEngine:
         self._free_blocks = num_blocks - 1  # not promised to any admitted request
         self._free_rows = max_seqs
         self._next_handle = 0
+        # Full prompt blocks kept for later requests (default: up to half the cache).
+        self.prefix = PrefixCache(
+            self.cache, num_blocks // 2 if prefix_cache_blocks is None else prefix_cache_blocks
+        )
+        self._loads: dict[str, int] = {}  # adapter -> which load of it (the prefix cache's key)
+        self._load_count = 0
 
     @classmethod
     def from_spec(
-        cls, spec: ModelSpec, *, device: str | None = None, max_adapters: int = 32
+        cls,
+        spec: ModelSpec,
+        *,
+        device: str | None = None,
+        max_adapters: int = 32,
+        prefix_cache_blocks: int | None = None,
     ) -> SamplerEngine:
         """The engine for a registry entry: its directory (the built-in model is generated there
         if missing), dtype, device and context length. ``device`` overrides the registry's."""
@@ -184,6 +200,7 @@ class SamplerEngine:
             dtype=spec.dtype,
             max_adapters=max_adapters,
             context_length=spec.context_length,
+            prefix_cache_blocks=prefix_cache_blocks,
         )
 
     @property
@@ -213,6 +230,8 @@ class SamplerEngine:
         for name, f in adapter.factors.items():
             self.resident.layers[name].adapters[adapter_id] = f
         self._adapters[adapter_id] = Path(directory)
+        self._load_count += 1
+        self._loads[adapter_id] = self._load_count  # blocks cached under an earlier load: stale
         # Restacking moves columns, which is safe between steps (masks are rebuilt every step),
         # but an adapter a queued or running request needs is never evicted.
         busy = {r.adapter_id for r in (*self._waiting, *self._prefilling)}
@@ -310,6 +329,7 @@ class SamplerEngine:
         handles += list(dict.fromkeys(q.req.handle for q in self._running))
         shape = self.cache.shape
         self.cache.allocator = BlockAllocator(shape.num_blocks)
+        self.prefix.clear()
         self._waiting.clear()
         self._prefilling, self._running = [], []
         self._free_blocks, self._free_rows = shape.num_blocks - 1, self.max_seqs
@@ -331,11 +351,12 @@ class SamplerEngine:
         while self._waiting:
             req = self._waiting[0]
             n = req.request.num_samples
-            if n > self._free_rows or req.promised_blocks > self._free_blocks:
+            if n > self._free_rows or not self._room_for(req.promised_blocks):
                 break
             self._waiting.popleft()
             self._free_rows -= n
             self._free_blocks -= req.promised_blocks
+            self._reuse_prefix(req)
             self._prefilling.append(req)
         if self._prefilling:
             self._prefill(finished)
@@ -357,6 +378,35 @@ class SamplerEngine:
         while self.has_work:
             results.update(self.step())
         return [results[req.handle] for req in checked]
+
+    # ------------------------------------------------------------------------------ prefix cache
+
+    def _room_for(self, blocks: int) -> bool:
+        """Whether ``blocks`` more can be promised, evicting idle cached blocks if need be.
+
+        Promises are never reduced by prefix hits, so the blocks not promised to anyone are
+        free or idle in the prefix cache: evicting idle ones is always enough to keep a promise.
+        """
+        if blocks <= self._free_blocks - len(self.prefix):
+            return True  # room even if every cached block were idle
+        if blocks > self._free_blocks:
+            return False
+        short = blocks - (self._free_blocks - self.prefix.idle())
+        if short > 0:
+            self.prefix.evict_idle(short)
+        return True
+
+    def _reuse_prefix(self, req: _Request) -> None:
+        """Start the request's prefill after the longest cached prefix of its prompt that it may
+        skip: never its last token (its logits start the sampling), nor a position it scores."""
+        adapter = req.adapter_id
+        weights = "" if adapter is None else f"{adapter}#{self._loads[adapter]}"
+        req.prefix_keys = self.prefix.keys(weights, req.prompt)
+        limit = len(req.prompt) - 1
+        if req.scores is not None:
+            limit = min(limit, req.scores.first_position)
+        req.blocks = self.prefix.lookup(req.prefix_keys[: limit // self.block_size])
+        req.prefilled = req.cached_tokens = len(req.blocks) * self.block_size
 
     # ------------------------------------------------------------------------------ prefill
 
@@ -404,6 +454,7 @@ class SamplerEngine:
                 self._score_prompt(req, req.scores, hidden, row, start, stop)
             req.prefilled = stop
             if stop == len(req.prompt):
+                self.prefix.insert(req.prefix_keys, req.blocks)
                 done.append((req, row + stop - start - 1))
         self._prefilling = [r for r in self._prefilling if r.prefilled < len(r.prompt)]
         if not done:

@@ -12,6 +12,8 @@ class SamplerSettings(ServiceSettings):
     torch_threads: int = 0  # intra-op threads for torch on CPU (0: torch's default)
     max_batch_requests: int = 32  # sample requests decoded together in one batch
     max_adapters: int = 32  # LoRA adapters kept loaded (least recently used evicted)
+    # Full prompt blocks kept for later requests (None: half the KV cache; 0: no prefix cache).
+    prefix_cache_blocks: int | None = None
     ack_wait_s: float = 300.0
     heartbeat_interval_s: float = 1.0
     # A request passed over for other tenants' this long (fair sharing) reports paused_rate_limit.

@@ -3,6 +3,8 @@
 
 * every sampling option of protocol.md 5.8-5.9 in one ``sample`` call of the unmodified SDK, and
   ``record_stability_info`` keeping the sequences in KV ``ws_stability`` under their ids;
+* a repeated prompt served from the prefix cache: ``prompt_cache_hit_tokens`` in the SDK's
+  response and ``cached_prefill_tokens`` on the bill;
 * back-pressure: a sampler whose admission queue is full makes the gateway answer ``asample``
   with 429 and ``Retry-After``; the SDK resubmits the same seq_id, and every sample comes back
   exactly once (none lost, none failed);
@@ -28,11 +30,12 @@ from services.sampler.engine import SamplerEngine
 from services.sampler.handlers import SamplerWorker
 from services.sampler.settings import SamplerSettings
 from tests.integration.gateway_app import running_gateway
+from tests.integration.helpers import eventually
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.checkpoints import LocalCheckpointStore
 from whetstone.keys import create_key
-from whetstone.messages import StabilityRecord
+from whetstone.messages import StabilityRecord, UsageEvent
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 from whetstone.models.registry import default_registry
 
@@ -140,3 +143,48 @@ async def test_every_sampling_option_through_the_sdk(
     for kept, seq in zip(record.sequences, response.sequences, strict=True):
         assert kept.tokens.to_numpy().tolist() == seq.tokens
         np.testing.assert_allclose(kept.logprobs.to_numpy(), seq.logprobs, atol=0)
+
+
+def sample_twice(base_url: str, key: str, prompt: list[int]) -> list[types.SampleResponse]:
+    service = tinker.ServiceClient(base_url=base_url, api_key=key)
+    try:
+        sampler = service.create_sampling_client(base_model=BUILTIN_MODEL_NAME).result()
+        params = types.SamplingParams(max_tokens=3, temperature=0.0)
+        prompt_input = types.ModelInput.from_ints(prompt)
+        return [sampler.sample(prompt_input, 2, params).result() for _ in range(2)]
+    finally:
+        service.close("success").result()
+
+
+async def usage_of(bus: b.Bus, tenant: str) -> list[UsageEvent]:
+    info = await bus.js.stream_info(s.USAGE_STREAM)
+    events = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        event = UsageEvent.decode((await bus.js.get_msg(s.USAGE_STREAM, seq)).data)
+        if event.tenant == tenant:
+            events.append(event)
+    return events
+
+
+async def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_billed_as_cached(
+    bus: b.Bus, spawned: None, nats_url: str, models_dir: Path, tmp_path: Path, log
+) -> None:
+    key = await create_key(bus, "cached")
+    await start_sampler(bus, nats_url, tmp_path, models_dir, log)
+    prompt = list(range(100, 140))  # 40 tokens: two full 16-token blocks before the last token
+    async with running_gateway(nats_url, models_dir, log) as app, serving(app) as base_url:
+        call = asyncio.to_thread(sample_twice, base_url, key, prompt)
+        first, second = await asyncio.wait_for(call, 120)
+    assert first.prompt_cache_hit_tokens == 0 and second.prompt_cache_hit_tokens == 32
+    assert [q.tokens for q in first.sequences] == [q.tokens for q in second.sequences]
+
+    async def billed() -> bool:
+        return len(await usage_of(bus, "cached")) == 5  # 2 + 3 meters
+
+    await eventually(billed, what="both requests' usage")
+    by_meter: dict[str, list[int]] = {}
+    for event in await usage_of(bus, "cached"):
+        by_meter.setdefault(event.meter, []).append(event.tokens)
+    assert sorted(by_meter["prefill_tokens"]) == [8, 40]
+    assert by_meter["cached_prefill_tokens"] == [32]
+    assert by_meter["sample_tokens"] == [6, 6]

@@ -175,7 +175,8 @@ def test_forked_samples_share_prompt_blocks_and_equal_one_greedy(model_dir):
     while engine._prefilling:
         engine.step()
     first = engine._running[0].blocks[0]
-    assert engine.cache.allocator.refs(first) == 3, "full prompt blocks are shared by the samples"
+    # the three samples and the prefix cache
+    assert engine.cache.allocator.refs(first) == 4, "full prompt blocks are shared by the samples"
     assert prompt_len // engine.block_size >= 1
     results = {}
     while engine.has_work:
@@ -183,7 +184,9 @@ def test_forked_samples_share_prompt_blocks_and_equal_one_greedy(model_dir):
     [result] = results.values()
     [alone] = engine.generate([(request(engine, PROMPTS[2], max_tokens=6, temperature=0.0), None)])
     assert tokens(result, 0) == tokens(result, 1) == tokens(result, 2) == tokens(alone)
-    assert engine.cache.allocator.num_free == engine.cache.shape.num_blocks - 1, "blocks leaked"
+    held = len(engine.prefix)  # the prompt's full blocks, kept for later requests
+    assert held == prompt_len // engine.block_size
+    assert engine.cache.allocator.num_free == engine.cache.shape.num_blocks - 1 - held, "leaked"
 
 
 def test_requests_joining_and_leaving_equal_each_alone(model_dir):
