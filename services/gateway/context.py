@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 from structlog.stdlib import BoundLogger
 
 from services.gateway import metrics
+from services.gateway.backpressure import SampleBackpressure
 from services.gateway.futures import FutureIndex, FutureWaiters
 from services.gateway.quotas import Limits, Quotas
 from services.gateway.settings import GatewaySettings
@@ -65,13 +66,18 @@ class Gateway:
     _tenants: dict[str, tuple[str, float]] = field(default_factory=dict)
     _key_watch: asyncio.Task[Any] | None = None
     _runs: dict[str, TrainingRunRecord] = field(default_factory=dict)
+    _run_watch: asyncio.Task[Any] | None = None
     # key id -> the key's quotas, refreshed with its cached tenant (``quotas.py``)
     _key_limits: dict[str, Limits] = field(default_factory=dict)
     quotas: Quotas = field(init=False)
+    backpressure: SampleBackpressure = field(init=False)
 
     def __post_init__(self) -> None:
         self.quotas = Quotas(
             self.bus, self.settings.inflight_retry_after_s, self.settings.runs_retry_after_s
+        )
+        self.backpressure = SampleBackpressure(
+            self.bus, self.settings.sample_queue_limit, self.settings.sample_retry_after_s
         )
 
     async def tenant_of(self, key: str | None) -> str:
@@ -134,7 +140,19 @@ class Gateway:
 
     async def run_record(self, run_id: str) -> TrainingRunRecord | None:
         """A run's record whoever owns it (for a published checkpoint's run); None if unknown."""
-        record = self._runs.get(run_id)  # changed only by unload_model (``remember_run``)
+        if self._run_watch is None:  # once, before anything is cached
+            self._run_watch = asyncio.ensure_future(
+                b.subscribe(
+                    self.bus,
+                    self._on_run_update,
+                    f"$KV.{s.RUNS_BUCKET}.>",
+                    decoder=_no_body,
+                    title="training run changes",
+                    no_reply=True,  # a KV put awaits its ack on the reply subject
+                )
+            )
+        await self._run_watch
+        record = self._runs.get(run_id)  # changed only by unload_model: see _on_run_update
         if record is None:
             record = await b.kv_get(self.bus.kv[s.RUNS_BUCKET], s.token(run_id), TrainingRunRecord)
             if record is not None:
@@ -144,6 +162,10 @@ class Gateway:
     def remember_run(self, record: TrainingRunRecord) -> None:
         """This gateway's view of a run record that changed (``unload_model``)."""
         self._runs[record.run_id] = record
+
+    async def _on_run_update(self, _: None, msg: Delivered) -> None:
+        """A run record changed (another gateway unloaded it): read it again when next asked."""
+        self._runs.pop(s.untoken(msg.raw_message.subject.rsplit(".", 1)[-1]), None)
 
     async def checkpoint(
         self, tenant: str, path: TinkerPath, *, published_ok: bool = False
