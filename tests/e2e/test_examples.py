@@ -55,8 +55,9 @@ def test_grpo_math_raises_the_reward_and_prints_the_bill(platform) -> None:
     assert all(0.0 <= a <= 1.0 for a in per_step(out, "accuracy"))
     rows = re.findall(r"^\s+(\w+_tokens)\s+([\d,]+)\s+\$([\d.]+)", out, re.M)
     billed = {meter: (int(n.replace(",", "")), Decimal(cost)) for meter, n, cost in rows}
-    # the rollouts' prefill and sampling and the updates' training, all billed
-    assert billed.keys() == {"prefill_tokens", "sample_tokens", "train_tokens"}, out
+    # the rollouts' prefill and sampling and the updates' training, all billed (prompts that hit
+    # the sampler's prefix cache may add cached_prefill_tokens)
+    assert {"prefill_tokens", "sample_tokens", "train_tokens"} <= billed.keys(), out
     assert all(tokens > 0 and cost > 0 for tokens, cost in billed.values()), out
     # 12 steps x 4 problems x 8 samples, each answer 1 to 6 tokens
     assert 12 * 32 <= billed["sample_tokens"][0] <= 12 * 32 * 6
