@@ -55,6 +55,8 @@ FUSED: dict[str, tuple[str, ...]] = {
     "down": ("mlp.down_proj",),
 }
 HEAD = "lm_head"
+# Several adapters in one pass run stacked up to this total rank (per fused projection).
+MAX_STACKED_RANK = 512
 Attention = Literal["auto", "rows", "flex", "varlen", "docs"]
 Checkpointing = Literal["none", "selective", "full"]
 
@@ -229,12 +231,20 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def _with_lora(
-    y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[int, int, ProjLora | None]]
+    y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[int, int, Any]]
 ) -> torch.Tensor:
-    """``y`` plus each segment's LoRA product on its own rows (``None``: the base model)."""
+    """``y`` plus the LoRA product of ``x``'s rows. ``parts`` holds ``(start, stop, lora)``:
+    one ``(A, B)`` (or ``None``, the base model) per row segment, or a single stacked
+    ``(A, B, mask)`` for all rows (several adapters side by side; the 0/1 mask keeps each row
+    to its own adapter's columns: :meth:`Qwen3Packed.stacked_lora`)."""
     if len(parts) == 1:
         lora = parts[0][2]
-        return y if lora is None else torch.addmm(y, x @ lora[0].T, lora[1].T)
+        if lora is None:
+            return y
+        if len(lora) == 3:
+            a, b, mask = lora
+            return torch.addmm(y, (x @ a.T) * mask, b.T)
+        return torch.addmm(y, x @ lora[0].T, lora[1].T)
     if all(p[2] is None for p in parts):
         return y
     deltas = []
@@ -522,14 +532,64 @@ class Qwen3Packed:
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         attention = self._attention_for(pack)
         routes = list(segments) or [(Segment(None, 0, pack.total), None)]
+        stacked = len(routes) > 1 and self.stacked_lora_ok(routes)
+        masks: dict[tuple[int, ...], torch.Tensor] = {}
         layer_fn = self._layer_fn()
         x = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            lora = tuple(
-                (seg.start, seg.stop, None if w is None else w.layers[i]) for seg, w in routes
-            )
+            if stacked:
+                lora: tuple[tuple[int, int, Any], ...] = (
+                    (0, pack.total, self.stacked_lora(routes, i, pack.total, masks)),
+                )
+            else:
+                lora = tuple(
+                    (seg.start, seg.stop, None if w is None else w.layers[i]) for seg, w in routes
+                )
             x = layer_fn(x, cos, sin, layer.tensors(), lora, attention, self.shape)
         return rms_norm(x, self.norm, self.shape.eps)
+
+    def stacked_lora_ok(self, routes: Sequence[tuple[Segment, AdapterWeights | None]]) -> bool:
+        """Whether several segments' adapters run stacked (one shrink and one expand GEMM for
+        all rows, products with zeros outside a row's own columns): while the stacked width
+        stays small, that costs less than a pair of GEMMs and a concatenation per segment."""
+        widths = [
+            sum(int(lora[0].shape[0]) for _, w in routes if w and (lora := w.layers[0][kind]))
+            for kind in range(len(FUSED))
+        ]
+        return 0 < max(widths) <= MAX_STACKED_RANK
+
+    def stacked_lora(
+        self,
+        routes: Sequence[tuple[Segment, AdapterWeights | None]],
+        layer: int,
+        total: int,
+        masks: dict[tuple[int, ...], torch.Tensor],
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, ...]:
+        """Layer ``layer``'s LoRA of every routed adapter, stacked per fused projection:
+        ``A`` ``[ΣR, in]``, ``B`` ``[out, ΣR]`` and a ``[T, ΣR]`` 0/1 mask of each row's own
+        columns (masks are shared between layers with the same column layout)."""
+        out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        for kind in range(len(FUSED)):
+            pieces: list[tuple[Segment, ProjLora]] = []
+            for seg, w in routes:
+                lora = None if w is None else w.layers[layer][kind]
+                if lora is not None:
+                    pieces.append((seg, lora))
+            if not pieces:
+                out.append(None)
+                continue
+            key = tuple(x for seg, p in pieces for x in (seg.start, seg.stop, p[0].shape[0]))
+            if key not in masks:
+                rows = torch.arange(total, device=self.device)
+                columns = [
+                    ((rows >= seg.start) & (rows < seg.stop))[:, None].expand(-1, p[0].shape[0])
+                    for seg, p in pieces
+                ]
+                masks[key] = torch.cat(columns, dim=1).to(self.dtype)
+            a = torch.cat([p[0] for _, p in pieces])
+            b = torch.cat([p[1] for _, p in pieces], dim=1)
+            out.append((a, b, masks[key]))
+        return tuple(out)
 
     def head_logits(
         self, hidden: torch.Tensor, segments: Sequence[tuple[Segment, AdapterWeights | None]] = ()

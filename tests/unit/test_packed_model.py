@@ -13,6 +13,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from whetstone.messages import LoraConfig
+from whetstone_ml import qwen3
 from whetstone_ml.lora import LoraAdapter, Segment
 from whetstone_ml.qwen3 import ModelOptions, Pack, Qwen3Packed, Qwen3Shape
 
@@ -174,9 +175,19 @@ def test_checkpointing_policies_and_attention_paths_give_the_same_gradients() ->
             torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
 
 
-def test_segments_route_rows_to_their_own_adapter() -> None:
-    """Three segments (adapter a, the base model, adapter b) in one pass equal three passes."""
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per-segment"])
+def test_segments_route_rows_to_their_own_adapter(
+    stacked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three segments (adapter a, the base model, adapter b) in one pass equal three passes,
+    with the adapters stacked (one GEMM pair, masked) or applied per segment."""
+    if not stacked:
+        monkeypatch.setattr(qwen3, "MAX_STACKED_RANK", 0)
     model = Qwen3Packed.from_hf(hf_model())
+    assert (
+        model.stacked_lora_ok([(Segment("a", 0, 1), model.lora_weights(adapter(model.shape, 1)))])
+        is stacked
+    )
     a, b = adapter(model.shape, seed=1), adapter(model.shape, seed=2, train_unembed=True)
     docs = tokens_for([5, 3, 7, 4, 6], seed=3)
     lengths = [len(d) for d in docs]
