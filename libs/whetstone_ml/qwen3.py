@@ -56,7 +56,7 @@ FUSED: dict[str, tuple[str, ...]] = {
 }
 HEAD = "lm_head"
 # Several adapters in one pass run stacked up to this total rank (per fused projection).
-MAX_STACKED_RANK = 512
+MAX_STACKED_RANK = 1024
 Attention = Literal["auto", "rows", "flex", "varlen", "docs"]
 Checkpointing = Literal["none", "selective", "full"]
 
