@@ -15,12 +15,18 @@ and sampler workers (built-in model, CPU), and the real tinker SDK where it says
 * A second tenant is served while the first floods the worker (completion order observed on
   the futures bucket, no sleeps), and the flood's futures held back report
   ``paused_rate_limit``.
+* The count is shared by gateways and outlives them; the CLI sets a key's quotas.
+* Slow, with ``whetstone up``'s real processes and a platform default quota
+  (``WHETSTONE_DEFAULT_MAX_INFLIGHT``): the SDK's flood of samples is held to three in flight
+  and resent, another tenant is served meanwhile, and billing counts every sample once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -53,10 +59,12 @@ from whetstone import bus as b
 from whetstone import cli
 from whetstone import subjects as s
 from whetstone.checkpoints import LocalCheckpointStore
+from whetstone.cli import request_usage_report
 from whetstone.keys import create_key, lookup_key, set_limits
-from whetstone.messages import FutureRecord
+from whetstone.messages import FutureRecord, UsageReportQuery
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 from whetstone.models.registry import default_registry
+from whetstone.platform import start_platform
 
 pytestmark = pytest.mark.timeout(180)  # a hang fails fast, with every thread's stack
 
@@ -408,3 +416,73 @@ async def test_the_count_is_shared_by_gateways_and_outlives_them(
         sampler_id = f"{other_run.split(':train:')[0]}:sample:5"
         assert await raw(bus, s.SAMPLERS_BUCKET, s.token(sampler_id)) is None
         assert (await http_three.get(f"/api/v1/samplers/{sampler_id}")).status_code == 404
+
+
+# ---------------------------------------------------------------- the whole platform
+
+
+@pytest.fixture(scope="module")
+def limited_platform(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
+    """``whetstone up``'s processes with a platform default of three requests in flight per
+    tenant (a key without quotas of its own gets it) and held-back futures reported at once."""
+    running = start_platform(
+        tmp_path_factory.mktemp("limited"),
+        port=0,
+        models_dir=models_dir,
+        extra_env={"WHETSTONE_DEFAULT_MAX_INFLIGHT": "3", "WHETSTONE_FAIR_SHARE_REPORT_S": "0"},
+    )
+    yield running
+    running.stop()
+
+
+@pytest.mark.slow  # its own platform: half a minute or more to start on two cores
+def test_real_processes_a_flooding_tenant_is_limited_and_billed_once_another_served(
+    limited_platform,
+) -> None:
+    platform = limited_platform
+
+    async def keys() -> tuple[str, str]:
+        bus_ = await b.connect(platform.nats_url, "test-keys")
+        try:  # the flooder has the platform default, the other tenant no limit of its own
+            return await create_key(bus_, "flooder"), await create_key(
+                bus_, "patient", max_inflight=0
+            )
+        finally:
+            await bus_.close()
+
+    flooder_key, patient_key = asyncio.run(keys())
+    prompt = types.ModelInput.from_ints([5, 17, 99, 250, 3])
+    params = types.SamplingParams(max_tokens=4, temperature=0.0)
+    flooder = tinker.ServiceClient(base_url=platform.base_url, api_key=flooder_key)
+    patient = tinker.ServiceClient(base_url=platform.base_url, api_key=patient_key)
+    try:
+        flood_client = flooder.create_sampling_client(base_model=BUILTIN_MODEL_NAME).result()
+        patient_client = patient.create_sampling_client(base_model=BUILTIN_MODEL_NAME).result()
+        finished: list[str] = []
+        flood = [flood_client.sample(prompt, 1, params).future() for _ in range(12)]
+        for future in flood:
+            future.add_done_callback(lambda _: finished.append("flooder"))
+        mine = patient_client.sample(prompt, 1, params).future()
+        mine.add_done_callback(lambda _: finished.append("patient"))
+        assert len(mine.result(timeout=120).sequences) == 1
+        assert all(len(f.result(timeout=120).sequences) == 1 for f in flood)
+    finally:
+        flooder.close("success").result()
+        patient.close("success").result()
+    # three of twelve at a time: the flood was refused (429) and resent by the SDK, and the
+    # other tenant's request did not wait for the end of it
+    refused = httpx.get(f"{platform.base_url}/metrics").text
+    assert re.search(r'refusals_total\{category="user",reason="RateLimited"\} [1-9]', refused)
+    assert finished.index("patient") < len(finished) - 1, finished
+
+    def prefill_billed(tenant: str) -> int | None:
+        report = asyncio.run(
+            request_usage_report(platform.nats_url, UsageReportQuery(tenant=tenant))
+        )
+        rows = [r.tokens for r in report.rows if r.meter == "prefill_tokens"]
+        return rows[0] if rows else None
+
+    deadline = time.monotonic() + 60
+    while prefill_billed("flooder") != 12 * prompt.length and time.monotonic() < deadline:
+        time.sleep(0.5)  # billing consumes the usage stream on its own schedule
+    assert prefill_billed("flooder") == 12 * prompt.length  # each sample once, refusals never
