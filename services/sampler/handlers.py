@@ -124,7 +124,8 @@ class Batcher:
         if not admitted:
             return
         now = time.monotonic()
-        for queue in self._queues.values():
+        served = {job.req.tenant for job in admitted}
+        for tenant, queue in self._queues.items():
             head = queue[0] if queue else None
             if head and not head.held_back and now - head.queued_at >= self.hold_report_s:
                 head.held_back = True
