@@ -344,12 +344,12 @@ async def finance_page(
     )
     table = await ask_billing(gw, UsageReportQuery.model_validate(base))
     runs = await ask_billing(
-        gw, UsageReportQuery.model_validate({**base, "group_by": ["tenant", "run"]})
+        gw, UsageReportQuery.model_validate({**base, "group_by": ["tenant", "run", "meter"]})
     )
     data = {
         "daily": [_json_row(r) for r in by_day.rows],
         "table": [_json_row(r) for r in table.rows],
-        "runs": [_json_row(r) for r in runs.rows if r.run_id],
+        "runs": _run_rows(runs),
         "total_cost_usd": str(table.total_cost_usd),
         "total_tokens": sum(r.tokens for r in table.rows),
     }
@@ -366,6 +366,26 @@ async def finance_page(
             CSV=html.escape("/billing/usage?format=csv&" + _url_escape(csv_query)),
         )
     )
+
+
+def _run_rows(report: UsageReport) -> list[dict[str, object]]:
+    """Each training run's tokens and cost so far (as ``run_usage`` counts them), per tenant."""
+    by_run: dict[tuple[str, str], list[UsageRow]] = {}
+    for row in report.rows:
+        if row.run_id and row.tenant:
+            by_run.setdefault((row.tenant, row.run_id), []).append(row)
+    rows: list[dict[str, object]] = []
+    for (tenant, run_id), group in sorted(by_run.items()):
+        cost = reports.cost_of(group)
+        rows.append(
+            {
+                "tenant": tenant,
+                "run_id": run_id,
+                "tokens": cost.tokens,
+                "cost_usd": str(cost.cost_usd),
+            }
+        )
+    return rows
 
 
 def _url_escape(query: str) -> str:

@@ -3,8 +3,10 @@
 The reconciliation test runs an SFT loop and an RL loop while billing and the sampler are killed
 and restarted and every usage event is published a second time, then reads the ledger back
 through ``tinker billing usage``: the tokens per meter must equal the tokens the loops processed,
-exactly. The tests after it check who may see what (a tenant's key, an admin key), the finance
-page in headless Chromium (skipped without Chromium) and the monthly statement.
+exactly, and every event names the caller's API key id, the session and the run or sampler. The
+tests after it check who may see what (a tenant's key, an admin key), the finance page in
+headless Chromium (Debian's, which ``scripts/setup`` installs when ``CI=true``; skipped without it
+elsewhere, failed without it in CI) and the monthly statement.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from tinker import types
 
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.keys import create_key
+from whetstone.keys import create_key, key_id
+from whetstone.messages import UsageEvent
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 
 pytestmark = pytest.mark.timeout(600)
@@ -197,6 +200,19 @@ def test_every_token_is_billed_once_through_restarts_and_redelivery(platform, ke
         if step == 1:
             restart(platform, "sampler", signal.SIGTERM)
 
+    # Every event names the caller's API key (by its id, never the key), the session, and the
+    # training run (training) or the sampler (sampling).
+    published = [UsageEvent.decode(data) for _, data in tap.events]
+    session = training.model_id.split(":")[0]
+    assert {e.api_key_id for e in published} == {key_id(keys["tenant"])}
+    assert {e.session_id for e in published} == {session}
+    trained = [e for e in published if e.meter == "train_tokens"]
+    sampled = [e for e in published if e.meter in ("prefill_tokens", "sample_tokens")]
+    assert len(trained) == 6 + 4 and len(sampled) == 2 * 4
+    assert {e.run_id for e in trained} == {training.model_id}
+    assert all(e.sampler_id and e.sampler_id.startswith(f"{session}:sample:") for e in sampled)
+    assert all(e.run_id is None for e in sampled)
+
     assert tap.redeliver() >= 3 * 6 + 4 * 3  # every training and sampling call's events
     deadline = time.monotonic() + 60
     while not ingested(platform):
@@ -229,8 +245,8 @@ def expected() -> dict[str, int]:
     }
 
 
-def get(platform, key: str | None, path: str, **params: str) -> httpx.Response:  # type: ignore[no-untyped-def]
-    headers = {"X-API-Key": key} if key else {}
+def get(platform, api_key: str | None, path: str, **params: str) -> httpx.Response:  # type: ignore[no-untyped-def]
+    headers = {"X-API-Key": api_key} if api_key else {}
     return httpx.get(f"{platform.base_url}{path}", params=params, headers=headers, timeout=60)
 
 
@@ -245,6 +261,13 @@ def test_a_tenant_sees_only_its_own_usage_and_an_admin_sees_all(platform, keys) 
     assert get(platform, keys["tenant"], "/billing/").status_code == 403
     login = get(platform, None, "/billing/")
     assert login.status_code == 401 and login.headers["www-authenticate"].startswith("Basic")
+    # The report by API key id: the tenant's one key has all of its usage, another key none.
+    by_key = get(platform, keys["admin"], "/billing/usage", key=key_id(keys["tenant"])).json()
+    assert sum(r["tokens"] for r in by_key["rows"]) == sum(expected().values())
+    assert get(platform, keys["admin"], "/billing/usage", key=key_id(keys["other"])).json() == {
+        "rows": [],
+        "total_cost_usd": "0",
+    }
     csv_text = get(platform, keys["admin"], "/billing/usage", tenant=TENANT, format="csv").text
     lines = list(csv.DictReader(io.StringIO(csv_text)))
     assert sum(int(r["quantity"]) for r in lines) == sum(expected().values())
@@ -256,6 +279,12 @@ def test_a_run_shows_its_cost_while_it_runs(platform, keys) -> None:
     live = get(platform, keys["tenant"], f"/billing/runs/{run_id}/cost").json()
     assert Decimal(live["cost_usd"]) > 0 and live["meters"]["train_tokens"]["quantity"] > 0
     assert get(platform, keys["other"], f"/billing/runs/{run_id}/cost").json()["meters"] == {}
+    # The same in the REST run info, which the real SDK still reads (it ignores the field).
+    info = get(platform, keys["tenant"], f"/api/v1/training_runs/{run_id}").json()
+    assert info["usage"] == {k: v for k, v in live.items() if k != "run_id"}  # nothing ran since
+    rest = tinker.RestClient(base_url=platform.base_url, api_key=keys["tenant"])
+    run = rest.get_training_run(run_id).result()
+    assert run.training_run_id == run_id
 
 
 def test_the_monthly_statement_totals_the_ledger(platform, keys) -> None:
@@ -283,10 +312,12 @@ def test_the_monthly_statement_totals_the_ledger(platform, keys) -> None:
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+IN_CI = os.environ.get("CI") == "true"
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="no Chromium (apt-get install chromium)")
 def test_the_finance_page_renders_the_ledgers_numbers(platform, keys, tmp_path) -> None:
+    assert CHROMIUM is not None, "CI must have Chromium: scripts/setup installs it when CI=true"
     host = platform.base_url.split("://", 1)[1]
     url = f"http://finance:{keys['admin']}@{host}/billing/?tenant={TENANT}"
     done = subprocess.run(
@@ -327,3 +358,14 @@ def test_the_finance_page_renders_the_ledgers_numbers(platform, keys, tmp_path) 
     assert total is not None and Decimal(total.group(1)) == sum(
         Decimal(r["cost_usd"]) for r in ledger
     )
+    # Each training run's cost so far: what the run's live cost route answers.
+    runs_body = dom.split('id="runs-table"', 1)[1].split("</table>", 1)[0]
+    runs = [
+        dict(re.findall(r'data-key="(\w+)">([^<]*)<', tr))
+        for tr in re.findall(r"<tr>(.*?)</tr>", runs_body.split("<tbody>", 1)[1])
+    ]
+    assert runs, "the page lists no training run"
+    for run in runs:
+        live = get(platform, keys["admin"], f"/billing/runs/{run['run_id']}/cost").json()
+        assert int(run["tokens"]) == live["tokens"] > 0
+        assert Decimal(run["cost_usd"]) == Decimal(live["cost_usd"]) > 0
