@@ -127,7 +127,9 @@ class Batcher:
         served = {job.req.tenant for job in admitted}
         for tenant, queue in self._queues.items():
             head = queue[0] if queue else None
-            if head and not head.held_back and now - head.queued_at >= self.hold_report_s:
+            if head is None or head.held_back or not served - {tenant}:
+                continue  # nothing waits, or it waits behind its own tenant's requests only
+            if now - head.queued_at >= self.hold_report_s:
                 head.held_back = True
                 self._on_state(head.req, "paused_rate_limit")
 
