@@ -267,7 +267,8 @@ async def serving(app) -> AsyncIterator[str]:
 
 def sft_steps(base_url: str, key: str, steps: int) -> list[float]:
     """A small SFT loop with the unmodified SDK (blocking: run it in a thread). Each step posts
-    its optim_step while the forward_backward still runs, as the SDK always does."""
+    its optim_step while the forward_backward still runs, as the SDK always does; then it
+    samples from the trained weights (``save_weights_and_get_sampling_client``)."""
     service = tinker.ServiceClient(base_url=base_url, api_key=key)
     try:
         training = service.create_lora_training_client(
@@ -283,6 +284,10 @@ def sft_steps(base_url: str, key: str, steps: int) -> list[float]:
             step = training.optim_step(types.AdamParams(learning_rate=1e-2))
             losses.append(fwd_bwd.result().metrics["loss:sum"])
             step.result()
+        sampler = training.save_weights_and_get_sampling_client().result()
+        prompt = types.ModelInput.from_ints([5, 17, 99])
+        sampled = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=3)).result()
+        assert len(sampled.sequences) == 1
         return losses
     finally:
         service.close("success").result()
@@ -295,6 +300,7 @@ async def test_the_sdk_retries_429_until_its_work_drains_and_is_billed_once(
     await scheduler.declare()
     await scheduler.start()
     await start_trainer("w1")
+    await start_sampler(nats_url, models_dir, tmp_path, bus, log)
     key = await create_key(bus, "one-at-a-time", max_inflight=1)
     refusals = metrics.REFUSALS.labels("RateLimited", "user")
     refused_before = refusals._value.get()
@@ -303,12 +309,24 @@ async def test_the_sdk_retries_429_until_its_work_drains_and_is_billed_once(
     assert losses[-1] < losses[0]
     # optim_steps posted while their forward_backward ran were refused, retried and accepted
     assert refusals._value.get() - refused_before >= 1
-    # three forward_backwards billed once each, nothing for the refused attempts
+    # three forward_backwards and a sample (prefill and sample tokens) billed once each,
+    # nothing for the refused attempts
 
     async def billed() -> bool:
-        return await usage_messages(bus, "one-at-a-time") == 3
+        return await usage_messages(bus, "one-at-a-time") == 5
 
     await eventually(billed, what="one usage event per forward_backward")
+
+
+async def start_sampler(nats_url: str, models_dir: Path, tmp_path: Path, bus: b.Bus, log) -> None:
+    """A real sampler worker (built-in model, CPU) on the trainer's checkpoint store."""
+    settings = SamplerSettings(nats_url=nats_url, state_dir=tmp_path, models_dir=models_dir)
+    engine = SamplerEngine.from_spec(default_registry(models_dir).resolve(BUILTIN_MODEL_NAME))
+    worker = SamplerWorker(
+        settings, bus, engine, LocalCheckpointStore(tmp_path / "checkpoints"), log
+    )
+    await worker.declare()
+    await worker.start()
 
 
 async def test_an_asample_over_the_quota_gets_429_and_its_retry_with_the_same_seq_id_runs(
@@ -344,12 +362,7 @@ async def test_an_asample_over_the_quota_gets_429_and_its_retry_with_the_same_se
         assert refused.headers["retry-after"] == "1"
         assert await raw(bus, s.DEDUP_BUCKET, f"{s.token(sampler_id)}.1") is None
 
-        settings = SamplerSettings(nats_url=nats_url, state_dir=tmp_path, models_dir=models_dir)
-        registry = default_registry(models_dir)
-        engine = SamplerEngine.from_spec(registry.resolve(BUILTIN_MODEL_NAME))
-        worker = SamplerWorker(settings, bus, engine, LocalCheckpointStore(tmp_path / "ck"), log)
-        await worker.declare()
-        await worker.start()
+        await start_sampler(nats_url, models_dir, tmp_path, bus, log)
         await result_of(http, first.json()["request_id"], accept=PROTOBUF)
 
         # the SDK sends the refused request again with the same seq_id: it runs now
