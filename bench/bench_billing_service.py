@@ -4,11 +4,12 @@ Run:  .venv/bin/python bench/bench_billing_service.py [N_EVENTS] [--profile FILE
 
 Starts a real nats-server, publishes N synthetic usage events (the ledger bench's mix, encoded
 as the workers encode them) to the durable usage stream while billing is down (not timed), then
-starts the billing service in this process and times it from start until every event is
-written to the embedded ClickHouse engine and acknowledged (the consumer has nothing pending nor
-unacknowledged). That is what ``bench_billing.py`` leaves out: the bus delivery, FastStream's
-handler and middlewares, decoding, and the acknowledgements. ``--profile FILE`` writes a
-cProfile of the timed part (read it with ``python -m pstats FILE``).
+starts the billing service in this process (its schema first) and times it from the start of
+its consumers until every event is written to the embedded ClickHouse engine and acknowledged
+(nothing pending nor unacknowledged on the consumer), and until the first 99 % were. That is what
+``bench_billing.py`` leaves out: the bus delivery, FastStream's handler and middlewares,
+decoding, and the acknowledgements. ``--profile FILE`` writes a cProfile of the timed part (the
+event loop's thread; read it with ``python -m pstats FILE``).
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ async def publish(bus: b.Bus, n: int) -> int:
     return tokens
 
 
-async def drained(bus: b.Bus) -> bool:
+async def outstanding(bus: b.Bus, n: int) -> int:
+    """Events not yet acknowledged (pending or delivered and unacknowledged)."""
     try:
         info = await bus.js.consumer_info(s.USAGE_STREAM, s.BILLING_CONSUMER)
     except Exception:  # noqa: BLE001 - not created yet
-        return False
-    return info.num_pending == 0 and info.num_ack_pending == 0
+        return n
+    return (info.num_pending or 0) + (info.num_ack_pending or 0)
 
 
 async def main(n: int, profile: str | None) -> None:
@@ -76,21 +78,26 @@ async def main(n: int, profile: str | None) -> None:
         ledger = Ledger.connect(settings.dsn(), settings.recent_ids)
         billing = BillingService(settings, bus, ledger, DEFAULT_PRICE_TABLE, log)
         await billing.declare()
+        await billing.start()  # schema and flusher first: the clock runs from the first fetch
         profiler = cProfile.Profile() if profile else None
         t = time.perf_counter()
         if profiler:
             profiler.enable()
         await bus.broker.start()
-        await billing.start()
-        while not await drained(bus):
+        t99 = None
+        while (left := await outstanding(bus, n)) > 0:
+            if t99 is None and left <= n // 100:
+                t99 = time.perf_counter() - t
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - t
+        t99 = elapsed if t99 is None else t99
         if profiler:
             profiler.disable()
             profiler.dump_stats(profile)
         billed = ledger.report(UsageReportQuery(), DEFAULT_PRICE_TABLE)
         ok = sum(r.tokens for r in billed.rows) == tokens
         print(f"billing service ingest: {n} events in {elapsed:.2f} s = {n / elapsed:,.0f} ev/s")
+        print(f"  the first 99 %: {t99:.2f} s = {0.99 * n / t99:,.0f} ev/s")
         print(f"tokens billed == tokens published: {ok}")
         await bus.close()
         ledger.close()
