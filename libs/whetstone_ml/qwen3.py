@@ -407,6 +407,13 @@ class Qwen3Packed:
             s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim)
         ).to(self.device)
         self.compiled = self.options.compile and self.device.type == "cuda"
+        # LoRA factors in layer order, each fused projection's sub-projections adjacent.
+        self._lora_order = [
+            f"model.layers.{i}.{sub}"
+            for i in range(s.layers)
+            for subs in FUSED.values()
+            for sub in subs
+        ] + [HEAD]
         self._layer_fns: dict[bool, Callable[..., Any]] = {}
 
     @classmethod
@@ -453,30 +460,55 @@ class Qwen3Packed:
         sub-projection is a zero block), so ``x @ Aᵀ @ Bᵀ`` is every sub-projection's LoRA at
         once. Differentiable: gradients reach the fp32 masters; built with gradients off, the
         result is detached from them.
+
+        Every factor goes through one concatenation, one cast and one scaling, laid out so that
+        each stacked ``A`` is a view: a few dozen kernels per adapter and pass instead of a
+        thousand (their launch cost, not their bytes, is what a pass would wait for).
         """
         f = adapter.factors
+        names = [n for n in self._lora_order if n in f]
+        scales = {f[n].scale for n in names}
+        flat = torch.cat([f[n].a.reshape(-1) for n in names] + [f[n].b.reshape(-1) for n in names])
+        flat = flat.to(self.dtype, copy=True)  # a fresh tensor: never the leaves themselves
+        n_a = sum(f[n].a.numel() for n in names)
+        a_part, b_part = flat[:n_a], flat[n_a:]
+        if len(scales) == 1:
+            b_part = b_part * scales.pop()
+        views: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (offset into a_part, B view)
+        a_offset = b_offset = 0
+        for n in names:
+            g = f[n]
+            b = b_part[b_offset : b_offset + g.b.numel()].view(g.b.shape)
+            views[n] = (a_offset, b if len(scales) <= 1 else b * g.scale)
+            a_offset += g.a.numel()
+            b_offset += g.b.numel()
+
         layers: list[LayerLora] = []
         for i in range(self.shape.layers):
             fused: list[ProjLora | None] = []
             for kind, subs in FUSED.items():
-                found = [f.get(f"model.layers.{i}.{sub}") for sub in subs]
-                if all(g is None for g in found):
+                found = [f"model.layers.{i}.{sub}" for sub in subs]
+                present = [n for n in found if n in views]
+                if not present:
                     fused.append(None)
                     continue
-                a = torch.cat([g.a for g in found if g is not None]).to(self.dtype)
+                start = views[present[0]][0]
+                rows = sum(f[n].a.shape[0] for n in present)
+                width = f[present[0]].a.shape[1]
+                a = a_part[start : start + rows * width].view(rows, width)
                 blocks = [
-                    (g.b * g.scale).to(self.dtype)
-                    if g is not None
-                    else torch.zeros(width, 0, dtype=self.dtype, device=self.device)
-                    for g, width in zip(found, self.shape.sub_sizes(kind), strict=True)
+                    views[n][1]
+                    if n in views
+                    else torch.zeros(size, 0, dtype=self.dtype, device=self.device)
+                    for n, size in zip(found, self.shape.sub_sizes(kind), strict=True)
                 ]
-                fused.append((a, torch.block_diag(*blocks)))
+                fused.append((a, blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)))
             layers.append(tuple(fused))
-        h = f.get(HEAD)
-        # A fresh tensor even when no cast is needed: without gradients it must not be the leaf.
-        head = (
-            None if h is None else (h.a.to(self.dtype, copy=True), (h.b * h.scale).to(self.dtype))
-        )
+        head = None
+        if HEAD in views:
+            start, b = views[HEAD]
+            shape = f[HEAD].a.shape
+            head = (a_part[start : start + f[HEAD].a.numel()].view(shape), b)
         return AdapterWeights(layers, head)
 
     # ---------------------------------------------------------------- forward
