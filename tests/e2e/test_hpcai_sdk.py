@@ -133,6 +133,45 @@ def test_tinker_requests_on_shared_paths_are_not_taken_for_hpcai(hpcai_platform)
     assert no_key.status_code == 401
 
 
+def test_a_retried_hpcai_request_gets_the_first_ones_future(hpcai_platform, report) -> None:
+    """hpcai keeps a request's X-Idempotency-Key over all of its retries: the retry is the same
+    request (same future, same seq_id), a new key is a new one. Runs after the driver (which
+    unloads every run it made), so the one trainer slot is free."""
+    headers = {"X-API-Key": hpcai_platform.api_key} | HPCAI_HEADERS
+    with httpx.Client(base_url=hpcai_platform.base_url, timeout=60, headers=headers) as http:
+        created = http.post(
+            "/api/v1/create_model",
+            json={"base_model": BUILTIN_MODEL_NAME, "lora_config": {"rank": 2}},
+            headers={"X-Idempotency-Key": "stainless-python-retry-create-1"},
+        ).json()
+        again = http.post(
+            "/api/v1/create_model",
+            json={"base_model": BUILTIN_MODEL_NAME, "lora_config": {"rank": 2}},
+            headers={"X-Idempotency-Key": "stainless-python-retry-create-1"},
+        ).json()
+        assert again == created
+        model_id = created["model_id"]
+
+        def result_of(request_id: str) -> dict:
+            for _ in range(60):  # the platform's long poll is 2 s
+                done = http.post("/api/v1/retrieve_future", json={"request_id": request_id})
+                if done.status_code == 200 and done.json().get("type") != "try_again":
+                    return done.json()
+            raise AssertionError(f"{request_id} still pending: {done.text}")
+
+        assert result_of(created["request_id"]) == {"type": "create_model", "model_id": model_id}
+        step = {"model_id": model_id, "adam_params": {"learning_rate": 1e-3}}
+        first = http.post("/api/v1/optim_step", json=step, headers={"X-Idempotency-Key": "c:0:0"})
+        retry = http.post("/api/v1/optim_step", json=step, headers={"X-Idempotency-Key": "c:0:0"})
+        other = http.post("/api/v1/optim_step", json=step, headers={"X-Idempotency-Key": "c:0:1"})
+        assert first.status_code == 200 and retry.json() == first.json(), (first.text, retry.text)
+        assert other.json()["request_id"] != first.json()["request_id"]
+        for future in (first.json(), other.json()):  # both run, in order
+            assert "metrics" in result_of(future["request_id"])
+        unloaded = http.post("/api/v1/unload_model", json={"model_id": model_id})
+        assert unloaded.status_code == 200, unloaded.text
+
+
 # ---------------------------------------------------------------- the dialect's pure parts
 
 
