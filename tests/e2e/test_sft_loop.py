@@ -42,6 +42,7 @@ class Tally:
 
     train_tokens = 0
     prefill_tokens = 0
+    cached_prefill_tokens = 0  # prompt tokens the sampler's prefix cache served (billed apart)
     forward_tokens = 0
     sample_tokens = 0
 
@@ -122,7 +123,8 @@ def test_sample_from_saved_sampler_weights(service, trained) -> None:
     prompt = types.ModelInput.from_ints(tokenizer.encode(prompt_text, add_special_tokens=False))
     params = types.SamplingParams(max_tokens=12, temperature=0.8, seed=3)
     result = sampler.sample(prompt, num_samples=2, sampling_params=params).result()
-    Tally.prefill_tokens += prompt.length
+    Tally.prefill_tokens += prompt.length - result.prompt_cache_hit_tokens
+    Tally.cached_prefill_tokens += result.prompt_cache_hit_tokens
     assert len(result.sequences) == 2
     for seq in result.sequences:
         Tally.sample_tokens += len(seq.tokens)
@@ -131,7 +133,10 @@ def test_sample_from_saved_sampler_weights(service, trained) -> None:
         assert seq.stop_reason in ("stop", "length")
     # the same seed gives the same samples
     repeat = sampler.sample(prompt, num_samples=2, sampling_params=params).result()
-    Tally.prefill_tokens += prompt.length
+    # the repeated prompt's full blocks come from the prefix cache, billed as cached prefill
+    assert repeat.prompt_cache_hit_tokens > 0
+    Tally.prefill_tokens += prompt.length - repeat.prompt_cache_hit_tokens
+    Tally.cached_prefill_tokens += repeat.prompt_cache_hit_tokens
     Tally.sample_tokens += sum(len(seq.tokens) for seq in repeat.sequences)
     assert [s.tokens for s in repeat.sequences] == [s.tokens for s in result.sequences]
 
@@ -235,6 +240,7 @@ def test_usage_report_matches_the_tokens_sent_and_received(platform, trained) ->
     expected = {
         "train_tokens": Tally.train_tokens,
         "prefill_tokens": Tally.prefill_tokens,
+        "cached_prefill_tokens": Tally.cached_prefill_tokens,
         "forward_tokens": Tally.forward_tokens,
         "sample_tokens": Tally.sample_tokens,
         "checkpoints": 2,  # save_state and save_weights_for_sampler (ephemeral ones are free)
