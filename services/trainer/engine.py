@@ -2,8 +2,10 @@
 
 A trainer worker serves one base model and many users' runs. Each run owns only a LoRA adapter,
 an AdamW optimizer over that adapter's factors, and a step count; the base weights are loaded once
-and shared. A ``forward_backward`` routes the batch rows to the run's adapter (``LoraRoute``), so
-one base-model pass trains exactly that adapter and leaves every other run untouched.
+and shared. A ``forward_backward`` routes the batch rows to the run's adapter, so one base-model
+pass trains exactly that adapter and leaves every other run untouched;
+``forward_backward_many`` puts several runs' calls through one pass the same way, each keeping
+its own loss, outputs, metrics and gradients.
 
 Semantics follow Tinker (``../shared/losses.md`` §1): per-datum losses are summed, gradients
 accumulate across ``forward_backward`` calls until ``optim_step`` consumes them, and
@@ -25,7 +27,8 @@ gradients it started with at half the budget (and the engine keeps the smaller b
 single datum too large for the device fails.
 
 No bus code lives here: the handlers call these methods from a worker thread. The engine holds a
-lock so that two calls can never interleave on the shared model (the route is model-wide state).
+lock so that two calls can never interleave on the shared model. (The module is near 600 lines:
+the run lifecycle, the packed pass and the checkpoints share the run state and its lock.)
 """
 
 from __future__ import annotations
