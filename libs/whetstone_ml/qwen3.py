@@ -650,15 +650,3 @@ def _document_mask(pack: Pack) -> Any:
     return create_block_mask(
         document_causal, None, None, pack.total, pack.total, device=str(pack.doc_ids.device)
     )
-
-
-def clip_segments(
-    segments: Sequence[tuple[Segment, AdapterWeights | None]], start: int, stop: int
-) -> list[tuple[Segment, AdapterWeights | None]]:
-    """The parts of ``segments`` inside rows ``[start, stop)``, relative to ``start``."""
-    out = []
-    for s, w in segments:
-        lo, hi = max(s.start, start), min(s.stop, stop)
-        if lo < hi:
-            out.append((Segment(s.adapter_id, lo - start, hi - start), w))
-    return out
