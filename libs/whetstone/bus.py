@@ -57,6 +57,7 @@ DEDUP_TTL_S = 24 * 3600
 STABILITY_TTL_S = 24 * 3600  # a recorded sequence can be trained on for a day (losses.md 2.7)
 PAYLOAD_TTL_S = 7 * 24 * 3600
 DEADLETTER_MAX_AGE_S = 14 * 24 * 3600
+AUDIT_MAX_AGE_S = 400 * 24 * 3600  # the audit log keeps a year and a bit
 OFFLOAD_BYTES = 4 * 1024 * 1024  # well under the server's 8 MB max payload, headers included
 PUBLISH_TIMEOUT_S = 10.0
 
@@ -93,6 +94,8 @@ def stream_of(subject: str) -> str | None:
                 return stream
     if subject.startswith(s.DEADLETTER_PREFIX + "."):
         return s.DEADLETTER_STREAM
+    if subject.startswith(s.AUDIT_PREFIX + "."):
+        return s.AUDIT_STREAM
     return None
 
 
@@ -194,6 +197,16 @@ async def ensure_topology(
             storage=api.StorageType.FILE,
             num_replicas=replicas,
             max_age=DEADLETTER_MAX_AGE_S,
+        )
+    )
+    configs.append(
+        api.StreamConfig(
+            name=s.AUDIT_STREAM,
+            subjects=[f"{s.AUDIT_PREFIX}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            max_age=AUDIT_MAX_AGE_S,
         )
     )
     for config in configs:

@@ -8,7 +8,8 @@ without revealing it. A revoked key keeps its record (``revoked``), so
 listings still show it and it can never be looked up again; gateways drop it from their caches
 when they see the record change on ``$KV.ws_api_keys.<hash>``. A key may carry quotas
 (``max_runs``, ``max_inflight``, changed by ``set_limits``), which the gateway enforces
-(``services/gateway/quotas.py``).
+(``services/gateway/quotas.py``). Every creation, revocation and change of limits is written to
+the audit log (``audit.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import secrets
 
 from nats.js.errors import NoKeysError
 
+from whetstone import audit
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.errors import NotFound, UserError
@@ -67,6 +69,7 @@ async def create_key(
         max_inflight=max_inflight,
     )
     await b.kv_put(bus.kv[s.KEYS_BUCKET], key_hash(key), record)
+    await audit.record(bus, "api_key_created", tenant, key_id=key_id(key), admin=str(admin).lower())
     return key
 
 
@@ -77,7 +80,10 @@ async def register_key(bus: b.Bus, tenant: str, key: str) -> ApiKeyRecord:
     """
     record = ApiKeyRecord(tenant=tenant, key_prefix=key[:PREFIX_CHARS])
     existing = await b.kv_create(bus.kv[s.KEYS_BUCKET], key_hash(key), record.encode())
-    return record if existing is None else ApiKeyRecord.decode(existing)
+    if existing is not None:
+        return ApiKeyRecord.decode(existing)
+    await audit.record(bus, "api_key_created", tenant, key_id=key_id(key), admin="false")
+    return record
 
 
 async def lookup_key(bus: b.Bus, key: str) -> ApiKeyRecord | None:
@@ -97,14 +103,20 @@ async def list_keys(bus: b.Bus) -> list[tuple[str, ApiKeyRecord]]:
     return sorted(records, key=lambda item: (item[1].created_at, item[1].tenant))
 
 
-async def revoke_key(bus: b.Bus, prefix_or_key: str) -> ApiKeyRecord:
+async def revoke_key(
+    bus: b.Bus, prefix_or_key: str, *, by_key_id: str | None = None
+) -> ApiKeyRecord:
     """Revoke one key, named by the whole key or by its listed prefix; return its new record.
+    ``by_key_id``: the key that asked (the audit log's actor; None: the operator).
 
     A prefix that matches several keys is refused (pass the whole key then).
     """
     digest, record = await _find_key(bus, prefix_or_key, "revoke")
     revoked = record.model_copy(update={"revoked": True})
     await b.kv_put(bus.kv[s.KEYS_BUCKET], digest, revoked)
+    await audit.record(
+        bus, "api_key_revoked", record.tenant, by_key_id, key_id=key_id_of_hash(digest)
+    )
     return revoked
 
 
@@ -128,6 +140,14 @@ async def set_limits(
     }
     changed = ApiKeyRecord.model_validate({**record.model_dump(), **update})
     await b.kv_put(bus.kv[s.KEYS_BUCKET], digest, changed)
+    await audit.record(
+        bus,
+        "api_key_limits_changed",
+        record.tenant,
+        key_id=key_id_of_hash(digest),
+        max_runs=str(changed.max_runs),
+        max_inflight=str(changed.max_inflight),
+    )
     return changed
 
 

@@ -424,6 +424,8 @@ class SessionRecord(Message):
     last_heartbeat_at: datetime = Field(default_factory=utcnow)
     finished: bool = False
     project_id: str | None = None  # Tinker's project (``PUT /sessions/{id}/project``)
+    display_name: str | None = None
+    finish_reason: str | None = None  # what the client said when it finished it (success, ...)
 
 
 class InitialWeights(Message):
@@ -438,7 +440,9 @@ class InitialWeights(Message):
 
 class TrainingRunRecord(Message):
     """A training run. ``initial``: created from a checkpoint; ``unloaded_at``: freed by
-    ``unload_model``, every later request on it is refused."""
+    ``unload_model``, every later request on it is refused. ``copied_from``: a run made by
+    ``copy_weights`` to hold a copy of that checkpoint; as in Tinker it cannot be trained on
+    (it is recorded unloaded from the start)."""
 
     run_id: str  # <session>:train:<model_seq_id>
     tenant: str
@@ -449,6 +453,7 @@ class TrainingRunRecord(Message):
     created_at: datetime = Field(default_factory=utcnow)
     initial: InitialWeights | None = None
     unloaded_at: datetime | None = None
+    copied_from: str | None = None
 
 
 class SamplingSessionRecord(Message):

@@ -20,6 +20,9 @@ CONTROL_STREAM = "WS_CONTROL"
 # Dead letters (limits retention: kept for inspection and replay, see ``deadletter.py``).
 DEADLETTER_STREAM = "WS_DEADLETTER"
 DEADLETTER_PREFIX = "ws.dlq"  # ws.dlq.<original subject>
+# The audit log (limits retention, kept ``AUDIT_MAX_AGE_S``; see ``audit.py``).
+AUDIT_STREAM = "WS_AUDIT"
+AUDIT_PREFIX = "ws.audit"  # ws.audit.<event>: security-relevant actions, one message each
 
 # Subjects.
 TRAIN_PREFIX = "ws.train"  # ws.train.<run token>: the durable queue of one training run

@@ -19,6 +19,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 import nats.errors
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,13 +28,24 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import TracerProvider
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from structlog.stdlib import BoundLogger
 
-from services.gateway import billing, custom_loss, hpcai, metrics, rest, sampling, traces, training
+from services.gateway import (
+    audit_log,
+    billing,
+    custom_loss,
+    hpcai,
+    metrics,
+    rest,
+    sampling,
+    session_search,
+    traces,
+    training,
+)
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
 from services.gateway.limits import BodyLimit
@@ -126,6 +138,8 @@ def create_app(settings: GatewaySettings, log: BoundLogger) -> FastAPI:
     app.include_router(billing.router)
     app.include_router(traces.router)  # before rest's session routes
     app.include_router(traces.downloads)  # before rest's downloads: a more specific path
+    app.include_router(session_search.router)
+    app.include_router(audit_log.router)
     app.include_router(rest.router)
     app.include_router(rest.downloads)
     app.include_router(custom_loss.router)
@@ -307,6 +321,8 @@ class CreateSessionBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     tags: list[str] = []
     user_metadata: dict[str, str] = {}
+    project_id: str | None = Field(None, max_length=256)
+    display_name: str | None = Field(None, max_length=256)
 
 
 class SessionIdBody(BaseModel):
@@ -320,7 +336,12 @@ async def create_session(
 ) -> dict[str, object]:
     session_id = f"sess-{uuid.uuid4().hex[:16]}"
     record = SessionRecord(
-        session_id=session_id, tenant=t, tags=body.tags, user_metadata=body.user_metadata
+        session_id=session_id,
+        tenant=t,
+        tags=body.tags,
+        user_metadata=body.user_metadata,
+        project_id=body.project_id or None,
+        display_name=body.display_name or None,
     )
     await b.kv_put(gw.bus.kv[s.SESSIONS_BUCKET], s.token(session_id), record)
     return {"type": "create_session", "session_id": session_id}
@@ -341,15 +362,29 @@ async def session_heartbeat(
     return JSONResponse({"type": "session_heartbeat"})
 
 
+class FinishReason(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["success", "errored", "interrupted"]
+
+
+class FinishSessionBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    reason: FinishReason | None = None
+
+
 @router.post("/sessions/{session_id}/finish")
 async def finish_session(
-    session_id: str, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+    session_id: str,
+    body: FinishSessionBody | None = None,
+    t: str = Depends(tenant),
+    gw: Gateway = Depends(gateway),
 ) -> dict[str, object]:
     record = await gw.session(t, session_id)
+    reason = body.reason.type if body is not None and body.reason is not None else None
     await b.kv_put(
         gw.bus.kv[s.SESSIONS_BUCKET],
         s.token(session_id),
-        record.model_copy(update={"finished": True}),
+        record.model_copy(update={"finished": True, "finish_reason": reason}),
     )
     return {}
 

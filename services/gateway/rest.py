@@ -40,13 +40,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import Convertor, register_url_convertor
 
 from services.gateway.billing import run_usage_json
-from services.gateway.context import Gateway, gateway, tenant
+from services.gateway.context import Gateway, caller_key_id, gateway, tenant
 from services.gateway.training import _submit, refused_in_order
+from whetstone import audit
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.checkpoints import TinkerPath, check_name, check_ttl, expiry, record_key, store_key
 from whetstone.errors import NotFound, UserError, WhetstoneError
-from whetstone.keys import key_hash, key_id_of_hash, lookup_key, revoke_key
+from whetstone.keys import key_hash, key_id, key_id_of_hash, lookup_key, revoke_key
 from whetstone.messages import (
     CheckpointRecord,
     Message,
@@ -273,6 +274,7 @@ async def delete_checkpoint(
     record = await gw.checkpoint(t, path)
     await gw.bus.kv[s.CHECKPOINTS_BUCKET].delete(record_key(path))
     await asyncio.to_thread(gw.settings.checkpoint_store().delete, record.store_key)
+    await _audit(gw, "checkpoint_deleted", t, path)
     return Response(status_code=204)
 
 
@@ -281,9 +283,9 @@ async def publish_checkpoint(
     run_id: str, checkpoint_id: str, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
 ) -> Response:
     # Publishing twice is not an error: a 409 would be retried by the SDK for five minutes.
-    await update_checkpoint(
-        gw, t, await owned_checkpoint(gw, t, run_id, checkpoint_id), public=True
-    )
+    path = await owned_checkpoint(gw, t, run_id, checkpoint_id)
+    await update_checkpoint(gw, t, path, public=True)
+    await _audit(gw, "checkpoint_published", t, path)
     return Response(status_code=204)
 
 
@@ -293,6 +295,7 @@ async def unpublish_checkpoint(
 ) -> Response:
     path = await owned_checkpoint(gw, t, run_id, checkpoint_id)
     await update_checkpoint(gw, t, path, public=False)
+    await _audit(gw, "checkpoint_unpublished", t, path)
     return Response(status_code=204)
 
 
@@ -311,7 +314,16 @@ async def set_checkpoint_ttl(
 ) -> Response:
     path = await owned_checkpoint(gw, t, run_id, checkpoint_id)
     await update_checkpoint(gw, t, path, expires_at=expiry(check_ttl(body.ttl_seconds)))
+    ttl = "none" if body.ttl_seconds is None else str(body.ttl_seconds)
+    await _audit(gw, "checkpoint_ttl_set", t, path, ttl_seconds=ttl)
     return Response(status_code=204)
+
+
+async def _audit(gw: Gateway, event: str, t: str, path: TinkerPath, **details: str) -> None:
+    """A checkpoint event in the audit log (Tinker's entries name ``model_id`` and the path)."""
+    await audit.record(
+        gw.bus, event, t, caller_key_id(), model_id=path.run_id, tinker_path=str(path), **details
+    )
 
 
 @router.get(CHECKPOINT + "/external_weights_urls")
@@ -447,12 +459,16 @@ async def copy_weights(
             return {"tinker_path": done.decode()}
     if body.session_id is None:
         await b.kv_put(gw.bus.kv[s.SESSIONS_BUCKET], s.token(session.session_id), session)
-    run = source_run.model_copy(
+    now = utcnow()
+    run = source_run.model_copy(  # holds the copy only: never trained, never placed
         update={
             "run_id": run_id,
             "tenant": t,
             "session_id": session.session_id,
-            "created_at": utcnow(),
+            "created_at": now,
+            "unloaded_at": now,
+            "copied_from": str(source),
+            "initial": None,
         }
     )
     existing = await b.kv_create(gw.bus.kv[s.RUNS_BUCKET], s.token(run_id), run.encode())
@@ -471,6 +487,7 @@ async def copy_weights(
         expires_at=expiry(body.ttl_seconds),
     )
     await b.kv_put(gw.bus.kv[s.CHECKPOINTS_BUCKET], record_key(target), copy)
+    await _audit(gw, "checkpoint_copied", t, target, source=str(source))
     return {"tinker_path": str(target)}
 
 
@@ -534,6 +551,7 @@ async def get_session(
         "training_run_ids": _by_seq(r.run_id for r, _ in runs if r.session_id == session_id),
         "sampler_ids": _by_seq(r.sampler_id for r, _ in samplers if r.session_id == session_id),
         "user_metadata": session.user_metadata,
+        **({"display_name": session.display_name} if session.display_name else {}),
     }
 
 
@@ -559,6 +577,14 @@ async def assign_session_project(
     session = await gw.session(t, session_id)
     updated = session.model_copy(update={"project_id": body.project_id})
     await b.kv_put(gw.bus.kv[s.SESSIONS_BUCKET], s.token(session_id), updated)
+    await audit.record(
+        gw.bus,
+        "session_project_assigned",
+        t,
+        caller_key_id(),
+        session_id=session_id,
+        project_id=body.project_id,
+    )
     return Response(status_code=204)
 
 
@@ -583,5 +609,6 @@ async def get_own_key(request: Request, gw: Gateway = Depends(gateway)) -> dict[
 @router.delete("/auth/apikey/me", status_code=204)
 async def revoke_own_key(request: Request, gw: Gateway = Depends(gateway)) -> Response:
     """``tinker auth logout``: revoke the calling key, and only it."""
-    await revoke_key(gw.bus, request.headers.get("x-api-key") or "")
+    key = request.headers.get("x-api-key") or ""
+    await revoke_key(gw.bus, key, by_key_id=key_id(key))
     return Response(status_code=204)

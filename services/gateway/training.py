@@ -37,6 +37,7 @@ from services.gateway.custom_loss import with_custom_loss
 from services.gateway.futures import FutureIndex
 from services.gateway.validation import check_lora, validate_forward_backward
 from services.gateway.wire import forward_backward_command, parse_forward_backward
+from whetstone import audit
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.checkpoints import TinkerPath, check_name, store_key
@@ -128,6 +129,10 @@ async def _place(gw: Gateway, t: str, run: TrainingRunRecord, op: str) -> str:
     existing = await b.kv_create(runs, s.token(run.run_id), run.encode())
     if existing is not None and TrainingRunRecord.decode(existing).tenant != t:
         raise UserError(f"model id {run.run_id!r} is taken")
+    if existing is None:
+        await audit.record(
+            gw.bus, "training_run_created", t, caller_key_id(), model_id=run.run_id, op=op
+        )
     return await gw.submit_once(
         f"create.{s.token(run.run_id)}",
         t,
@@ -212,6 +217,11 @@ async def _check_base_model(
 
 
 def _check_loaded(run: TrainingRunRecord) -> None:
+    if run.copied_from is not None:
+        raise UserError(
+            f"model {run.run_id} holds a copy of {run.copied_from} (copy_weights) and cannot be "
+            "trained on; create a training client from its checkpoint to train"
+        )
     if run.unloaded_at is not None:
         raise UserError(
             f"model {run.run_id} was unloaded (unload_model); create a training client from one "
@@ -230,6 +240,7 @@ async def unload_model(
         run = run.model_copy(update={"unloaded_at": utcnow()})
         await b.kv_put(gw.bus.kv[s.RUNS_BUCKET], s.token(run.run_id), run)
         gw.remember_run(run)
+        await audit.record(gw.bus, "training_run_unloaded", t, caller_key_id(), model_id=run.run_id)
     placements = gw.bus.kv[s.PLACEMENTS_BUCKET]
     try:
         entry = await placements.get(s.token(run.run_id))

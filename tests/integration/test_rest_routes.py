@@ -32,7 +32,7 @@ from tests.integration.gateway_app import client, create_run, result_of, running
 from tests.integration.test_failover import start_scheduler
 from whetstone import bus as b
 from whetstone import subjects as s
-from whetstone.keys import create_key
+from whetstone.keys import create_key, key_id, revoke_key, set_limits
 from whetstone.messages import utcnow
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 
@@ -253,6 +253,174 @@ async def test_ttl_is_set_and_expired_checkpoints_are_deleted_by_the_sweep(
         assert (await http.delete(f"{ckpt}/weights/old")).status_code == 404
 
 
+async def test_audit_log_records_security_events_for_admin_keys_only(
+    bus: b.Bus,
+    spawned: None,
+    start_trainer,
+    nats_url: str,
+    models_dir: Path,
+    log,
+    tmp_path: Path,
+) -> None:
+    await start_trainer("w1", heartbeat_interval_s=0.2)
+    await start_scheduler(bus, nats_url, tmp_path, log)
+    ops, alice = await create_key(bus, "ops", admin=True), await create_key(bus, "alice")
+    async with (
+        running_gateway(nats_url, models_dir, log, state_dir=tmp_path) as app,
+        client(app, alice) as a,
+        client(app, ops) as admin,
+    ):
+        run_id, created = await create_run(a)
+        assert "error" not in (await result_of(a, created)).json()
+        weights = await save(a, run_id, 1, "training", "w")
+        ckpt = f"/api/v1/training_runs/{run_id}/checkpoints/weights/w"
+        assert (await a.post(f"{ckpt}/publish")).status_code == 204
+        assert (await a.delete(f"{ckpt}/publish")).status_code == 204
+        assert (await a.put(f"{ckpt}/ttl", json={"ttl_seconds": 7200})).status_code == 204
+        copied = await a.post(
+            "/api/v1/copy_weights", json={"source_path": weights, "destination_project_id": "p"}
+        )
+        copy_path = copied.json()["tinker_path"]
+        copy_run = copy_path.split("/")[2]
+        # A copy holds weights; as in Tinker it cannot be trained on (and fills no queue).
+        refused = await a.post(
+            "/api/v1/optim_step",
+            json={"model_id": copy_run, "seq_id": 1, "adam_params": {"learning_rate": 1e-4}},
+        )
+        assert refused.status_code == 400 and "cannot be trained" in refused.json()["error"]
+        assert (await a.delete(ckpt)).status_code == 204
+        session_id = run_id.split(":")[0]
+        moved = await a.put(f"/api/v1/sessions/{session_id}/project", json={"project_id": "q"})
+        assert moved.status_code == 204
+        answer = await a.post("/api/v1/unload_model", json={"model_id": run_id})
+        assert answer.status_code == 200, answer.text
+        await set_limits(bus, alice, max_runs=3)
+        await revoke_key(bus, alice)
+
+        # Only an admin key reads it; the others get 401 (no or a revoked key) or 403.
+        bob = await create_key(bus, "bob")
+        async with client(app, bob) as other, client(app, None) as anonymous:
+            denied = await other.get("/api/v1/audit")
+            assert denied.status_code == 403 and denied.json()["category"] == "user"
+            assert (await anonymous.get("/api/v1/audit")).status_code == 401
+        assert (await a.get("/api/v1/audit")).status_code == 401  # alice's key is revoked
+
+        log_ = types.AuditLogResponse.model_validate((await admin.get("/api/v1/audit")).json())
+        mine = [e for e in log_.entries if e.event_details.get("tenant") == "alice"]
+        assert [e.event for e in mine] == [
+            "api_key_created",
+            "training_run_created",
+            "checkpoint_published",
+            "checkpoint_unpublished",
+            "checkpoint_ttl_set",
+            "checkpoint_copied",
+            "checkpoint_deleted",
+            "session_project_assigned",
+            "training_run_unloaded",
+            "api_key_limits_changed",
+            "api_key_revoked",
+        ]
+        assert [e.timestamp for e in log_.entries] == sorted(e.timestamp for e in log_.entries)
+        published = mine[2]
+        assert published.tinker_path == weights and published.model_id == run_id
+        assert published.event_details["api_key_id"] == key_id(alice)
+        assert mine[4].event_details["ttl_seconds"] == "7200"
+        assert mine[5].tinker_path == copy_path and mine[5].event_details["source"] == weights
+        assert {e.event_details.get("tenant") for e in log_.entries} == {"alice", "ops", "bob"}
+
+        checkpoints = (await admin.get("/api/v1/audit?event_type=checkpoints")).json()
+        assert {e["event"] for e in checkpoints["entries"]} == {
+            e.event for e in mine if e.event.startswith("checkpoint_")
+        }
+        keys = (await admin.get("/api/v1/audit", params={"event_type": "organizations"})).json()
+        assert {e["event"] for e in keys["entries"]} == {
+            "api_key_created",
+            "api_key_limits_changed",
+            "api_key_revoked",
+        }
+        assert (await admin.get("/api/v1/audit?event_type=teams")).json() == {"entries": []}
+        yesterday = (utcnow() - timedelta(days=1)).date().isoformat()
+        assert (await admin.get(f"/api/v1/audit?day={yesterday}")).json() == {"entries": []}
+        for bad in ("event_type=runs", "day=yesterday"):
+            answer = await admin.get(f"/api/v1/audit?{bad}")
+            assert answer.status_code == 400 and answer.json()["category"] == "user", bad
+
+
+async def test_sessions_search_filters_pages_and_never_finds_other_tenants(
+    bus: b.Bus, spawned: None, nats_url: str, models_dir: Path, log, tmp_path: Path
+) -> None:
+    alice, bob = await create_key(bus, "alice"), await create_key(bus, "bob")
+    async with (
+        running_gateway(nats_url, models_dir, log, state_dir=tmp_path) as app,
+        client(app, alice) as a,
+        client(app, bob) as other,
+    ):
+
+        async def session(**body: object) -> str:
+            answer = await a.post("/api/v1/create_session", json={"tags": [], **body})
+            return str(answer.json()["session_id"])
+
+        nightly = await session(display_name="Nightly SFT run", user_metadata={"team": "x"})
+        adhoc = await session(display_name="ad-hoc", project_id="lab")
+        done = await session(display_name="nightly eval")
+        finished = await a.post(
+            f"/api/v1/sessions/{done}/finish", json={"reason": {"type": "success"}}
+        )
+        assert finished.status_code == 200
+        bobs = (await other.post("/api/v1/create_session", json={"tags": []})).json()["session_id"]
+
+        async def search(
+            http: httpx.AsyncClient = a, **body: object
+        ) -> types.SessionSearchResponse:
+            request = types.SessionSearchRequest.model_validate(body)
+            answer = await http.post(
+                "/api/v1/sessions/search", json=request.model_dump(mode="json", exclude_none=True)
+            )
+            assert answer.status_code == 200, answer.text
+            return types.SessionSearchResponse.model_validate(answer.json())
+
+        everything = await search()
+        assert [x.session_id for x in everything.sessions] == [done, adhoc, nightly]  # newest first
+        assert everything.next_cursor is None
+        assert {x.owner for x in everything.sessions} == {"alice"}
+        by_name = await search(display_name="NIGHTLY")
+        assert [x.session_id for x in by_name.sessions] == [done, nightly]
+        assert [x.session_id for x in (await search(display_name="sft nightly")).sessions] == [
+            nightly
+        ]
+        either = await search(display_name="ad-hoc", session_id=nightly)
+        assert [x.session_id for x in either.sessions] == [adhoc, nightly]
+        lab = await search(project_ids=["lab"])
+        assert [(x.session_id, x.project_id) for x in lab.sessions] == [(adhoc, "lab")]
+        assert [x.session_id for x in (await search(user_metadata={"team": "x"})).sessions] == [
+            nightly
+        ]
+        active = await search(statuses=[{"type": "active"}])
+        assert [x.session_id for x in active.sessions] == [adhoc, nightly]
+        success = await search(statuses=[{"type": "client_finished", "reasons": ["success"]}])
+        assert [x.session_id for x in success.sessions] == [done]
+        assert isinstance(success.sessions[0].status, types.ClientSessionFinished)
+        assert (await search(statuses=[{"type": "failed"}])).sessions == []
+
+        first = await search(limit=2)
+        assert [x.session_id for x in first.sessions] == [done, adhoc]
+        assert first.next_cursor is not None
+        rest_ = await search(limit=2, cursor=first.next_cursor.model_dump(mode="json"))
+        assert [x.session_id for x in rest_.sessions] == [nightly] and rest_.next_cursor is None
+
+        # Another tenant's sessions are never found, by id, by owner or as "accessible".
+        assert (await search(other, session_id=nightly)).sessions == []
+        assert [
+            x.session_id for x in (await search(other, owner={"type": "accessible"})).sessions
+        ] == [bobs]
+        assert (await search(owner={"type": "user", "owner_urns": ["bob"]})).sessions == []
+        for bad in ({"limit": 0}, {"owner": {"type": "everyone"}}, {"unknown": 1}):
+            answer = await a.post("/api/v1/sessions/search", json=bad)
+            assert answer.status_code == 400 and answer.json()["category"] == "user", bad
+        async with client(app, None) as anonymous:
+            assert (await anonymous.post("/api/v1/sessions/search", json={})).status_code == 401
+
+
 # ---------------------------------------------------------------- the real SDK, real processes
 
 
@@ -321,6 +489,14 @@ def test_rest_client_publishes_sets_ttl_reads_weights_info_and_deletes(sdk, plat
     info = rest.get_weights_info_by_tinker_path(saved).result()
     assert info.base_model == BUILTIN_MODEL_NAME and info.lora_rank == 4
     assert info.train_attn and info.train_mlp and info.train_unembed
+
+    # A copy into a project of the caller's: a new run, its own listed checkpoint.
+    copied = rest.copy_weights(saved, "proj-archive").result()
+    assert copied != saved and copied.endswith("/weights/first")
+    archive = rest.list_training_runs(project_id="proj-archive").result().training_runs
+    assert [r.training_run_id for r in archive] == [copied.split("/")[2]]
+    assert rest.get_weights_info_by_tinker_path(copied).result().lora_rank == 4
+    rest.delete_checkpoint_from_tinker_path(copied).result()
 
     extra = training.save_state("to-delete").result().path
     rest.delete_checkpoint_from_tinker_path(extra).result()
