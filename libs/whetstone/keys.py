@@ -87,7 +87,12 @@ async def register_key(bus: b.Bus, tenant: str, key: str) -> ApiKeyRecord:
 
 
 async def lookup_key(bus: b.Bus, key: str) -> ApiKeyRecord | None:
-    record = await b.kv_get(bus.kv[s.KEYS_BUCKET], key_hash(key), ApiKeyRecord)
+    return await lookup_hash(bus, key_hash(key))
+
+
+async def lookup_hash(bus: b.Bus, digest: str) -> ApiKeyRecord | None:
+    """The record of the key whose hash is ``digest``, unless revoked."""
+    record = await b.kv_get(bus.kv[s.KEYS_BUCKET], digest, ApiKeyRecord)
     return None if record is None or record.revoked else record
 
 

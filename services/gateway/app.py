@@ -48,6 +48,7 @@ from services.gateway import (
 )
 from services.gateway.context import Gateway, gateway, tenant
 from services.gateway.futures import FutureWaiters
+from services.gateway.jwt_auth import INVALID_TOKEN, InvalidToken
 from services.gateway.limits import BodyLimit
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import describe
@@ -112,7 +113,10 @@ class ApiKeyFirst:
         except WhetstoneError as exc:
             metrics.REFUSALS.labels(type(exc).__name__, exc.category).inc()
             body = {"error": exc.message, "category": exc.category, "detail": exc.message}
-            await JSONResponse(body, status_code=exc.http_status)(scope, receive, send)
+            # A bad JWT: the SDK fetches a new one and replays the request (jwt_auth.py).
+            headers = {"www-authenticate": INVALID_TOKEN} if isinstance(exc, InvalidToken) else {}
+            answer = JSONResponse(body, status_code=exc.http_status, headers=headers)
+            await answer(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -281,6 +285,7 @@ async def client_config(gw: Gateway = Depends(gateway)) -> dict[str, object]:
         "sample_join_sampling_session": gw.settings.sample_join_sampling_session,
         # create_custom_loss uploads the traced loss; the trainer runs it (custom_loss.py).
         "custom_loss_server_side": True,
+        "pjwt_auth_enabled": gw.settings.jwt_auth_enabled,
     }
 
 

@@ -38,11 +38,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from nats.js.errors import NoKeysError
 
 from services.gateway.context import Gateway, gateway
+from services.gateway.jwt_auth import digest_of
 from whetstone import bus as b
 from whetstone import reports
 from whetstone import subjects as s
 from whetstone.errors import Unauthorized, Unavailable, UserError
-from whetstone.keys import key_id, lookup_key
+from whetstone.keys import key_id_of_hash, lookup_hash
 from whetstone.messages import (
     PRICE_UNITS,
     CheckpointRecord,
@@ -90,10 +91,11 @@ async def caller(request: Request, gw: Gateway = Depends(gateway)) -> Caller:
     key = _key_of(request)
     if not key:
         raise Unauthorized("an API key is needed (X-API-Key, or the password of HTTP Basic)")
-    record = await lookup_key(gw.bus, key)
+    digest = digest_of(gw.settings, key)  # the key's hash, or the one its JWT names
+    record = await lookup_hash(gw.bus, digest)
     if record is None:
         raise Unauthorized("invalid API key")
-    return Caller(record.tenant, record.admin, key_id(key))
+    return Caller(record.tenant, record.admin, key_id_of_hash(digest))
 
 
 async def page_caller(request: Request, gw: Gateway = Depends(gateway)) -> Caller | Response:

@@ -27,6 +27,7 @@ from structlog.stdlib import BoundLogger
 
 from services.gateway import metrics
 from services.gateway.futures import FutureIndex, FutureWaiters
+from services.gateway.jwt_auth import digest_of
 from services.gateway.quotas import Limits, Quotas
 from services.gateway.settings import GatewaySettings
 from whetstone import bus as b
@@ -34,7 +35,7 @@ from whetstone import subjects as s
 from whetstone.checkpoints import TinkerPath, record_key
 from whetstone.errors import NotFound, Unauthorized, Unavailable, UserError, WhetstoneError
 from whetstone.fate import Delivered
-from whetstone.keys import key_hash, key_id, key_id_of_hash, lookup_key
+from whetstone.keys import key_id_of_hash, lookup_hash
 from whetstone.messages import (
     CheckpointRecord,
     FutureRecord,
@@ -90,11 +91,11 @@ class Gateway:
                 )
             )
         await self._key_watch
-        digest = key_hash(key)
+        digest = digest_of(self.settings, key)  # the key's hash, or the one its JWT names
         cached = self._tenants.get(digest)
         if cached and cached[1] > time.monotonic():
             return cached[0]
-        record = await lookup_key(self.bus, key)
+        record = await lookup_hash(self.bus, digest)
         if record is None:
             raise Unauthorized("invalid API key")
         self._tenants[digest] = (record.tenant, time.monotonic() + self.settings.key_cache_s)
@@ -375,8 +376,9 @@ async def tenant(request: Request) -> str:
     authentication middleware before routing, or looked up here). Also records the key's id for
     ``caller_key_id``."""
     key = request.headers.get("x-api-key")
-    _CALLER_KEY_ID.set(key_id(key) if key else None)
+    gw = await gateway(request)
+    _CALLER_KEY_ID.set(key_id_of_hash(digest_of(gw.settings, key)) if key else None)
     known = request.scope.get("state", {}).get("tenant")
     if isinstance(known, str):
         return known
-    return await (await gateway(request)).tenant_of(key)
+    return await gw.tenant_of(key)

@@ -39,6 +39,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import Convertor, register_url_convertor
 
+from services.gateway import jwt_auth
 from services.gateway.billing import run_usage_json
 from services.gateway.context import Gateway, caller_key_id, gateway, tenant
 from services.gateway.training import _submit, refused_in_order
@@ -46,7 +47,7 @@ from whetstone import audit
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.checkpoints import TinkerPath, check_name, check_ttl, expiry, record_key, store_key
-from whetstone.errors import NotFound, UserError, WhetstoneError
+from whetstone.errors import NotFound, Unauthorized, UserError, WhetstoneError
 from whetstone.keys import key_hash, key_id, key_id_of_hash, lookup_key, revoke_key
 from whetstone.messages import (
     CheckpointRecord,
@@ -612,3 +613,18 @@ async def revoke_own_key(request: Request, gw: Gateway = Depends(gateway)) -> Re
     key = request.headers.get("x-api-key") or ""
     await revoke_key(gw.bus, key, by_key_id=key_id(key))
     return Response(status_code=204)
+
+
+@router.post("/auth/token")
+async def auth_token(request: Request, gw: Gateway = Depends(gateway)) -> dict[str, str]:
+    """The SDK's JWT exchange (``jwt_auth.py``), when ``jwt_auth_enabled``: an API key for a
+    short-lived JWT of the same key."""
+    if not gw.settings.jwt_auth_enabled:
+        raise NotFound("JWT auth is not enabled on this server")
+    key = request.headers.get("x-api-key") or ""
+    if jwt_auth.is_jwt(key):
+        raise Unauthorized("exchange an API key, not a token")
+    record = await lookup_key(gw.bus, key)
+    if record is None:
+        raise Unauthorized("invalid API key")
+    return {"jwt": jwt_auth.issue(gw.settings, key_hash(key), record.tenant)}

@@ -37,9 +37,17 @@ class GatewaySettings(ServiceSettings):
     # replica behind one address must be given the same secret.
     url_signing_secret: str = Field("", repr=False)
     download_url_ttl_s: int = 3600  # how long a signed download URL stays valid
+    # The SDK's JWT exchange (``jwt_auth.py``; RestClient.whoami needs it): off by default.
+    # JWTs are signed with ``jwt_secret`` (empty: a random one per process; replicas behind one
+    # address must share it) and live ``jwt_ttl_s``.
+    jwt_auth_enabled: bool = False
+    jwt_secret: str = Field("", repr=False)
+    jwt_ttl_s: int = Field(900, ge=120)
 
     @model_validator(mode="after")
     def _signing_secret(self) -> GatewaySettings:
         if not self.url_signing_secret:
             self.url_signing_secret = secrets.token_hex(32)
+        if not self.jwt_secret:
+            self.jwt_secret = secrets.token_hex(32)
         return self

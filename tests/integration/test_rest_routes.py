@@ -744,8 +744,8 @@ def test_every_rest_client_method_works_against_whetstone(sdk, platform) -> None
             assert stranger.search_sessions(request).result().sessions == []
 
     def whoami() -> None:
-        # Needs the SDK's JWT exchange (pjwt_auth_enabled), which this server leaves off: the
-        # SDK refuses locally, sending nothing.
+        # Needs the SDK's JWT exchange, off by default (``jwt_auth_enabled``): the SDK refuses
+        # locally. With it on, tests/integration/test_jwt_auth.py reads whoami from the JWT.
         with pytest.raises(RuntimeError, match="whoami requires JWT auth"):
             rest.whoami().result()
 
