@@ -4,7 +4,8 @@ Stream ``WS_AUDIT`` (limits retention, file storage, kept ``bus.AUDIT_MAX_AGE_S`
 ``ws.audit.<event>``. Written where the action happens, after it succeeded: API keys created,
 revoked or given new limits (``keys.py``, so the CLI's and the gateway's changes alike),
 checkpoints published, unpublished, deleted, copied or given a TTL, sessions moved to a project,
-training runs created and unloaded (the gateway). A failed write raises: the caller's retry
+training runs created and unloaded (the gateway), checkpoints deleted when their TTL ran out (the
+scheduler's sweep; no key acted). A failed write raises: the caller's retry
 records it again (an entry may repeat; none is lost).
 
 Read by the gateway's ``GET /api/v1/audit`` (``AdminClient.get_audit_log``) for admin keys:
@@ -15,7 +16,7 @@ named ``<resource>_<action>`` and ``CATEGORY`` says which filter each belongs to
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import nats.errors
 from nats.js import api
@@ -70,9 +71,9 @@ async def record(
     await b.publish(bus, f"{s.AUDIT_PREFIX}.{event}", entry)
 
 
-async def read_day(bus: b.Bus, day: datetime, category: str = "all") -> list[AuditEvent]:
-    """The events of the UTC day starting at ``day`` (midnight), oldest first."""
-    start = day.astimezone(UTC)
+async def read_day(bus: b.Bus, day: date, category: str = "all") -> list[AuditEvent]:
+    """The events of the UTC day ``day`` (midnight to midnight), oldest first."""
+    start = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
     end = start + timedelta(days=1)
     config = api.ConsumerConfig(
         name=f"audit-{uuid.uuid4().hex[:12]}",

@@ -51,8 +51,8 @@ from services.scheduler.sweep import (
     expired_checkpoints,
     plan,
 )
+from whetstone import audit, metrics
 from whetstone import bus as b
-from whetstone import metrics
 from whetstone import subjects as s
 from whetstone.fate import Delivered, consumer_config, decoder_for, hold
 from whetstone.messages import (
@@ -276,6 +276,14 @@ class Scheduler:
             await asyncio.to_thread(self.store.delete, action.record.store_key)
             deleted += 1
             self.log.info("checkpoint expired", checkpoint=action.record.tinker_path)
+            await audit.record(
+                self.bus,
+                "checkpoint_deleted",
+                action.record.tenant,
+                model_id=action.record.run_id,
+                tinker_path=action.record.tinker_path,
+                reason="expired",
+            )
         return deleted
 
     async def sweep(self) -> None:

@@ -31,6 +31,7 @@ from tinker import types
 from services.gateway.context import parse_dedup, train_dedup_key
 from tests.integration.gateway_app import client, create_run, result_of, running_gateway
 from tests.integration.test_failover import start_scheduler
+from whetstone import audit
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.keys import create_key, key_id, revoke_key, set_limits
@@ -243,6 +244,13 @@ async def test_ttl_is_set_and_expired_checkpoints_are_deleted_by_the_sweep(
 
         assert await scheduler.expire_checkpoints() == 0  # nothing is due yet
         assert await scheduler.expire_checkpoints(utcnow() + timedelta(hours=2)) == 1
+        (expired,) = [
+            e
+            for e in await audit.read_day(bus, utcnow().date(), "checkpoints")
+            if e.details.get("reason") == "expired"
+        ]
+        assert expired.tenant == "alice" and expired.details["tinker_path"].endswith("/weights/old")
+        assert expired.api_key_id is None  # the platform did it, no key
         listed = types.CheckpointsListResponse.model_validate((await http.get(ckpt)).json())
         assert [c.checkpoint_id for c in listed.checkpoints] == ["weights/keep"]
         user = (await http.get("/api/v1/checkpoints")).json()
