@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 from structlog.stdlib import BoundLogger
 
 from services.gateway import metrics
+from services.gateway.backpressure import SampleBackpressure
 from services.gateway.futures import FutureIndex, FutureWaiters
 from services.gateway.jwt_auth import digest_of
 from services.gateway.quotas import Limits, Quotas
@@ -70,10 +71,14 @@ class Gateway:
     # key id -> the key's quotas, refreshed with its cached tenant (``quotas.py``)
     _key_limits: dict[str, Limits] = field(default_factory=dict)
     quotas: Quotas = field(init=False)
+    backpressure: SampleBackpressure = field(init=False)
 
     def __post_init__(self) -> None:
         self.quotas = Quotas(
             self.bus, self.settings.inflight_retry_after_s, self.settings.runs_retry_after_s
+        )
+        self.backpressure = SampleBackpressure(
+            self.bus, self.settings.sample_queue_limit, self.settings.sample_retry_after_s
         )
 
     async def tenant_of(self, key: str | None) -> str:

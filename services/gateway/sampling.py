@@ -3,7 +3,8 @@ the session poller's ``retrieve_futures``, ``cancel_future`` and ``join_sampling
 
 A sampling session names a base model and, optionally, LoRA sampler weights (a checkpoint of one
 of the tenant's runs). ``asample`` validates the prompt and publishes the request on the base
-model's shared queue ``ws.sample.<base>``; any sampler replica of that model serves it.
+model's shared queue ``ws.sample.<base>``; any sampler replica of that model serves it. While
+that queue is full it answers 429 with Retry-After instead (``backpressure.py``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Header
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from pydantic import BaseModel, ConfigDict
 
+from services.gateway.backpressure import BACKPRESSURE_HEADER
 from services.gateway.context import Gateway, caller_key_id, gateway, tenant
 from services.gateway.futures import FutureIndex
 from services.gateway.validation import check_sample
@@ -113,7 +115,10 @@ async def get_sampler(
 
 @router.post("/asample")
 async def asample(
-    body: SampleBody, t: str = Depends(tenant), gw: Gateway = Depends(gateway)
+    body: SampleBody,
+    t: str = Depends(tenant),
+    gw: Gateway = Depends(gateway),
+    backpressure: str | None = Header(None, alias=BACKPRESSURE_HEADER),
 ) -> dict[str, object]:
     sampler = await gw.sampler(t, body.sampling_session_id)
     spec = gw.registry.resolve(sampler.base_model)
@@ -148,6 +153,8 @@ async def asample(
         session_id=sampler.session_id,
         api_key_id=caller_key_id(),
     )
+    # A full sampler: 429 before anything is recorded; the SDK resubmits the same seq_id.
+    await gw.backpressure.admit(spec.name, announced=backpressure == "1")
     request_id = await gw.submit_once(
         f"{s.token(sampler.sampler_id)}.{body.seq_id}",
         t,

@@ -22,6 +22,10 @@ class GatewaySettings(ServiceSettings):
     default_max_inflight: int = Field(0, ge=0)
     inflight_retry_after_s: float = 1.0
     runs_retry_after_s: float = 5.0
+    # Back-pressure (``backpressure.py``): past this many sample requests queued or running for
+    # one base model (0: no limit), asample gets 429 with Retry-After and the SDK resubmits.
+    sample_queue_limit: int = Field(1024, ge=0)
+    sample_retry_after_s: float = 1.0
     # The SDK sends forward_backward in chunks of about 5 MB of protobuf (protocol.md 4.6), and
     # asample prompts are far smaller; 16 MiB lets every SDK request through with room to spare
     # while a runaway body is refused (413) before it is held in memory.

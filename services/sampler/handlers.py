@@ -40,6 +40,7 @@ from whetstone.messages import (
     RecordedSequence,
     SampleRequest,
     SampleResult,
+    SessionRecord,
     StabilityRecord,
     UsageEvent,
     UsageMeter,
@@ -98,6 +99,22 @@ class Batcher:
         self._queues.setdefault(req.tenant, deque()).append(job)
         self._arrived.set()
         return await fut
+
+    def queued_sessions(self) -> set[str]:
+        """The sessions of the jobs waiting here (not yet handed to the engine)."""
+        return {j.req.session_id for q in self._queues.values() for j in q if j.req.session_id}
+
+    def drop_session(self, session_id: str, error: Exception) -> int:
+        """Fail the waiting jobs of ``session_id`` with ``error``; how many there were."""
+        dropped = 0
+        for tenant, queue in self._queues.items():
+            kept = deque(j for j in queue if j.req.session_id != session_id)
+            for job in queue:
+                if job.req.session_id == session_id and not job.fut.done():
+                    job.fut.set_exception(error)
+                    dropped += 1
+            self._queues[tenant] = kept
+        return dropped
 
     def _take(self, room: int) -> list[Job]:
         """Up to ``room`` queued jobs, the tenants' turns decided by ``FairShare``."""
@@ -173,6 +190,13 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - handed to the request's handler
                 out.append(exc)
         return out
+
+
+def _ended(session_id: str) -> UserError:
+    return UserError(
+        f"session {session_id} has ended (its heartbeats stopped, or it was closed): "
+        "its queued sampling was cancelled"
+    )
 
 
 def _stability(req: SampleRequest, result: SampleResult) -> StabilityRecord:
@@ -253,6 +277,7 @@ class SamplerWorker:
 
     async def start(self) -> None:
         spawn(self.batcher.run(), self.log, "batcher")
+        spawn(self._drop_ended_sessions(), self.log, "session sweep")
         subject = s.heartbeat_subject("sampler", self.settings.worker_id)
         spawn(
             heartbeats(self.bus, subject, self._beat, self.settings.heartbeat_interval_s, self.log),
@@ -276,6 +301,8 @@ class SamplerWorker:
         record, revision = await self._future(req.request_id)
         if record is not None and record.final:
             return
+        if req.session_id and await self._session_ended(req.session_id):
+            raise _ended(req.session_id)
         pending = FutureRecord(
             request_id=req.request_id,
             tenant=req.tenant,
@@ -285,6 +312,26 @@ class SamplerWorker:
         )
         result = await self.batcher.generate(req, await self._adapter(req))
         await self._finish(req, pending, result, revision)
+
+    async def _session_ended(self, session_id: str) -> bool:
+        """Whether the session has ended: marked finished (by its client, or by the scheduler
+        once its heartbeats stopped), or silent for ``session_ttl_s`` (the scheduler's rule; it
+        sweeps only sessions with training runs, and a sampling-only session has none)."""
+        kv = self.bus.kv[s.SESSIONS_BUCKET]
+        record = await b.kv_get(kv, s.token(session_id), SessionRecord)
+        if record is None:
+            return False
+        silent_s = (utcnow() - record.last_heartbeat_at).total_seconds()
+        return record.finished or silent_s > self.settings.session_ttl_s
+
+    async def _drop_ended_sessions(self) -> None:
+        """Every ``session_check_s``: fail the queued sampling of sessions that have ended."""
+        while True:
+            await asyncio.sleep(self.settings.session_check_s)
+            for session_id in self.batcher.queued_sessions():
+                if await self._session_ended(session_id):
+                    dropped = self.batcher.drop_session(session_id, _ended(session_id))
+                    self.log.info("queued sampling dropped", session=session_id, requests=dropped)
 
     async def _future(self, request_id: str) -> tuple[FutureRecord | None, int | None]:
         """The request's future record and its KV revision (None, None before the gateway's

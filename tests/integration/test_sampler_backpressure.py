@@ -24,20 +24,29 @@ import numpy as np
 import pytest
 import tinker
 import uvicorn
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from tinker import types
 
+from services.gateway import metrics
 from services.sampler.engine import SamplerEngine
-from services.sampler.handlers import SamplerWorker
+from services.sampler.handlers import Batcher, SamplerWorker
 from services.sampler.settings import SamplerSettings
-from tests.integration.gateway_app import running_gateway
+from tests.integration.gateway_app import PROTOBUF, client, result_of, running_gateway
 from tests.integration.helpers import eventually
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.checkpoints import LocalCheckpointStore
+from whetstone.errors import UserError
 from whetstone.keys import create_key
-from whetstone.messages import StabilityRecord, UsageEvent
+from whetstone.messages import (
+    SampleRequest,
+    SamplingParams,
+    StabilityRecord,
+    UsageEvent,
+)
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 from whetstone.models.registry import default_registry
+from whetstone.tensors import Tensor
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -59,6 +68,13 @@ async def serving(app) -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+async def raw_kv(bus: b.Bus, bucket: str, key: str) -> bytes | None:
+    try:
+        return (await bus.kv[bucket].get(key)).value
+    except (KeyNotFoundError, NotFoundError):
+        return None
 
 
 async def start_sampler(
@@ -188,3 +204,187 @@ async def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_billed_as_c
     assert sorted(by_meter["prefill_tokens"]) == [8, 40]
     assert by_meter["cached_prefill_tokens"] == [32]
     assert by_meter["sample_tokens"] == [6, 6]
+
+
+# ---------------------------------------------------------------- back-pressure
+
+
+async def sampling_session(http) -> tuple[str, str]:
+    session = (await http.post("/api/v1/create_session", json={"tags": []})).json()["session_id"]
+    answer = await http.post(
+        "/api/v1/create_sampling_session",
+        json={
+            "session_id": session,
+            "sampling_session_seq_id": 0,
+            "base_model": BUILTIN_MODEL_NAME,
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    return session, answer.json()["sampling_session_id"]
+
+
+def asample_body(sampler_id: str, seq_id: int) -> dict[str, object]:
+    return {
+        "sampling_session_id": sampler_id,
+        "seq_id": seq_id,
+        "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+        "sampling_params": {"max_tokens": 2, "seed": 1},
+    }
+
+
+BACKPRESSURE = {"X-Tinker-Sampling-Backpressure": "1"}
+
+
+async def test_a_full_sampler_queue_answers_429_with_retry_after_and_keeps_nothing(
+    bus: b.Bus, spawned: None, nats_url: str, models_dir: Path, tmp_path: Path, log
+) -> None:
+    key = await create_key(bus, "full")
+    gateway = running_gateway(nats_url, models_dir, log, sample_queue_limit=2)
+    async with gateway as app, client(app, key) as http:
+        _, sampler_id = await sampling_session(http)
+        # no sampler runs: the first two wait in the queue, the third finds it full
+        accepted = []
+        for seq_id in (0, 1):
+            answer = await http.post(
+                "/api/v1/asample", json=asample_body(sampler_id, seq_id), headers=BACKPRESSURE
+            )
+            assert answer.status_code == 200, answer.text
+            accepted.append(answer.json()["request_id"])
+        await asyncio.sleep(0.15)  # past the gateway's depth cache: the stream's own count
+        refused = await http.post(
+            "/api/v1/asample", json=asample_body(sampler_id, 2), headers=BACKPRESSURE
+        )
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "full" in refused.json()["error"]
+        assert await raw_kv(bus, s.DEDUP_BUCKET, f"{s.token(sampler_id)}.2") is None
+        # a client that does not resubmit on 429 is queued regardless
+        plain = await http.post("/api/v1/asample", json=asample_body(sampler_id, 3))
+        assert plain.status_code == 200, plain.text
+        accepted.append(plain.json()["request_id"])
+        await start_sampler(bus, nats_url, tmp_path, models_dir, log)
+        for request_id in accepted:
+            done = await result_of(http, request_id, accept=PROTOBUF)
+            assert PROTOBUF in done.headers["content-type"]
+        # the refused seq_id, sent again once there is room, runs
+        again = await http.post(
+            "/api/v1/asample", json=asample_body(sampler_id, 2), headers=BACKPRESSURE
+        )
+        assert again.status_code == 200, again.text
+        await result_of(http, again.json()["request_id"], accept=PROTOBUF)
+
+
+def sample_many(base_url: str, key: str, count: int) -> list[types.SampleResponse]:
+    """``count`` samples in flight at once from one SDK client (blocking)."""
+    service = tinker.ServiceClient(base_url=base_url, api_key=key)
+    try:
+        sampler = service.create_sampling_client(base_model=BUILTIN_MODEL_NAME).result()
+        params = types.SamplingParams(max_tokens=2, temperature=0.0)
+        futures = [
+            sampler.sample(types.ModelInput.from_ints([7, 8, 9 + i]), 1, params)
+            for i in range(count)
+        ]
+        return [f.result(timeout=90) for f in futures]
+    finally:
+        service.close("success").result()
+
+
+async def test_the_sdk_resubmits_on_429_and_every_sample_comes_back_once(
+    bus: b.Bus, spawned: None, nats_url: str, models_dir: Path, tmp_path: Path, log
+) -> None:
+    key = await create_key(bus, "burst")
+    refusals = metrics.REFUSALS.labels("RateLimited", "user")
+    before = refusals._value.get()
+    gateway = running_gateway(nats_url, models_dir, log, sample_queue_limit=2)
+    async with gateway as app, serving(app) as base_url:
+        call = asyncio.ensure_future(asyncio.to_thread(sample_many, base_url, key, 6))
+
+        async def refused() -> bool:
+            return refusals._value.get() > before
+
+        await eventually(refused, timeout_s=20, what="an asample refused with 429")
+        await start_sampler(bus, nats_url, tmp_path, models_dir, log)
+        responses = await asyncio.wait_for(call, 120)
+    assert [len(r.sequences[0].tokens) for r in responses] == [2] * 6
+
+    async def billed() -> bool:
+        return len(await usage_of(bus, "burst")) >= 12
+
+    await eventually(billed, what="six requests' prefill and sample tokens")
+    events = await usage_of(bus, "burst")
+    assert len(events) == 12 and len({e.event_id for e in events}) == 12  # each billed once
+
+
+# ---------------------------------------------------------------- sessions that went silent
+
+
+async def test_sampling_queued_for_a_silent_session_is_cancelled(
+    bus: b.Bus, spawned: None, nats_url: str, models_dir: Path, tmp_path: Path, log
+) -> None:
+    key = await create_key(bus, "silent")
+    async with running_gateway(nats_url, models_dir, log) as app, client(app, key) as http:
+        silent, silent_sampler = await sampling_session(http)
+        queued = []
+        for seq_id in range(3):
+            answer = await http.post("/api/v1/asample", json=asample_body(silent_sampler, seq_id))
+            queued.append(answer.json()["request_id"])
+        await asyncio.sleep(1.2)  # no heartbeat: the session is silent past its TTL
+        live, live_sampler = await sampling_session(http)
+
+        async def heartbeats() -> None:  # the live session's client, beating as the SDK does
+            while True:
+                await http.post("/api/v1/session_heartbeat", json={"session_id": live})
+                await asyncio.sleep(0.2)
+
+        beating = asyncio.ensure_future(heartbeats())
+        answer = await http.post("/api/v1/asample", json=asample_body(live_sampler, 0))
+        served = answer.json()["request_id"]
+        await start_sampler(bus, nats_url, tmp_path, models_dir, log, session_ttl_s=1.0)
+        for request_id in queued:
+            failed = (await result_of(http, request_id)).json()
+            assert failed["category"] == "user", failed
+            assert f"session {silent} has ended" in failed["error"]
+            assert "cancelled" in failed["error"]
+        done = await result_of(http, served, accept=PROTOBUF)  # a live session's runs
+        assert PROTOBUF in done.headers["content-type"]
+        beating.cancel()
+
+    async def billed() -> bool:
+        return len(await usage_of(bus, "silent")) == 2
+
+    await eventually(billed, what="the live session's request billed")
+    assert {e.request_id for e in await usage_of(bus, "silent")} == {served}
+
+
+async def test_the_batcher_drops_the_queued_jobs_of_an_ended_session() -> None:
+    """Jobs waiting in the Batcher's queues (not handed to the engine) of one session fail with
+    the error given; another session's stay queued. The loop is not running: nothing is taken."""
+    batcher = Batcher(engine=None, torch=None, max_batch=4)  # type: ignore[arg-type]
+
+    def req(session: str, i: int) -> SampleRequest:
+        return SampleRequest(
+            request_id=f"{session}-{i}",
+            tenant="t" if i % 2 else "u",
+            base_model="tiny",
+            prompt=Tensor.from_list([1, 2], "int64"),
+            params=SamplingParams(max_tokens=1),
+            session_id=session,
+        )
+
+    waiting = [
+        asyncio.ensure_future(batcher.generate(req(session, i), None))
+        for session in ("gone", "live")
+        for i in range(3)
+    ]
+    await asyncio.sleep(0)
+    assert batcher.queued_sessions() == {"gone", "live"}
+    assert batcher.drop_session("gone", UserError("session gone has ended")) == 3
+    await asyncio.sleep(0)
+    for fut in waiting[:3]:
+        with pytest.raises(UserError, match="has ended"):
+            fut.result()
+    assert not any(fut.done() for fut in waiting[3:])
+    assert batcher.queued_sessions() == {"live"}
+    for fut in waiting[3:]:
+        fut.cancel()
