@@ -28,6 +28,11 @@ grouped by adapter, so sequences come and go freely. Seeded requests draw every 
 need at admission from their own ``torch.Generator`` (row ``i`` of a ``[num_samples, max_tokens]``
 draw for sample ``i``), so their output does not depend on their neighbours or on when they were
 scheduled. Logprobs are those of the distribution actually sampled (``sampling``'s docstring).
+
+The module runs past 600 lines because admission, prefill, decode and retirement share one
+request/sequence state and one block accounting; what can stand alone lives beside it: prompt
+scores (``prompt_scores``), the prefix cache and allocator (``kvcache``), token draws
+(``sampling``), the decoder (``model``).
 """
 
 from __future__ import annotations
