@@ -19,7 +19,6 @@ import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal
 
 import nats.errors
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -367,9 +366,12 @@ async def session_heartbeat(
     return JSONResponse({"type": "session_heartbeat"})
 
 
+FINISH_REASONS = ("success", "errored", "interrupted")  # what tinker's close() sends
+
+
 class FinishReason(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["success", "errored", "interrupted"]
+    type: str = Field(max_length=64)
 
 
 class FinishSessionBody(BaseModel):
@@ -386,6 +388,7 @@ async def finish_session(
 ) -> dict[str, object]:
     record = await gw.session(t, session_id)
     reason = body.reason.type if body is not None and body.reason is not None else None
+    reason = reason if reason in FINISH_REASONS else None  # kept only when Tinker knows it
     await b.kv_put(
         gw.bus.kv[s.SESSIONS_BUCKET],
         s.token(session_id),
