@@ -168,6 +168,9 @@ MAX_STOP_SEQUENCES = 64  # stop strings or stop token ids in one request
 MAX_STOP_STRING_CHARS = 1024
 MAX_TOPK_LOGPROBS = 64  # top-k prompt/sample logprobs and prompt alternatives per position
 MAX_TARGET_PROMPT_LOGPROBS = 1024  # token ids scored per prompt position
+# Cells of top-k, target and alternative-token tables one sample result may carry (12 bytes
+# each, base64 in the future's record, which must stay under the bus's message size).
+MAX_SCORE_CELLS = 262_144
 
 
 class SamplingParams(Message):
@@ -249,6 +252,17 @@ class SampleRequest(Message):
                     f"target_prompt_logprobs must have shape [{positions}, K] with "
                     f"K <= {MAX_TARGET_PROMPT_LOGPROBS}, got {list(target.shape)}"
                 )
+        cells = (
+            self.num_samples * self.params.max_tokens * self.topk_sample_logprobs
+            + self.prompt.numel * self.topk_prompt_logprobs
+            + positions * self.prompt_alt_tokens_k
+            + (target.numel if target is not None else 0)
+        )
+        if cells > MAX_SCORE_CELLS:
+            raise ValueError(
+                f"the top-k, target and alternative-token tables asked for hold {cells} cells, "
+                f"more than {MAX_SCORE_CELLS}: ask for fewer (smaller k, fewer samples or tokens)"
+            )
         return self
 
 

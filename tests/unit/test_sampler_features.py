@@ -242,6 +242,10 @@ def test_prompt_alt_tokens_at_temperature_zero_are_the_argmax(engine, hf):
         ({"prompt_logprobs": True, "prompt_logprobs_last_n": 99}, "must be in 1..4"),
         ({"target_prompt_logprobs": Tensor.from_numpy(np.zeros((3, 2), np.int64))}, "shape"),
         ({"topk_sample_logprobs": 65}, "less than or equal to 64"),
+        (
+            {"num_samples": 128, "topk_sample_logprobs": 64, "params": {"max_tokens": 64}},
+            "more than 262144",
+        ),
     ],
 )
 def test_contract_refuses(engine, fields, message):
