@@ -69,6 +69,9 @@ async def test_every_route_answers_401_before_routing(
                     ("DELETE", "/api/v1/training_runs/sess-a:train:0/checkpoints/weights/c"),
                     ("PUT", "/api/v1/training_runs/sess-a:train:0/checkpoints/weights/c/ttl"),
                     ("GET", "/api/v1/auth/apikey/me"),
+                    ("POST", "/api/v1/auth/token"),
+                    ("POST", "/api/v1/sessions/search"),
+                    ("GET", "/api/v1/audit"),
                     ("POST", "/api/v1/create_session"),
                     ("POST", "/api/v1/no_such_endpoint"),  # unknown: still 401, not 404
                     ("GET", "/api/v1/no/such/route"),
