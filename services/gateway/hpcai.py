@@ -32,6 +32,9 @@ routes.
   ``try_again`` carries none for it). An active pending future is a 200 ``try_again``.
 * ``get_info``'s ``model_data.model_name`` is the base model's directory: hpcai's
   ``get_tokenizer`` loads its tokenizer from that field (tinker has ``tokenizer_id`` for it).
+* ``asample`` carries the base model and adapter itself (no sampling session), and hpcai's own
+  back-pressure header (``X-HpcAI-Sampling-Backpressure``): a full sampler answers 429, which it
+  waits out and resubmits.
 * REST: checkpoints carry ``checkpoint_path`` (not ``tinker_path``) and a bare name as
   ``checkpoint_id``; ``.../checkpoints/<name>/archive`` answers the checkpoint as a tar.gz.
 """
@@ -424,7 +427,10 @@ async def asample(
         prompt_logprobs=body.prompt_logprobs,
         api_key_id=caller_key_id(),
     )
-    # The SDK keeps the idempotency key over the resubmissions of one call (429 included).
+    # A full sampler: 429 before anything is recorded (hpcai announces that it waits and
+    # resubmits); the SDK keeps the idempotency key over the resubmissions of one call.
+    announced = request.headers.get("x-hpcai-sampling-backpressure") == "1"
+    await gw.backpressure.admit(spec.name, announced=announced)
     key = request.headers.get("x-idempotency-key") or uuid.uuid4().hex
     request_id = await gw.submit_once(
         f"hpcai-sample.{_digest(t, key)[:32]}",

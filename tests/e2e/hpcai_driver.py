@@ -6,7 +6,9 @@ short supervised fine-tuning loop. Run by ``tests/e2e/test_hpcai_sdk.py`` in ``.
     .venv-hpcai/bin/python tests/e2e/hpcai_driver.py BASE_URL API_KEY OTHER_TENANT_KEY MODEL
 
 The platform must hold at most one run per trainer (``WHETSTONE_MAX_RUNS=1``): a second
-``create_lora_training_client`` then waits ``in_queue`` until ``unload_model`` frees the slot.
+``create_lora_training_client`` then waits ``in_queue`` until ``unload_model`` frees the slot;
+and queue one sample per base model (``WHETSTONE_SAMPLE_QUEUE_LIMIT=1``), so that a burst of
+samples meets 429s.
 Every public method is wrapped to record the calls made from here (calls the SDK makes inside
 another public method do not count); any method left uncalled is listed as ``missing``. Prints
 one JSON report as its last line; any failed check raises (non-zero exit, traceback on stderr).
@@ -269,6 +271,11 @@ def main(base_url: str, api_key: str, other_key: str, model: str) -> dict[str, A
             .result()
         ),
     )
+    # one queued sample per base model at most (WHETSTONE_SAMPLE_QUEUE_LIMIT=1): a burst is
+    # answered 429 in part, which the SDK waits out and resubmits
+    burst = [trained_sampler.sample(prompt, 1, params) for _ in range(6)]
+    for future in burst:
+        check_sample(future.result(), 1)
     for client in (training, trained_sampler):  # the SDK calls these on a 408 (see in_queue)
         client.on_queue_state_change(QueueState.ACTIVE)
         client.get_telemetry()

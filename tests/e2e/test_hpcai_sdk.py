@@ -8,7 +8,9 @@ subprocess: it calls every public method of hpcai's ServiceClient, TrainingClien
 SamplingClient and RestClient, runs a short SFT loop, and reports what it covered.
 
 The platform holds one run per trainer (``WHETSTONE_MAX_RUNS=1``), so that a second run waits
-``in_queue`` until ``unload_model`` frees the slot; a short long-poll keeps that wait brief.
+``in_queue`` until ``unload_model`` frees the slot (a short long-poll keeps that wait brief), and
+queues one sample per base model (``WHETSTONE_SAMPLE_QUEUE_LIMIT=1``), so that a burst of
+samples meets 429s.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ def hpcai_platform(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
         tmp_path_factory.mktemp("hpcai-platform"),
         port=0,
         models_dir=models_dir,
-        extra_env={"WHETSTONE_MAX_RUNS": "1", "WHETSTONE_LONG_POLL_S": "2"},
+        extra_env={
+            "WHETSTONE_MAX_RUNS": "1",
+            "WHETSTONE_LONG_POLL_S": "2",
+            "WHETSTONE_SAMPLE_QUEUE_LIMIT": "1",
+        },
     )
     yield running
     running.stop()
@@ -105,6 +111,18 @@ def test_sft_through_hpcai_lowers_the_loss(report: dict) -> None:
 
 def test_a_run_waits_in_queue_until_unload_model_frees_the_slot(report: dict) -> None:
     assert report["queued_after_unload"] is True
+
+
+def test_a_full_sampler_answered_hpcai_429s_that_it_resubmitted(hpcai_platform, report) -> None:
+    """The driver's burst of samples all succeeded (it checks each), and some met a 429 first:
+    hpcai announces X-HpcAI-Sampling-Backpressure, waits and resubmits."""
+    metrics = httpx.get(f"{hpcai_platform.base_url}/metrics", timeout=30).text
+    refused = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("whetstone_gateway_refusals_total") and 'reason="RateLimited"' in line
+    ]
+    assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 1, refused
 
 
 def test_tinker_requests_on_shared_paths_are_not_taken_for_hpcai(hpcai_platform) -> None:
