@@ -69,10 +69,19 @@ class Up:
         return "\n".join(self.lines)
 
 
-def start_up(state: Path, models_dir: Path) -> Up:
+def start_up(state: Path, models_dir: Path, port: int = 0) -> Up:
     env = {**os.environ, "WHETSTONE_MODELS_DIR": str(models_dir)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "whetstone.cli", "up", "--state-dir", str(state), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "whetstone.cli",
+            "up",
+            "--state-dir",
+            str(state),
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
