@@ -57,9 +57,17 @@ class AuditEvent(Message):
 
 
 async def record(
-    bus: b.Bus, event: str, tenant: str, api_key_id: str | None = None, **details: str | None
+    bus: b.Bus,
+    event: str,
+    tenant: str,
+    api_key_id: str | None = None,
+    *,
+    dedup_id: str | None = None,
+    **details: str | None,
 ) -> None:
-    """Append one event to the audit log (waits for the stream's acknowledgement)."""
+    """Append one event to the audit log (waits for the stream's acknowledgement). An action
+    that a client may retry records its event on every try under one ``dedup_id``: the stream
+    keeps one copy, and a try that failed after the action but before its event loses none."""
     if event not in CATEGORY:
         raise ValueError(f"unknown audit event {event!r}")
     entry = AuditEvent(
@@ -68,7 +76,7 @@ async def record(
         api_key_id=api_key_id,
         details={k: v for k, v in details.items() if v is not None},
     )
-    await b.publish(bus, f"{s.AUDIT_PREFIX}.{event}", entry)
+    await b.publish(bus, f"{s.AUDIT_PREFIX}.{event}", entry, msg_id=dedup_id)
 
 
 async def read_day(bus: b.Bus, day: date, category: str = "all") -> list[AuditEvent]:

@@ -30,7 +30,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from services.gateway.context import Gateway, caller_key_id, gateway, tenant, train_dedup_key
 from services.gateway.custom_loss import with_custom_loss
@@ -70,11 +70,23 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class OptimizerConfig(Body):
+    type: str = "adamw"
+
+    @field_validator("type")
+    @classmethod
+    def _adamw_only(cls, value: str) -> str:
+        if value != "adamw":  # e.g. tinker's "dimuon": refused rather than silently AdamW
+            raise ValueError(f"optimizer {value!r} is not supported; this server trains with adamw")
+        return value
+
+
 class CreateModelBody(Body):
     session_id: str
     model_seq_id: int
     base_model: str
     lora_config: LoraConfig = LoraConfig()
+    optimizer_config: OptimizerConfig | None = None
     user_metadata: dict[str, str] | None = None
 
 
@@ -129,11 +141,7 @@ async def _place(gw: Gateway, t: str, run: TrainingRunRecord, op: str) -> str:
     existing = await b.kv_create(runs, s.token(run.run_id), run.encode())
     if existing is not None and TrainingRunRecord.decode(existing).tenant != t:
         raise UserError(f"model id {run.run_id!r} is taken")
-    if existing is None:
-        await audit.record(
-            gw.bus, "training_run_created", t, caller_key_id(), model_id=run.run_id, op=op
-        )
-    return await gw.submit_once(
+    request_id = await gw.submit_once(
         f"create.{s.token(run.run_id)}",
         t,
         op,
@@ -141,6 +149,17 @@ async def _place(gw: Gateway, t: str, run: TrainingRunRecord, op: str) -> str:
         lambda rid: PlaceRun(request_id=rid, run=run),
         index=(run.session_id,),
     )
+    # After the placement is queued, on every try (a retry after a failure here records it then)
+    await audit.record(
+        gw.bus,
+        "training_run_created",
+        t,
+        caller_key_id(),
+        dedup_id=f"audit.created.{s.token(run.run_id)}",
+        model_id=run.run_id,
+        op=op,
+    )
+    return request_id
 
 
 class LoadWeightsBody(Body):
@@ -151,6 +170,7 @@ class LoadWeightsBody(Body):
     session_id: str | None = None  # create-via-load: a new run <session_id>:train:<model_seq_id>
     model_seq_id: int | None = None
     base_model: str | None = None
+    optimizer_config: OptimizerConfig | None = None
     user_metadata: dict[str, str] | None = None
 
 

@@ -113,6 +113,18 @@ async def test_contract_rules_answer_400_with_a_tinker_error_body(
             )
             assert answer.status_code == 400, answer.text
             assert answer.json()["category"] == "user" and needle in answer.json()["error"]
+        # An optimizer other than AdamW (tinker's "dimuon") is refused, never trained as AdamW.
+        answer = await http.post(
+            "/api/v1/create_model",
+            json={
+                "session_id": session,
+                "model_seq_id": 0,
+                "base_model": BUILTIN_MODEL_NAME,
+                "optimizer_config": {"type": "dimuon", "version": 1},
+            },
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["category"] == "user" and "dimuon" in answer.json()["error"]
 
         sampler = (
             await http.post(

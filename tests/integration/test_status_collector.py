@@ -64,4 +64,7 @@ async def test_collector_reads_every_part(bus: b.Bus, nats_url: str) -> None:
     newest = snap.dead_letters[0]
     assert newest.subject == s.deadletter_subject("ws.sample.x6")
     assert newest.headers["Ws-Error"] == "boom 6" and newest.at is not None
-    assert snap.problems == ()
+    # No billing service runs here: the runs' costs are the one part the collector cannot read,
+    # and it says so instead of failing the snapshot.
+    assert snap.problems == ("run costs: billing did not answer (NoRespondersError())",)
+    assert snap.runs[0].cost_usd is None
