@@ -26,6 +26,7 @@ import time
 import tinker
 import torch
 import torch.nn.functional as F
+from sft import make_datum  # the chat-formatted datum, trained on the answer only
 from tinker import types
 
 CAPITALS = {
@@ -57,21 +58,6 @@ def make_pairs(seed: int) -> list[tuple[str, str, str]]:
             )
     rng.shuffle(pairs)
     return pairs
-
-
-def answer_datum(tokenizer, question: str, answer: str) -> types.Datum:
-    """The chat with its answer; the weights select the answer's tokens (what DPO scores)."""
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    prompt_tokens = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_tokens = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
-    tokens = prompt_tokens + answer_tokens
-    weights = [0.0] * len(prompt_tokens) + [1.0] * len(answer_tokens)
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]},
-    )
 
 
 def reference_logprobs(reference: tinker.SamplingClient, data: list[types.Datum]) -> list[float]:
@@ -151,7 +137,7 @@ def train(service: tinker.ServiceClient, args: argparse.Namespace) -> None:
     tokenizer = training.get_tokenizer()
     pairs = make_pairs(args.seed)
     data = [
-        answer_datum(tokenizer, question, answer)
+        make_datum(tokenizer, question, answer)
         for question, chosen, rejected in pairs
         for answer in (chosen, rejected)
     ]

@@ -18,6 +18,7 @@ import argparse
 import random
 
 import tinker
+from sft import make_datum  # the chat-formatted datum, trained on the answer only
 from tinker import types
 
 FACTS = [
@@ -28,20 +29,6 @@ FACTS = [
     ("What colour is a lemon?", "A lemon is yellow."),
     ("What colour is a tomato?", "A tomato is red."),
 ]
-
-
-def make_datum(tokenizer, question: str, answer: str) -> types.Datum:
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    prompt_tokens = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_tokens = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
-    tokens = prompt_tokens + answer_tokens
-    weights = [0.0] * len(prompt_tokens) + [1.0] * len(answer_tokens)
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]},
-    )
 
 
 def loss_per_token(training: tinker.TrainingClient, batch: list[types.Datum]) -> float:
