@@ -21,7 +21,7 @@ or with work, so it stays as small as the set of busy tenants.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -44,20 +44,14 @@ class FairShare(Generic[K]):
         self._queue_turn: dict[K, int] = {}  # queue -> pick number when last served
         self._picks = 0
 
-    def pick(self, ready: Mapping[K, Ready]) -> K | None:
+    def pick(self, ready: Mapping[K, Ready], among: Collection[K] | None = None) -> K | None:
         """The queue whose next request runs now, among ``ready`` (None when it is empty); the
-        request is charged to its tenant at once."""
-        if not ready:
+        request is charged to its tenant at once. With ``among``, only those queues may be
+        picked while the others still count as waiting (their turns are kept)."""
+        chosen = self.peek(ready, among)
+        if chosen is None:
             return None
-        tenants: dict[str, list[K]] = {}
-        for key, item in ready.items():
-            tenants.setdefault(item.tenant, []).append(key)
-        tenant = min(
-            tenants,
-            key=lambda t: (self._start(t), self._tenant_turn.get(t, -1), t),
-        )
-        order = {key: n for n, key in enumerate(tenants[tenant])}
-        chosen = min(tenants[tenant], key=lambda k: (self._queue_turn.get(k, -1), order[k]))
+        tenant = ready[chosen].tenant
         start = self._start(tenant)
         self._clock = start
         self._finish[tenant] = start + max(ready[chosen].cost, 0.0)
@@ -65,6 +59,23 @@ class FairShare(Generic[K]):
         self._tenant_turn[tenant] = self._queue_turn[chosen] = self._picks
         self._forget_idle(ready)
         return chosen
+
+    def peek(self, ready: Mapping[K, Ready], among: Collection[K] | None = None) -> K | None:
+        """The queue ``pick`` would choose now, charging nothing: a worker that runs several
+        queues' requests together (the trainer's passes) lets the next one join only if it is
+        the one whose turn it is, so running together never reorders the turns."""
+        tenants: dict[str, list[K]] = {}
+        for key, item in ready.items():
+            if among is None or key in among:
+                tenants.setdefault(item.tenant, []).append(key)
+        if not tenants:
+            return None
+        tenant = min(
+            tenants,
+            key=lambda t: (self._start(t), self._tenant_turn.get(t, -1), t),
+        )
+        order = {key: n for n, key in enumerate(tenants[tenant])}
+        return min(tenants[tenant], key=lambda k: (self._queue_turn.get(k, -1), order[k]))
 
     def _start(self, tenant: str) -> float:
         return max(self._finish.get(tenant, self._clock), self._clock)

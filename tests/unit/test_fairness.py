@@ -90,6 +90,31 @@ def test_state_shrinks_when_tenants_go_idle() -> None:
     assert len(fair._finish) <= 1 and len(fair._queue_turn) <= 1
 
 
+def test_requests_joining_a_pass_at_their_turn_keep_the_order_of_lone_picks() -> None:
+    """The trainer's passes: after a pick, the next queue joins only while it is the one whose
+    turn it is (``peek``) and can join; the picks, in order, are those made one at a time, so a
+    queue that cannot join (a2) is not starved by its tenant's joining one (a1)."""
+    ready = {"a1": Ready("a"), "a2": Ready("a"), "b1": Ready("b")}
+    joinable = {"a1", "b1"}
+    fair: FairShare[str] = FairShare()
+    passes = []
+    for _ in range(12):
+        members = [fair.pick(ready)]
+        while members[-1] in joinable:
+            rest = [q for q in ready if q not in members]
+            following = fair.peek(ready, among=rest)
+            if following is None or following not in joinable:
+                break
+            assert fair.pick(ready, among=rest) == following  # peek charged nothing
+            members.append(following)
+        passes.append(members)
+    alone = drain(FairShare(), {q: 100 for q in ready}, lambda q: q[0], 20)
+    picks = [q for members in passes for q in members]
+    assert picks == alone[: len(picks)]
+    assert ["a1", "b1"] in passes and ["b1", "a1"] in passes  # passes of two happened
+    assert Counter(picks)["a2"] >= 3
+
+
 class RecordingEngine:
     """A stand-in for the sampler's engine (no model): records the tenants of the requests it
     is given and finishes each in the step after it was added."""
