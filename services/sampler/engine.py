@@ -117,7 +117,9 @@ class SamplerEngine:
     ``max_seqs`` bounds the sequences decoded together, ``kv_cache_tokens`` the cache,
     ``prefill_tokens`` the prompt tokens run per step, ``cuda_graphs`` (default: on for CUDA)
     captures the decode step, ``decode_attention`` picks ``"sdpa"`` (gathered blocks, the
-    default) or ``"triton"`` (the paged kernel of ``paged_attention``, CUDA only).
+    default) or ``"triton"`` (the paged kernel of ``paged_attention``, CUDA only);
+    ``compile_decode`` (default: on with CUDA graphs) ``torch.compile``s the graphed step's layer
+    bodies (``Qwen3Decoder.decode_fns``); CPU and eager steps run the same functions uncompiled.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class SamplerEngine:
         cuda_graphs: bool | None = None,
         decode_attention: str | None = None,
         prefix_cache_blocks: int | None = None,
+        compile_decode: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
@@ -172,6 +175,7 @@ class SamplerEngine:
         # SDPA over gathered blocks until the Triton kernel (checked on CPU by Triton's
         # interpreter only) has been measured on a GPU; see bench/RESULTS.md.
         self.decode_attention = decode_attention or "sdpa"
+        self.compile_decode = self.cuda_graphs if compile_decode is None else compile_decode
         self._graphs: DecodeGraphs | None = None
         self._waiting: deque[_Request] = deque()
         self._prefilling: list[_Request] = []
@@ -522,7 +526,12 @@ class SamplerEngine:
         if self.cuda_graphs:
             if self._graphs is None:
                 self._graphs = DecodeGraphs(
-                    self.model, self.cache, self.max_seqs, self._max_blocks, self.decode_attention
+                    self.model,
+                    self.cache,
+                    self.max_seqs,
+                    self._max_blocks,
+                    self.decode_attention,
+                    self.compile_decode,
                 )
             logits = self._graphs.run(inputs[0], inputs[1], inputs[2], table_t, inputs[3], masks)
         else:

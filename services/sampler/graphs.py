@@ -8,6 +8,11 @@ block 0 with a context of one token; their logits are dropped. Batch buckets are
 context buckets are multiples of ``BLOCKS_PER_BUCKET`` blocks, so attention reads at most that
 many blocks of padding per row.
 
+With ``compiled`` (the default) the layer bodies run through ``Qwen3Decoder.decode_fns``
+(``torch.compile``d, one compilation per batch bucket and LoRA on/off, done by the warm-up runs
+before capture), so each graph replays a few fused kernels per layer instead of dozens of small
+element-wise ones; attention and the KV writes stay outside the compiled code.
+
 A graph records tensor addresses: rebuilding the LoRA stacks (an adapter loaded or evicted) must
 drop this object, which the engine does.
 """
@@ -30,9 +35,11 @@ class DecodeGraphs:
         max_batch: int,
         max_blocks: int,
         kernel: str = "sdpa",
+        compiled: bool = True,
     ) -> None:
         self.model = model
         self.kernel = kernel
+        self.compiled = compiled
         self.cache = cache
         self.max_batch = max_batch
         self.max_blocks = max_blocks
@@ -91,15 +98,15 @@ class DecodeGraphs:
         decode = DecodeBatch(self.slots[:batch], table, self.context[:batch], self.kernel)
         masks = {k: m[:batch] for k, m in self.masks.items()} if lora else None
         hidden = self.model.forward(
-            self.ids[:batch], self.positions[:batch], self.cache, decode, masks
+            self.ids[:batch], self.positions[:batch], self.cache, decode, masks, self.compiled
         )
-        return self.model.logits(hidden, masks)
+        return self.model.logits(hidden, masks, self.compiled)
 
     def _capture(
         self, batch: int, blocks: int, lora: bool
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm-up runs write this step's real keys and values to their real slots, which the
-        # replay then writes again: harmless.
+        # Warm-up runs (which also compile) write this step's real keys and values to their
+        # real slots, which the replay then writes again: harmless.
         stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

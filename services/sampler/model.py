@@ -19,7 +19,9 @@ against its own adapter's columns (``LoraRuns``), so its FLOPs do not grow with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -250,26 +252,24 @@ class Qwen3Decoder:
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
 
-    def _linear(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        kind: str,
-        layer: int,
-        lora: dict[str, torch.Tensor] | LoraRuns | None,
-    ) -> torch.Tensor:
-        y = x @ weight.T
+    def _lora(
+        self, kind: str, layer: int, lora: dict[str, torch.Tensor] | LoraRuns | None
+    ) -> LoraArg:
+        """The ``lora_linear`` argument of one projection: its stacks and this batch's routing."""
+        if lora is None or kind not in self.lora.a:
+            return None
+        a, b = self.lora.a[kind][layer], self.lora.b[kind][layer]
         if isinstance(lora, LoraRuns):
-            spans = self.lora.spans.get(kind, {})
-            for start, stop, adapter in lora.runs:
-                if adapter in spans:
-                    c0, c1 = spans[adapter]
-                    shrunk = x[start:stop] @ self.lora.a[kind][layer][c0:c1].T
-                    y[start:stop].addmm_(shrunk, self.lora.b[kind][layer][:, c0:c1].T)
-        elif lora is not None and kind in lora:
-            shrunk = (x @ self.lora.a[kind][layer].T) * lora[kind]
-            y = y.addmm_(shrunk, self.lora.b[kind][layer].T)
-        return y
+            spans = self.lora.spans[kind]
+            runs = tuple((r0, r1, *spans[ad]) for r0, r1, ad in lora.runs if ad in spans)
+            return (a, b, runs) if runs else None
+        return (a, b, lora[kind]) if kind in lora else None
+
+    def _layer_lora(
+        self, layer: int, lora: dict[str, torch.Tensor] | LoraRuns | None
+    ) -> tuple[LoraArg, LoraArg, LoraArg, LoraArg]:
+        qkv, o, gate_up, down = (self._lora(kind, layer, lora) for kind in FUSED)
+        return qkv, o, gate_up, down
 
     def forward(
         self,
@@ -278,32 +278,125 @@ class Qwen3Decoder:
         cache: PagedKVCache,
         batch: PrefillBatch | DecodeBatch,
         masks: dict[str, torch.Tensor] | LoraRuns | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Final-norm hidden states ``[T, D]`` of the tokens ``ids`` at ``positions``; their keys
-        and values are written to ``cache`` at ``batch.slots`` before attention reads it."""
+        and values are written to ``cache`` at ``batch.slots`` before attention reads it.
+        ``compiled``: run the layer bodies through ``decode_fns`` (graphed CUDA decode)."""
         s = self.shape
-        t = ids.shape[0]
-        q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        pre, post = attention_inputs, attention_output_and_mlp
+        if compiled:
+            pre, post, _ = decode_fns()
         cos, sin = self.cos[positions], self.sin[positions]
         h = self.embed[ids]
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, s.eps)
-            qkv = self._linear(x, layer.qkv, "qkv", i, masks)
-            # q and k heads normed and rotated together: the same ops on each head, fewer kernels.
-            qk = qkv[:, : q_size + kv_size].view(t, s.heads + s.kv_heads, s.head_dim)
-            qk = rope(rms_norm(qk, layer.qk_norm, s.eps), cos, sin)
-            q, k = qk[:, : s.heads], qk[:, s.heads :]
-            v = qkv[:, q_size + kv_size :].view(t, s.kv_heads, s.head_dim)
+            qkv, o, gate_up, down = self._layer_lora(i, masks)
+            q, k, v = pre(h, layer.input_norm, layer.qkv, layer.qk_norm, cos, sin, qkv, s)
             cache.write(i, batch.slots, k, v)
             attn = batch.attend(cache, i, q, k, v)
-            h = h + self._linear(attn, layer.o, "o", i, masks)
-            x = rms_norm(h, layer.post_norm, s.eps)
-            gate, up = self._linear(x, layer.gate_up, "gate_up", i, masks).chunk(2, dim=-1)
-            h = h + self._linear(F.silu(gate) * up, layer.down, "down", i, masks)
-        return rms_norm(h, self.norm, s.eps)
+            weights = (layer.o, layer.post_norm, layer.gate_up, layer.down)
+            h = post(h, attn, *weights, o, gate_up, down, s.eps)
+        return h
 
     def logits(
-        self, hidden: torch.Tensor, masks: dict[str, torch.Tensor] | None = None
+        self,
+        hidden: torch.Tensor,
+        masks: dict[str, torch.Tensor] | LoraRuns | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
-        """Float32 logits ``[T, V]`` of final hidden states (the head's LoRA included)."""
-        return self._linear(hidden, self.lm_head, HEAD, 0, masks).float()
+        """Float32 logits ``[T, V]`` of the last layer's hidden states (final norm and the head's
+        LoRA included)."""
+        head = decode_fns()[2] if compiled else final_logits
+        return head(hidden, self.norm, self.lm_head, self._lora(HEAD, 0, masks), self.shape.eps)
+
+
+# A projection's LoRA: its stacked A ``[R, in]`` and B ``[out, R]`` and how rows pick columns:
+# decode's 0/1 mask ``[T, R]``, or prefill's runs ``(row_start, row_stop, col_start, col_stop)``.
+LoraArg = (
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    | tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, int, int], ...]]
+    | None
+)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora: LoraArg) -> torch.Tensor:
+    """``x @ weight.T`` plus each row's adapter (``LoraArg``)."""
+    y = x @ weight.T
+    if lora is None:
+        return y
+    a, b, route = lora
+    if isinstance(route, torch.Tensor):  # one shrink, mask and expand for any mix of adapters
+        return torch.addmm(y, (x @ a.T) * route, b.T)
+    for r0, r1, c0, c1 in route:  # exact FLOPs: each run against its own adapter's columns
+        y[r0:r1].addmm_(x[r0:r1] @ a[c0:c1].T, b[:, c0:c1].T)
+    return y
+
+
+def attention_inputs(
+    h: torch.Tensor,
+    input_norm: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qk_norm: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    lora: LoraArg,
+    s: Shape,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer up to attention: RMSNorm, the fused q/k/v projection, q/k RMSNorm and RoPE.
+    Queries ``[T, H, hd]`` (contiguous), keys and values ``[T, KVH, hd]``."""
+    t = h.shape[0]
+    q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    qkv = lora_linear(rms_norm(h, input_norm, s.eps), qkv_weight, lora)
+    # q and k heads normed and rotated together: the same ops on each head, fewer kernels.
+    qk = qkv[:, : q_size + kv_size].view(t, s.heads + s.kv_heads, s.head_dim)
+    qk = rope(rms_norm(qk, qk_norm, s.eps), cos, sin)
+    v = qkv[:, q_size + kv_size :].view(t, s.kv_heads, s.head_dim)
+    return qk[:, : s.heads].contiguous(), qk[:, s.heads :], v
+
+
+def attention_output_and_mlp(
+    h: torch.Tensor,
+    attn: torch.Tensor,
+    o_weight: torch.Tensor,
+    post_norm: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    o_lora: LoraArg,
+    gate_up_lora: LoraArg,
+    down_lora: LoraArg,
+    eps: float,
+) -> torch.Tensor:
+    """A layer after attention: the output projection and residual, RMSNorm, the SwiGLU MLP and
+    its residual. The new hidden states."""
+    h = h + lora_linear(attn, o_weight, o_lora)
+    x = rms_norm(h, post_norm, eps)
+    gate, up = lora_linear(x, gate_up_weight, gate_up_lora).chunk(2, dim=-1)
+    return h + lora_linear(F.silu(gate) * up, down_weight, down_lora)
+
+
+_COMPILED: list[Callable[..., Any]] = []
+
+
+def decode_fns() -> list[Callable[..., Any]]:
+    """``attention_inputs``, ``attention_output_and_mlp`` and ``final_logits`` compiled
+    (``torch.compile``, static shapes), shared by every decoder of the process: each fuses its
+    norms, RoPE, SiLU, residual adds and LoRA masks into a few kernels around the GEMMs (which
+    stay cuBLAS calls). One compilation per batch bucket and LoRA on/off; the CUDA graphs then
+    capture the compiled kernels. Every tensor is an argument, so the 36 layers share one."""
+    if not _COMPILED:
+        import torch._dynamo
+
+        # Past this many shapes dynamo would silently fall back to eager.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 256)
+        fns = (attention_inputs, attention_output_and_mlp, final_logits)
+        _COMPILED.extend(torch.compile(fn, dynamic=False) for fn in fns)
+    return _COMPILED
+
+
+def final_logits(
+    h: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, lora: LoraArg, eps: float
+) -> torch.Tensor:
+    """Float32 logits of the last layer's hidden states: final RMSNorm, the head (and its LoRA)."""
+    return lora_linear(rms_norm(h, norm, eps), head, lora).float()
