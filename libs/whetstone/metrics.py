@@ -77,6 +77,12 @@ DEAD_LETTERS = Counter(
     "Messages moved to the dead-letter stream",
     ["service", "subject"],
 )
+PASS_RUNS = Histogram(
+    "whetstone_trainer_pass_runs",
+    "Runs whose forward/forward_backward requests went through one base-model pass together",
+    ["service", "model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+)
 GPU_MEMORY = Gauge(
     "whetstone_gpu_memory_bytes",
     "GPU memory allocated by this process (when a GPU is present)",
@@ -90,6 +96,7 @@ __all__ = [
     "GPU_MEMORY",
     "IN_FLIGHT",
     "MESSAGES",
+    "PASS_RUNS",
     "QUEUE_DEPTH",
     "QUEUE_WAIT",
     "REGISTRY",

@@ -317,6 +317,8 @@ class TrainerEngine:
         run's gradients) equal calling :meth:`forward_backward` once per call in order, up to
         float rounding. A call that fails its checks (unknown run, bad datum, bad config) is
         returned as its error and leaves the others to run; call order within a run is kept.
+        An error during the pass itself (a custom loss failing on a value) raises and leaves
+        every run's gradients as they were.
         """
         with self._lock:
             results: list[ForwardBackwardResult | WhetstoneError] = []
@@ -341,22 +343,31 @@ class TrainerEngine:
 
     def _run_jobs(self, jobs: list[_Job]) -> list[ForwardBackwardResult]:
         """:meth:`_micro_batched`, redone from the gradients it started with at half the token
-        budget if a micro-batch runs out of device memory (and the smaller budget kept)."""
+        budget if a micro-batch runs out of device memory (and the smaller budget kept). A call
+        that fails leaves the gradients as they were, so it can be retried (or a pass's calls
+        rerun one by one) without counting a micro-batch twice."""
         trained = {job.run_id for job in jobs if not job.forward_only}
         params = [p for run_id in sorted(trained) for p in self.runs[run_id].adapter.parameters()]
         before = [None if p.grad is None else p.grad.clone() for p in params]
         longest = max(int(d.tokens.shape[0]) for job in jobs for d in job.datums)
+
+        def restore() -> None:
+            for p, g in zip(params, before, strict=True):
+                p.grad = None if g is None else g.clone()
+
         while True:
             try:
                 return self._micro_batched(jobs)
             except torch.OutOfMemoryError:
+                restore()
                 if self.micro_batch_tokens <= longest:
                     raise  # a single datum too large for the device cannot be split
-                for p, g in zip(params, before, strict=True):
-                    p.grad = None if g is None else g.clone()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.micro_batch_tokens = max(longest, self.micro_batch_tokens // 2)
+            except Exception:
+                restore()
+                raise
 
     def _micro_batched(self, jobs: list[_Job]) -> list[ForwardBackwardResult]:
         """Forward (and backward) over every job's datums in micro-batches of at most
