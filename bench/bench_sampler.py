@@ -275,6 +275,7 @@ def main() -> None:
         out["check"] = _check(model, common, prompts, args, variants)
     except Exception as exc:  # noqa: BLE001 - report and time what works
         out["check"] = f"failed: {exc!r}"
+    print(json.dumps(out["check"], indent=1), flush=True)
 
     best_kernel = "triton" if graphs_on else "sdpa"
     # P4: the same batch with one adapter for every row, then `--adapters` different ones.
