@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,6 +86,49 @@ class LoraLinear(nn.Module):
             else:
                 parts.append(((rows.to(f.a.dtype) @ f.a.T) @ f.b.T * f.scale).to(y.dtype))
         return y + torch.cat(parts)
+
+
+class _LoraGemm(torch.autograd.Function):
+    """``x Wᵀ + s Bᵀ`` as one GEMM, ``[x | s] · [W | B]ᵀ``, for a frozen ``W``.
+
+    A separate LoRA expand (``addmm`` into the base output) reads and rewrites the whole
+    ``[T, out]`` output once more; here the rank's columns only widen the base GEMM's inner
+    dimension (by ``r / in``: 1-4 %). Backward is two GEMMs: ``[dx | ds] = dy · [W | B]`` (the
+    input gradient and the LoRA's in one pass over ``dy``) and ``dB = dyᵀ s``; ``W`` gets no
+    gradient, so its gradient GEMM (as large as the forward) is never run. Only ``s`` is saved
+    besides the weights: the frozen ``W`` needs no ``x`` for backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, s: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
+        if ctx.needs_input_grad[2]:
+            raise ValueError("lora_gemm computes no gradient for the base weight")
+        ctx.save_for_backward(s, w, b)
+        ctx.x_width = x.shape[-1]
+        return torch.cat([x, s], -1) @ torch.cat([w, b], -1).T
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        s, w, b = ctx.saved_tensors
+        need_x, need_s, _, need_b = ctx.needs_input_grad
+        dx = ds = db = None
+        if need_x:
+            dx, ds = (dy @ torch.cat([w, b], -1)).split([ctx.x_width, s.shape[-1]], -1)
+        elif need_s:
+            ds = dy @ b
+        if need_b:
+            db = dy.T @ s
+        return dx, ds if need_s else None, None, db
+
+
+def lora_gemm(x: torch.Tensor, s: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T + s @ b.T`` in one GEMM (``x`` ``[T, in]``, ``s = x Aᵀ`` ``[T, r]`` (masked or
+    not), ``w`` ``[out, in]`` frozen, ``b`` ``[out, r]`` with the scale folded in); gradients
+    reach ``x``, ``s`` and ``b`` (see :class:`_LoraGemm`)."""
+    out: torch.Tensor = _LoraGemm.apply(x, s, w, b)
+    return out
 
 
 def target_modules(config: LoraConfig) -> tuple[str, ...]:

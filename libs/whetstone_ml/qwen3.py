@@ -7,7 +7,9 @@ taken over once, with q/k/v fused into one matrix and gate/up into another, so a
 runs four base GEMMs. Every fused projection carries LoRA: the adapters' fp32 master factors are
 cast to the compute dtype once per pass (:meth:`Qwen3Packed.lora_weights`: the q/k/v or gate/up
 ``A`` stacked, their ``B`` block-diagonal with the scale folded in), so one shrink and one expand
-GEMM serve the fused projection; autograd carries the gradient back to the fp32 masters.
+GEMM serve the fused projection; autograd carries the gradient back to the fp32 masters. The
+expand runs inside the base GEMM (``[x | xAᵀ] · [W | B]ᵀ``, ``whetstone_ml.lora.lora_gemm``,
+``ModelOptions.lora_expand``) instead of re-reading and rewriting the base output.
 
 Attention (``ModelOptions.attention``; ``auto`` picks):
 
@@ -51,7 +53,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from whetstone_ml.lora import LoraAdapter, Segment
+from whetstone_ml.lora import LoraAdapter, Segment, lora_gemm
 
 # Fused projections: HF sub-modules in output order, per decoder layer.
 FUSED: dict[str, tuple[str, ...]] = {
@@ -65,6 +67,7 @@ HEAD = "lm_head"
 MAX_STACKED_RANK = 1024
 Attention = Literal["auto", "rows", "flex", "varlen", "docs"]
 Checkpointing = Literal["none", "selective", "full"]
+LoraExpand = Literal["addmm", "gemm", "gemm_all"]
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,16 @@ class ModelOptions:
     """How the model runs. ``compile``: ``torch.compile`` each decoder layer (CUDA only; ignored
     on CPU); ``checkpointing``: the activation policy with gradients on; ``attention``: the
     kernel for a pack (``auto``: ``rows`` when every document has the same length, else
-    ``flex`` on CUDA under compile, ``varlen`` on CUDA without (half precision), else ``docs``)."""
+    ``flex`` on CUDA under compile, ``varlen`` on CUDA without (half precision), else ``docs``);
+    ``lora_expand``: how a projection adds its LoRA (``gemm``: inside the base GEMM,
+    ``[x | xAᵀ] · [W | B]ᵀ``, for q/k/v and gate/up, whose inputs are a norm's fresh output;
+    ``gemm_all``: for the o and down projections too; ``addmm``: a separate expand GEMM added
+    into the base output)."""
 
     compile: bool = False
     checkpointing: Checkpointing = "selective"
     attention: Attention = "auto"
+    lora_expand: LoraExpand = "gemm"
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def _project(
+    x: torch.Tensor, w: torch.Tensor, parts: Sequence[tuple[int, int, Any]], fused: bool
+) -> torch.Tensor:
+    """``x @ w.T`` plus the LoRA of ``parts`` (as :func:`_with_lora`); with ``fused``, a single
+    adapter's (or the stacked adapters') expand runs inside the base GEMM (:func:`lora_gemm`)."""
+    lora = parts[0][2] if len(parts) == 1 else None
+    if not fused or lora is None:
+        return _with_lora(x @ w.T, x, parts)
+    s = x @ lora[0].T
+    return lora_gemm(x, s * lora[2] if len(lora) == 3 else s, w, lora[1])
+
+
 def _with_lora(
     y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[int, int, Any]]
 ) -> torch.Tensor:
@@ -327,8 +347,10 @@ def decoder_layer(
     lora: tuple[tuple[int, int, LayerLora | None], ...],
     attention: tuple[str, Any],
     shape: Qwen3Shape,
+    expand: LoraExpand = "addmm",
 ) -> torch.Tensor:
-    """One Qwen3 decoder layer over packed tokens ``x`` ``[T, D]`` (HF's computation, fused)."""
+    """One Qwen3 decoder layer over packed tokens ``x`` ``[T, D]`` (HF's computation, fused;
+    ``expand`` as ``ModelOptions.lora_expand``)."""
     input_norm, qkv_w, q_norm, k_norm, o_w, post_norm, gate_up_w, down_w = weights
     s = shape
     t = x.shape[0]
@@ -337,19 +359,20 @@ def decoder_layer(
         return [(a, b, None if layer is None else layer[kind]) for a, b, layer in lora]
 
     h = rms_norm(x, input_norm, s.eps)
-    qkv = _with_lora(h @ qkv_w.T, h, parts(0))
+    fused, fused_all = expand != "addmm", expand == "gemm_all"
+    qkv = _project(h, qkv_w, parts(0), fused)
     q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q = rope(rms_norm(q.reshape(t, s.heads, s.head_dim), q_norm, s.eps), cos, sin)
     k = rope(rms_norm(k.reshape(t, s.kv_heads, s.head_dim), k_norm, s.eps), cos, sin)
     v = v.reshape(t, s.kv_heads, s.head_dim)
     attn = _attention(q, k, v, attention[0], attention[1], s.head_dim**-0.5)
-    x = x + _with_lora(attn @ o_w.T, attn, parts(1))
+    x = x + _project(attn, o_w, parts(1), fused_all)
 
     h = rms_norm(x, post_norm, s.eps)
-    gate, up = _with_lora(h @ gate_up_w.T, h, parts(2)).chunk(2, dim=-1)
+    gate, up = _project(h, gate_up_w, parts(2), fused).chunk(2, dim=-1)
     m = F.silu(gate) * up
-    return x + _with_lora(m @ down_w.T, m, parts(3))
+    return x + _project(m, down_w, parts(3), fused_all)
 
 
 def _save_list() -> set[Any]:
@@ -583,7 +606,9 @@ class Qwen3Packed:
                 lora = tuple(
                     (seg.start, seg.stop, None if w is None else w.layers[i]) for seg, w in routes
                 )
-            x = layer_fn(x, cos, sin, layer.tensors(), lora, attention, self.shape)
+            x = layer_fn(
+                x, cos, sin, layer.tensors(), lora, attention, self.shape, self.options.lora_expand
+            )
         return rms_norm(x, self.norm, self.shape.eps)
 
     def stacked_lora_ok(self, routes: Sequence[tuple[Segment, AdapterWeights | None]]) -> bool:

@@ -14,7 +14,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from whetstone.messages import LoraConfig
 from whetstone_ml import qwen3
-from whetstone_ml.lora import LoraAdapter, Segment
+from whetstone_ml.lora import LoraAdapter, Segment, lora_gemm
 from whetstone_ml.qwen3 import ModelOptions, Pack, Qwen3Packed, Qwen3Shape
 
 VOCAB = 300
@@ -169,21 +169,29 @@ def test_checkpointing_policies_and_attention_paths_give_the_same_gradients() ->
         ModelOptions(checkpointing="selective", attention="docs"),
         ModelOptions(checkpointing="full", attention="docs"),
         ModelOptions(checkpointing="selective", attention="rows"),
+        ModelOptions(checkpointing="selective", lora_expand="addmm"),
+        ModelOptions(checkpointing="none", lora_expand="gemm_all"),
+        ModelOptions(checkpointing="selective", lora_expand="gemm_all"),
     ):
         got = _grads_under(options, docs, seed=1)
         for g, r in zip(got, reference, strict=True):
             torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per-segment"])
+@pytest.mark.parametrize(
+    ("stacked", "expand"),
+    [(True, "gemm_all"), (True, "addmm"), (False, "gemm_all")],
+    ids=["stacked-in-gemm", "stacked-addmm", "per-segment"],
+)
 def test_segments_route_rows_to_their_own_adapter(
-    stacked: bool, monkeypatch: pytest.MonkeyPatch
+    stacked: bool, expand: qwen3.LoraExpand, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three segments (adapter a, the base model, adapter b) in one pass equal three passes,
-    with the adapters stacked (one GEMM pair, masked) or applied per segment."""
+    with the adapters stacked (one GEMM pair, masked; the expand inside the base GEMM or added
+    after it) or applied per segment."""
     if not stacked:
         monkeypatch.setattr(qwen3, "MAX_STACKED_RANK", 0)
-    model = Qwen3Packed.from_hf(hf_model())
+    model = Qwen3Packed.from_hf(hf_model(), ModelOptions(lora_expand=expand))
     assert (
         model.stacked_lora_ok([(Segment("a", 0, 1), model.lora_weights(adapter(model.shape, 1)))])
         is stacked
@@ -224,3 +232,27 @@ def test_unsupported_configs_are_refused() -> None:
         Qwen3Shape.from_config(config)
     with pytest.raises(ValueError, match="at least one token"):
         Pack.of([3, 0], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
+def test_lora_gemm_is_the_sum_and_passes_gradcheck(x_grad: bool) -> None:
+    """``[x | s] [W | B]ᵀ`` equals ``x Wᵀ + s Bᵀ``, and its backward (``[dx | ds]`` in one GEMM,
+    ``dB``, no gradient for ``W``) passes gradcheck in float64, also when ``x`` needs none."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=gen).requires_grad_(x_grad)
+    s = torch.randn(7, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    w = torch.randn(6, 5, dtype=torch.float64, generator=gen)
+    b = torch.randn(6, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    torch.testing.assert_close(lora_gemm(x, s, w, b), x @ w.T + s @ b.T, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lora_gemm, (x, s, w, b))
+    inputs = [t for t in (x, s, b) if t.requires_grad]
+    got = torch.autograd.grad(lora_gemm(x, s, w, b).sin().sum(), inputs)
+    want = torch.autograd.grad((x @ w.T + s @ b.T).sin().sum(), inputs)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_lora_gemm_refuses_a_trainable_base_weight() -> None:
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="no gradient for the base weight"):
+        lora_gemm(torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 1), w, torch.randn(4, 1))
