@@ -289,7 +289,7 @@ async def kv_create(kv: KeyValue, key: str, value: bytes) -> bytes | None:
         return None
     except KeyWrongLastSequenceError:
         entry = await kv.get(key)
-        return entry.value
+        return entry.value or b""  # an empty value reads back as None: still not created
 
 
 # ---------------------------------------------------------------- futures

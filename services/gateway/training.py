@@ -23,6 +23,7 @@ error handlers) and for endpoints the gateway does not serve (the app's catch-al
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -122,6 +123,8 @@ async def create_model(
     spec = gw.registry.resolve(body.base_model)
     lora = body.lora_config  # its own rules held when the body was read
     check_lora(lora, spec)
+    if lora.seed is None:  # drawn here and recorded: any worker rebuilds the same first adapter
+        lora = lora.model_copy(update={"seed": secrets.randbits(63)})
     run = TrainingRunRecord(
         run_id=f"{body.session_id}:train:{body.model_seq_id}",
         tenant=t,
@@ -139,8 +142,11 @@ async def _place(gw: Gateway, t: str, run: TrainingRunRecord, op: str) -> str:
     await gw.admit_run(t, run.run_id)  # over the tenant's run quota: 429, nothing recorded
     runs = gw.bus.kv[s.RUNS_BUCKET]
     existing = await b.kv_create(runs, s.token(run.run_id), run.encode())
-    if existing is not None and TrainingRunRecord.decode(existing).tenant != t:
-        raise UserError(f"model id {run.run_id!r} is taken")
+    if existing is not None:  # a retry: place the run as first recorded (its seed, its config)
+        recorded = TrainingRunRecord.decode(existing)
+        if recorded.tenant != t:
+            raise UserError(f"model id {run.run_id!r} is taken")
+        run = recorded
     request_id = await gw.submit_once(
         f"create.{s.token(run.run_id)}",
         t,

@@ -167,8 +167,7 @@ class Scheduler:
 
     async def handle_heartbeat(self, beat: WorkerHeartbeat) -> None:
         if self.placement.observe(beat):
-            self._capacity.set()
-            self._sweep_now.set()
+            self._capacity.set()  # the retry loop places waiting runs first, then wakes the sweep
 
     async def handle_place(self, request: PlaceRun, msg: Delivered) -> None:
         hold(msg)
@@ -187,6 +186,7 @@ class Scheduler:
                 await asyncio.wait_for(self._capacity.wait(), self.settings.retry_interval_s)
             except TimeoutError:
                 pass
+            woken = self._capacity.is_set()
             self._capacity.clear()
             for request_id, (request, msg, since) in list(self._waiting.items()):
                 if self.lease.leader and await self.place(request):
@@ -195,6 +195,8 @@ class Scheduler:
                     metrics.QUEUE_WAIT.labels(
                         "scheduler", "capacity", request.run.base_model
                     ).observe(time.monotonic() - since)
+            if woken:  # new capacity: runs of dead workers may now move (after the queue)
+                self._sweep_now.set()
             if self._waiting and time.monotonic() - last_keepalive > PLACE_ACK_WAIT_S / 4:
                 await asyncio.gather(*(m.in_progress() for _, m, _ in self._waiting.values()))
                 last_keepalive = time.monotonic()
@@ -203,10 +205,12 @@ class Scheduler:
         """Place one run; False when it must wait (no capacity, or the worker did not answer)."""
         run = request.run
         placements = self.bus.kv[s.PLACEMENTS_BUCKET]
-        entry = await b.kv_create(placements, s.token(run.run_id), b"")
-        worker_id = entry.decode() if entry else ""
+        chosen = self.placement.choose(run.base_model) or ""
+        # One round trip on the common path: the record is created naming the chosen worker.
+        entry = await b.kv_create(placements, s.token(run.run_id), chosen.encode())
+        worker_id = entry.decode() if entry is not None else chosen
         if not worker_id or not self.placement.is_live(worker_id):
-            worker_id = self.placement.choose(run.base_model) or ""
+            worker_id = chosen
             if not worker_id:
                 await b.set_queue_state(self.bus, request.request_id, "paused_capacity")
                 return False

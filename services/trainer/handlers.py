@@ -16,13 +16,14 @@ state as the snapshot has it, so it moves the position on and is acknowledged at
 ``snapshot_every_steps``-th step and when a run with unacknowledged requests has been idle
 ``snapshot_idle_s`` (with its gradient); a ``load_weights`` replaces the whole state and is
 snapshotted at once (a run created from a checkpoint, ``TrainingRunRecord.initial``, starts from
-it, and that load is its seq 0). Results and usage are written as each request runs, so
-a holder that dies loses nothing: the next one loads the snapshot, acknowledges redelivered
-seq_ids below its position and replays the rest, reproducing the same weights; replayed usage
-events keep their ids, so nothing is billed twice. Positions are written with a compare-and-set:
-a holder that lost the run finds out at its next write, hands its messages back and drops it.
-A worker taking a run recreates its durable consumer, so what a dead holder had taken comes
-again at once, not after the ack wait.
+it, and that load is its seq 0; a fresh run's adapter is drawn from the seed in its record, so
+until its state first moves the record rebuilds it and no snapshot is taken). Results and usage
+are written as each request runs, so a holder that dies loses nothing: the next one loads the
+snapshot, acknowledges redelivered seq_ids below its position and replays the rest, reproducing
+the same weights; replayed usage events keep their ids, so nothing is billed twice. Positions
+are written with a compare-and-set: a holder that lost the run finds out at its next write,
+hands its messages back and drops it. A worker taking a run recreates its durable consumer, so
+what a dead holder had taken comes again at once, not after the ack wait.
 
 The reorder buffer is the one place where a message outlives its handler unacknowledged: a
 run's handler only puts the request in the run's ``seq_id`` buffer and holds the message
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -202,10 +204,13 @@ class TrainerWorker:
         rid = assign.request_id  # None: a run that moves here, with no future to complete
         op = "load_weights" if run.initial else "create_model"
         pending = FutureRecord(request_id=rid or "", tenant=run.tenant, op=op)
-        try:
-            await self.open_run(run)
+
+        async def created() -> None:
             if rid:
                 await b.finish_future(self.bus, pending, _created(run))
+
+        try:
+            await self.open_run(run, created)
             reply = AssignReply(ok=True)
         except UserError as exc:
             if rid:
@@ -225,13 +230,19 @@ class TrainerWorker:
             reply = AssignReply(ok=False, error=str(exc))
         return reply.encode()
 
-    async def open_run(self, run: TrainingRunRecord) -> None:
-        """Hold ``run``: restore its snapshot (a new run: write its first), claim its position,
-        and consume its queue from the first unacknowledged request."""
+    async def open_run(
+        self, run: TrainingRunRecord, claimed: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Hold ``run``: restore its snapshot (a new run: build it from its record, seeded, or
+        write its first snapshot), claim its position, and consume its queue from the first
+        unacknowledged request. ``claimed`` runs once the position is claimed, before the
+        subscription (which the creation future need not wait for)."""
         async with self._opening.setdefault(run.run_id, asyncio.Lock()):
             if self._draining:
                 raise RuntimeError("worker is draining")
             if run.run_id in self.runs:
+                if claimed is not None:
+                    await claimed()
                 return
             kv = self.bus.kv[s.RUN_PROGRESS_BUCKET]
             progress, revision = await self._read_progress(run.run_id)
@@ -243,13 +254,17 @@ class TrainerWorker:
                 directory = self.store.path(progress.snapshot_key)
                 await self._torch(load_snapshot, self.engine, run.run_id, run.lora, directory)
                 claim = progress.model_copy(update={"holder": self.settings.worker_id})
-            else:  # new: the first snapshot pins the adapter's initial weights
+            else:  # new, or never changed since: its initial state is rebuilt
                 await self._start_run(run)
                 next_seq = progress.next_seq_id if progress else 1
+                # A seeded fresh adapter is rebuilt exactly from the run's record, so no snapshot
+                # is needed until its state moves (and none delays create_model); a run without
+                # a seed, or created from a checkpoint (which may later expire), is pinned by one.
+                seeded = run.initial is None and run.lora.seed is not None
                 claim = RunProgress(
                     run_id=run.run_id,
                     next_seq_id=next_seq,
-                    snapshot_key=await self._write_snapshot(run, next_seq),
+                    snapshot_key=None if seeded else await self._write_snapshot(run, next_seq),
                     holder=self.settings.worker_id,
                 )
             try:
@@ -264,7 +279,14 @@ class TrainerWorker:
             queue = RunQueue(run, None, claim, revision, ReorderBuffer(claim.next_seq_id))
             queue.ran_through = claim.next_seq_id
             self.runs[run.run_id] = queue
-            queue.subscriber = await self.subscribe_run(run.run_id)
+            if claimed is not None:  # the run is held: its requests wait on the stream meanwhile
+                await claimed()
+            try:
+                queue.subscriber = await self.subscribe_run(run.run_id)
+            except BaseException:  # not held after all: a retried assignment starts afresh
+                self.runs.pop(run.run_id, None)
+                await self._torch(self.engine.drop_run, run.run_id)
+                raise
 
     async def _start_run(self, run: TrainingRunRecord) -> None:
         """A new run's state: a fresh adapter, or a checkpoint's (create-via-load, which is the

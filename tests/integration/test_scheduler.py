@@ -98,5 +98,5 @@ async def test_a_run_waits_for_capacity_then_lands_on_the_first_worker(
     latency_ms = (done_at[0] - first_beat[0]) * 1000
     print(
         f"\nP8 (worker's first heartbeat -> queued create_model done): {latency_ms:.1f} ms "
-        f"(target <= 100 ms)"
+        f"(target <= 25 ms)"
     )
