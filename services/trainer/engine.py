@@ -39,9 +39,11 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.adam import adam as adam_update
 
 from services.trainer.custom_loss import loss_for
 from services.trainer.losses import LossFn, count_metrics
@@ -163,6 +165,18 @@ def _to_torch(tensor: Tensor, what: str) -> torch.Tensor:
 
 def _to_wire(tensor: torch.Tensor) -> Tensor:
     return Tensor.from_numpy(tensor.detach().float().cpu().numpy())
+
+
+def _to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of ``tensor``; on CUDA queued into pinned memory, with the event to wait on
+    before reading it."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu(), None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def _check_adam(adam: AdamParams) -> None:
@@ -399,23 +413,33 @@ class TrainerEngine:
                         value = value.detach().double()
                         counts[j][name] = counts[j][name] + value if name in counts[j] else value
                     pieces += [lp.detach(), loss.elementwise.detach()]
+                # One device-to-host copy per micro-batch (outputs and the running metrics),
+                # queued before the backward: the host turns it into outputs while the device
+                # runs the backward, and nothing waits for the backward to finish.
+                names = [(j, name) for j in range(len(jobs)) for name in counts[j]]
+                scalars = torch.stack([*totals, *(counts[j][name] for j, name in names)])
+                flat, copied = _to_host(
+                    torch.cat([*(p.double().reshape(-1) for p in pieces), scalars])
+                )
                 if loss_sum.requires_grad:
                     loss_sum.backward()  # accumulates into each adapter's .grad until optim_step
-            # One device-to-host copy per micro-batch, then split back into each datum's outputs.
-            flat = torch.cat([p.float().reshape(-1) for p in pieces]).cpu()
-            host = [
-                x.reshape(p.shape)
-                for x, p in zip(flat.split([p.numel() for p in pieces]), pieces, strict=True)
-            ]
+            if copied is not None:
+                copied.synchronize()
+            sizes = [p.numel() for p in pieces] + [len(scalars)]
+            *host, host_scalars = flat.split(sizes)
+            host = [x.reshape(p.shape) for x, p in zip(host, pieces, strict=True)]
             for i, (j, _) in enumerate(part):
                 output = {"logprobs": _to_wire(host[2 * i])}
                 if jobs[j].loss_fn.per_token:  # a custom loss has one value per datum
                     output["elementwise_loss"] = _to_wire(host[2 * i + 1])
                 outputs[j].append(output)
         results = []
+        host_counts: list[dict[str, torch.Tensor]] = [{} for _ in jobs]
+        for (j, name), value in zip(names, host_scalars[len(jobs) :], strict=True):
+            host_counts[j][name] = value
         for j in range(len(jobs)):
-            metrics = {"loss:sum": float(totals[j])}
-            metrics.update(count_metrics(counts[j]))
+            metrics = {"loss:sum": float(host_scalars[j])}
+            metrics.update(count_metrics(host_counts[j]))
             results.append(ForwardBackwardResult(outputs=outputs[j], metrics=metrics))
         return results
 
@@ -510,28 +534,118 @@ class TrainerEngine:
         ``grad_clip_norm / norm`` if its global L2 norm exceeds it. ``grad_norm:mean`` is the norm
         before clipping.
         """
+        result = self.optim_step_many([(run_id, adam)])[0]
+        if isinstance(result, WhetstoneError):
+            raise result
+        return result
+
+    def optim_step_many(
+        self, calls: Sequence[tuple[str, AdamParams]]
+    ) -> list[OptimStepResult | WhetstoneError]:
+        """:meth:`optim_step` for several calls at once, with the same results as calling it once
+        per call in order; a call that fails its checks is returned as its error.
+
+        The runs' updates reach the device together: one AdamW launch (fused on CUDA) over every
+        run whose hyperparameters are equal, each run keeping its own moments and step count in
+        its own optimizer, and one device-to-host copy for all the gradient norms (one more
+        before the update when a run clips). A run named twice takes its second step after its
+        first.
+        """
         with self._lock:
-            state = self._run(run_id)
-            _check_adam(adam)
-            for group in state.optimizer.param_groups:
-                group["lr"] = adam.learning_rate
-                group["betas"] = (adam.beta1, adam.beta2)
-                group["eps"] = adam.eps
-                group["weight_decay"] = adam.weight_decay
-            grads = [p.grad for p in state.adapter.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            if adam.grad_clip_norm > 0 and float(grad_norm) > adam.grad_clip_norm:
-                scale = adam.grad_clip_norm / float(grad_norm)
-                for grad in grads:
-                    grad.mul_(scale)
-            state.optimizer.step()
+            results: list[OptimStepResult | WhetstoneError | None] = [None] * len(calls)
+            wave: list[tuple[int, RunState, AdamParams]] = []
+            for i, (run_id, adam) in enumerate(calls):
+                try:
+                    state = self._run(run_id)
+                    _check_adam(adam)
+                except UserError as exc:
+                    results[i] = exc
+                    continue
+                if any(state is other for _, other, _ in wave):
+                    self._optim_wave(wave, results)
+                    wave = []
+                wave.append((i, state, adam))
+            self._optim_wave(wave, results)
+            return [r for r in results if r is not None]
+
+    def _optim_wave(
+        self,
+        wave: list[tuple[int, RunState, AdamParams]],
+        results: list[OptimStepResult | WhetstoneError | None],
+    ) -> None:
+        """One optimizer step of distinct runs: clip each to its norm, then AdamW."""
+        if not wave:
+            return
+        grads = [
+            [p.grad for p in st.adapter.parameters() if p.grad is not None] for _, st, _ in wave
+        ]
+        norms = torch.stack(
+            [
+                torch.nn.utils.get_total_norm(g) if g else torch.zeros((), device=self.device)
+                for g in grads
+            ]
+        )
+        host_norms: list[float] | None = None
+        if any(adam.grad_clip_norm > 0 for _, _, adam in wave):
+            host_norms = norms.tolist()
+            for (_, _, adam), run_grads, norm in zip(wave, grads, host_norms, strict=True):
+                if adam.grad_clip_norm > 0 and norm > adam.grad_clip_norm:
+                    for grad in run_grads:
+                        grad.mul_(adam.grad_clip_norm / norm)
+        # Every run's parameters with equal hyperparameters go to one functional AdamW call,
+        # gathered as each run's own optimizer gathers them for its step (state made on first use).
+        batches: dict[tuple[Any, ...], list[list[torch.Tensor]]] = {}
+        with torch.no_grad():
+            for _, state, adam in wave:
+                for group in state.optimizer.param_groups:
+                    group["lr"] = adam.learning_rate
+                    group["betas"] = (adam.beta1, adam.beta2)
+                    group["eps"] = adam.eps
+                    group["weight_decay"] = adam.weight_decay
+                    flags = ("amsgrad", "maximize", "foreach", "capturable", "differentiable")
+                    key = (
+                        adam.learning_rate,
+                        adam.beta1,
+                        adam.beta2,
+                        adam.eps,
+                        adam.weight_decay,
+                        group["fused"],
+                        group["decoupled_weight_decay"],
+                        *(group[f] for f in flags),
+                    )
+                    lists = batches.setdefault(key, [[] for _ in range(6)])
+                    state.optimizer._init_group(group, *lists)  # type: ignore[attr-defined]
+            for key, lists in batches.items():
+                lr, beta1, beta2, eps, weight_decay, fused, decoupled = key[:7]
+                amsgrad, maximize, foreach, capturable, differentiable = key[7:]
+                params, run_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+                if params:
+                    adam_update(
+                        params,
+                        run_grads,
+                        exp_avgs,
+                        exp_avg_sqs,
+                        max_exp_avg_sqs,
+                        steps,
+                        foreach=foreach,
+                        capturable=capturable,
+                        differentiable=differentiable,
+                        fused=fused,
+                        decoupled_weight_decay=decoupled,
+                        amsgrad=amsgrad,
+                        beta1=beta1,
+                        beta2=beta2,
+                        lr=lr,
+                        weight_decay=weight_decay,
+                        eps=eps,
+                        maximize=maximize,
+                    )
+        for _, state, _ in wave:
             state.optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            return OptimStepResult(
-                metrics={
-                    "grad_norm:mean": float(grad_norm),
-                    "learning_rate:mean": adam.learning_rate,
-                }
+        for (i, _, adam), norm in zip(wave, host_norms or norms.tolist(), strict=True):
+            results[i] = OptimStepResult(
+                metrics={"grad_norm:mean": norm, "learning_rate:mean": adam.learning_rate}
             )
 
     # ------------------------------------------------------------ inspection
