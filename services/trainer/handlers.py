@@ -27,16 +27,26 @@ what a dead holder had taken comes again at once, not after the ack wait.
 
 The reorder buffer is the one place where a message outlives its handler unacknowledged: a
 run's handler only puts the request in the run's ``seq_id`` buffer and holds the message
-(``fate.hold``); the worker's executor loop runs every run's ready requests in order, one at a
-time with the tenants taking turns (``whetstone.fairness``; a request passed over for others'
-turns reports ``paused_rate_limit``), and settles each message with the same rules as the fate
-wrapper (``MessageFate.settle``) once a snapshot covers it (a failed request's future fails at
-once). A server error is retried in place (a nak would let later seq_ids run first), then
+(``fate.hold``); the worker's executor loop runs every run's ready requests in order, with the
+tenants taking turns (``whetstone.fairness``; a request passed over for others' turns reports
+``paused_rate_limit``), and settles each message with the same rules as the fate wrapper
+(``MessageFate.settle``) once a snapshot covers it (a failed request's future fails at once).
+
+Many runs in one pass: when the request whose turn it is is a forward or forward_backward, the
+next turns' requests join it while each is one too, of another run (one request per run), up to
+``pass_max_runs`` runs and the engine's ``micro_batch_tokens``; they go through the base model
+together (``TrainerEngine.forward_backward_many``: each run its own adapter, loss, outputs and
+gradient), and each is then settled as a lone request is: its own future, usage event (same
+id), metrics and snapshot rule. A request that fails its checks fails alone; a pass that fails
+as it runs leaves no gradient and its requests run again one by one. ``pass_max_runs=1`` runs
+one request at a time; ``whetstone_trainer_pass_runs`` counts the runs of each pass.
+
+A server error is retried in place (a nak would let later seq_ids run first), then
 dead-lettered. A gap that stays open ``gap_timeout_s`` fails the waiting requests. Torch work
 runs on one dedicated thread; the event loop stays free for I/O and heartbeats. (Past 600
 lines: the buffer, the snapshots that release its messages and the run's ownership are one
-protocol, read best in one place; the snapshot files themselves live in ``snapshots.py``, the
-fair-sharing policy in ``whetstone.fairness``.)
+protocol, read best in one place, and so are the passes that run its requests; the snapshot
+files themselves live in ``snapshots.py``, the fair-sharing policy in ``whetstone.fairness``.)
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +65,7 @@ from faststream import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from services.trainer.engine import TrainerEngine
 from services.trainer.reorder import ReorderBuffer
@@ -79,6 +91,7 @@ from whetstone.messages import (
     CheckpointRecord,
     CreateModelResult,
     ForwardBackward,
+    ForwardBackwardResult,
     FutureRecord,
     LoadWeights,
     LoadWeightsResult,
@@ -445,42 +458,73 @@ class TrainerWorker:
                 last_keepalive = now
 
     async def _run_ready(self) -> None:
-        """Run the runs' ready requests one at a time, the next one always from the tenant whose
-        turn it is (``whetstone.fairness``: one tenant's flood does not starve another's), up to
-        ``FAIR_ROUND`` of them; then the loop's housekeeping, and round again."""
+        """Run the runs' ready requests, the next one always from the tenant whose turn it is
+        (``whetstone.fairness``: one tenant's flood does not starve another's), up to
+        ``FAIR_ROUND`` passes; then the loop's housekeeping, and round again. A pass is one
+        request, or several runs' forward/forward_backward requests run together
+        (``_pick_pass``)."""
         for _ in range(FAIR_ROUND):
-            ready: dict[str, Ready] = {}
-            for candidate, waiting in self.runs.items():
-                head = waiting.buffer.peek()
-                if head is not None:
-                    ready[candidate] = Ready(waiting.run.tenant, self._cost(head.req))
-            run_id = self._fair.pick(ready)
-            if run_id is None:
-                return
-            queue = self.runs[run_id]
-            item = queue.buffer.pop_next()
-            assert item is not None  # peeked just now, nothing ran in between
-            await self._report_turns(ready, queue, item)
-            async with self._executing:
-                if self._draining or self.runs.get(run_id) is not queue:
-                    await item.msg.nack()  # handed back: it runs later, in order
-                    continue
-                await self._run_one(queue, item)
+            async with self._executing:  # picked and run with no run changing hands between
+                if self._draining:
+                    return
+                ready, members = self._pick_pass()
+                if not members:
+                    return
+                await self._report_turns(ready, members)
+                if len(members) == 1:
+                    await self._run_one(*members[0])
+                else:
+                    await self._run_pass(members)
         self._wake.set()  # more may be ready
+
+    def _pick_pass(self) -> tuple[dict[str, Ready], list[tuple[RunQueue, Held]]]:
+        """The ready heads, and the requests of the next pass, taken off their buffers: the
+        request whose turn it is, then, while that is a forward/forward_backward, the next
+        turns' requests as long as each is one too (of a run not yet in the pass: one request
+        per run, so no run's seq_id order can break), up to ``pass_max_runs`` runs and the
+        engine's ``micro_batch_tokens``. Joining only at its turn, a pass runs exactly the
+        requests that would have run one after another."""
+        heads = {k: head for k, q in self.runs.items() if (head := q.buffer.peek()) is not None}
+        ready = {k: Ready(self.runs[k].run.tenant, self._cost(h.req)) for k, h in heads.items()}
+        run_id = self._fair.pick(ready)
+        if run_id is None:
+            return ready, []
+        members = [(self.runs[run_id], self._pop(run_id))]
+        budget = self.engine.micro_batch_tokens - ready[run_id].cost
+        while _joins(heads[run_id].req) and len(members) < self.settings.pass_max_runs:
+            rest = [k for k in ready if all(k != q.run.run_id for q, _ in members)]
+            following = self._fair.peek(ready, among=rest)
+            if following is None or not _joins(heads[following].req):
+                break
+            if ready[following].cost > budget:
+                break
+            self._fair.pick(ready, among=rest)  # charges the turn peek named
+            members.append((self.runs[following], self._pop(following)))
+            budget -= ready[following].cost
+        return ready, members
+
+    def _pop(self, run_id: str) -> Held:
+        item = self.runs[run_id].buffer.pop_next()
+        assert item is not None  # peeked just now, nothing ran in between
+        return item
 
     def _cost(self, req: TrainRequest) -> float:
         """A request's share of the worker, for fair sharing: its tokens (a step or a save: 1)."""
         cmd = req.command
         return float(self.engine.num_tokens(cmd)) if isinstance(cmd, ForwardBackward) else 1.0
 
-    async def _report_turns(self, ready: dict[str, Ready], picked: RunQueue, item: Held) -> None:
+    async def _report_turns(
+        self, ready: dict[str, Ready], members: list[tuple[RunQueue, Held]]
+    ) -> None:
         """Futures of ready requests passed over for other tenants' turns for
         ``fair_share_report_s`` report ``paused_rate_limit``; ``active`` again when they run."""
-        if item.held_back:
-            await self._tell_state(item.req.request_id, "active")
+        for _, item in members:
+            if item.held_back:
+                await self._tell_state(item.req.request_id, "active")
+        tenants = {queue.run.tenant for queue, _ in members}
         now = time.monotonic()
         for run_id, turn in ready.items():
-            if turn.tenant == picked.run.tenant:
+            if turn.tenant in tenants:
                 continue
             head = self.runs[run_id].buffer.peek()
             if head is None or head.held_back:
@@ -524,27 +568,96 @@ class TrainerWorker:
                 f"execute {op}",
                 attributes={"whetstone.run_id": req.run_id, "whetstone.seq_id": req.seq_id},
             ):
-                outcome = await self._with_retries(req, b.enqueued_at(item.msg))
-                if outcome is not None:
-                    await self._fail_now(item, outcome)
-                elif isinstance(req.command, OptimStep):
-                    queue.dirty = True
-                    queue.steps_since_snapshot += 1
-                elif isinstance(req.command, ForwardBackward) and not req.command.forward_only:
-                    queue.dirty = True
-                elif isinstance(req.command, LoadWeights):
-                    queue.dirty = True
-                queue.unacked.append((item, outcome))
-                queue.ran_through = req.seq_id + 1
-                queue.last_ran_at = time.monotonic()
-                stepped = queue.steps_since_snapshot >= self.settings.snapshot_every_steps
-                # A load replaces the whole state: snapshot it at once, so the checkpoint it
-                # came from may go.
-                loaded = isinstance(req.command, LoadWeights)
-                if not queue.dirty or loaded or (isinstance(req.command, OptimStep) and stepped):
-                    await self._commit_or_lose(queue)
+                enqueued_at = b.enqueued_at(item.msg)
+                outcome = await self._with_retries(req, lambda: self._execute(req, enqueued_at))
+                await self._ran(queue, item, outcome)
         finally:
             otel_context.detach(token)
+
+    async def _run_pass(self, members: list[tuple[RunQueue, Held]]) -> None:
+        """Several runs' forward/forward_backward requests through one engine call
+        (``TrainerEngine.forward_backward_many``), each then settled as ``_run_one`` settles a
+        lone request: its own future, usage event, metrics and snapshot rule. A request that
+        fails its checks fails alone; if the pass itself fails (a custom loss erring on a value,
+        a server error), it left every gradient as it was and its requests run one by one."""
+        spans = [
+            self._tracer.start_span(
+                f"execute {_op(item.req)}",
+                context=item.trace,
+                attributes={
+                    "whetstone.run_id": item.req.run_id,
+                    "whetstone.seq_id": item.req.seq_id,
+                    "whetstone.pass_runs": len(members),
+                },
+            )
+            for _, item in members
+        ]
+        pending = [self._pending(item.req, b.enqueued_at(item.msg)) for _, item in members]
+        calls = [(item.req.run_id, _forward_backward(item.req)) for _, item in members]
+        for _, item in members:
+            metrics.IN_FLIGHT.labels("trainer", _op(item.req)).inc()
+        started = time.perf_counter()
+        results: list[ForwardBackwardResult | WhetstoneError] | None = None
+        try:
+            results = await self._torch(self.engine.forward_backward_many, calls)
+        except Exception as exc:  # noqa: BLE001 - each request is rerun alone, with retries
+            self.log.warning("pass failed; its requests run one by one", error=str(exc))
+        finally:
+            for _, item in members:
+                metrics.IN_FLIGHT.labels("trainer", _op(item.req)).dec()
+        if results is None:
+            for span in spans:
+                span.set_attribute("whetstone.pass_failed", True)
+                span.end()
+            for queue, item in members:
+                await self._run_one(queue, item)
+            return
+        ran = sum(not isinstance(r, WhetstoneError) for r in results)
+        if ran:
+            metrics.PASS_RUNS.labels("trainer", self.settings.base_model).observe(ran)
+        for (queue, item), record, result, span in zip(
+            members, pending, results, spans, strict=True
+        ):
+            req = item.req
+            token = otel_context.attach(trace.set_span_in_context(span, item.trace))
+            bind_work(request_id=req.request_id, run_id=req.run_id, tenant=req.tenant)
+            try:
+                outcome: BaseException | None
+                if isinstance(result, WhetstoneError):
+                    outcome = result  # failed its checks: the pass ran without it
+                else:
+                    outcome = await self._with_retries(
+                        req, partial(self._record, req, record, result), started
+                    )
+                await self._ran(queue, item, outcome)
+            finally:
+                span.end()
+                otel_context.detach(token)
+
+    async def _ran(self, queue: RunQueue, item: Held, outcome: BaseException | None) -> None:
+        """Book a request that ran (``outcome``: None, or the error that ended it): its future
+        fails at once on an error; its message is acknowledged by the snapshot that covers it,
+        taken now unless the state moved since the last (or after a load, or every
+        ``snapshot_every_steps``-th step)."""
+        req = item.req
+        if outcome is not None:
+            await self._fail_now(item, outcome)
+        elif isinstance(req.command, OptimStep):
+            queue.dirty = True
+            queue.steps_since_snapshot += 1
+        elif isinstance(req.command, ForwardBackward) and not req.command.forward_only:
+            queue.dirty = True
+        elif isinstance(req.command, LoadWeights):
+            queue.dirty = True
+        queue.unacked.append((item, outcome))
+        queue.ran_through = req.seq_id + 1
+        queue.last_ran_at = time.monotonic()
+        stepped = queue.steps_since_snapshot >= self.settings.snapshot_every_steps
+        # A load replaces the whole state: snapshot it at once, so the checkpoint it came from
+        # may go.
+        loaded = isinstance(req.command, LoadWeights)
+        if not queue.dirty or loaded or (isinstance(req.command, OptimStep) and stepped):
+            await self._commit_or_lose(queue)
 
     async def _fail_now(self, item: Held, error: BaseException) -> None:
         """Fail the request's future at once; its message waits for the next snapshot."""
@@ -613,15 +726,16 @@ class TrainerWorker:
     # ------------------------------------------------------------ executing one request
 
     async def _with_retries(
-        self, req: TrainRequest, enqueued_at: datetime | None = None
+        self, req: TrainRequest, work: Callable[[], Awaitable[None]], started_s: float | None = None
     ) -> BaseException | None:
-        """Run ``req``; None on success, else the error that ends it (a user error at once, a
-        server error after ``MAX_DELIVER`` tries in place)."""
+        """Run ``work`` (``req``'s execution, or the writes of a result a pass computed); None on
+        success, else the error that ends it (a user error at once, a server error after
+        ``MAX_DELIVER`` tries in place). ``started_s``: when its pass began, for the latency."""
         for attempt in range(1, MAX_DELIVER + 1):
-            started = time.perf_counter()
+            started = time.perf_counter() if started_s is None else started_s
             metrics.IN_FLIGHT.labels("trainer", _op(req)).inc()
             try:
-                await self._execute(req, enqueued_at)
+                await work()
                 metrics.REQUESTS.labels("trainer", _op(req), self.settings.base_model).inc()
                 metrics.REQUEST_LATENCY.labels(
                     "trainer", _op(req), self.settings.base_model
@@ -638,20 +752,26 @@ class TrainerWorker:
                 metrics.IN_FLIGHT.labels("trainer", _op(req)).dec()
         raise AssertionError("unreachable")
 
-    async def _execute(self, req: TrainRequest, enqueued_at: datetime | None = None) -> None:
-        cmd = req.command
-        if isinstance(cmd, Skip):
-            return  # a refused submission's seq_id: nothing to run, nobody waiting
-        pending = FutureRecord(
+    def _pending(self, req: TrainRequest, enqueued_at: datetime | None) -> FutureRecord:
+        """The request's future as it starts running (its result is written over it)."""
+        return FutureRecord(
             request_id=req.request_id,
             tenant=req.tenant,
             op=_op(req),
             enqueued_at=enqueued_at,
             started_at=utcnow(),
         )
+
+    async def _execute(self, req: TrainRequest, enqueued_at: datetime | None = None) -> None:
+        cmd = req.command
+        if isinstance(cmd, Skip):
+            return  # a refused submission's seq_id: nothing to run, nobody waiting
+        pending = self._pending(req, enqueued_at)
         result: Result
+        saved_bytes = 0
         if isinstance(cmd, ForwardBackward):
             result = await self._torch(self.engine.forward_backward, req.run_id, cmd)
+            metrics.PASS_RUNS.labels("trainer", self.settings.base_model).observe(1)
         elif isinstance(cmd, OptimStep):
             result = await self._torch(self.engine.optim_step, req.run_id, cmd.adam)
         elif isinstance(cmd, LoadWeights):
@@ -660,6 +780,14 @@ class TrainerWorker:
             result = LoadWeightsResult(path=cmd.tinker_path, model_id=req.run_id)
         else:
             result, saved_bytes = await self._save(req, cmd)
+        await self._record(req, pending, result, saved_bytes)
+
+    async def _record(
+        self, req: TrainRequest, pending: FutureRecord, result: Result, saved_bytes: int = 0
+    ) -> None:
+        """Write the request's result and its usage event; both land before its message is
+        acknowledged."""
+        cmd = req.command
         writes = [b.finish_future(self.bus, pending, result)]
         if isinstance(cmd, ForwardBackward):
             meter: UsageMeter = "forward_tokens" if cmd.forward_only else "train_tokens"
@@ -669,7 +797,7 @@ class TrainerWorker:
         elif isinstance(cmd, SaveWeights) and cmd.sampler_id is None:
             # A listed checkpoint: counted and measured (priced at zero by default).
             writes.append(self._usage(req, {"checkpoints": 1, "checkpoint_bytes": saved_bytes}))
-        await asyncio.gather(*writes)  # both land before the message is acknowledged
+        await asyncio.gather(*writes)
 
     async def _usage(self, req: TrainRequest, amounts: dict[UsageMeter, int]) -> None:
         events = [
@@ -754,6 +882,16 @@ _USAGE_OPERATION: dict[str, Operation] = {
     "forward_backward": "forward_backward",
     "save_weights": "save_weights",
 }
+
+
+def _joins(req: TrainRequest) -> bool:
+    """Whether a request may share a base-model pass with other runs' requests."""
+    return isinstance(req.command, ForwardBackward)
+
+
+def _forward_backward(req: TrainRequest) -> ForwardBackward:
+    assert isinstance(req.command, ForwardBackward)  # only these join a pass (``_joins``)
+    return req.command
 
 
 def _op(req: TrainRequest) -> str:
