@@ -32,21 +32,23 @@ tenants taking turns (``whetstone.fairness``; a request passed over for others' 
 ``paused_rate_limit``), and settles each message with the same rules as the fate wrapper
 (``MessageFate.settle``) once a snapshot covers it (a failed request's future fails at once).
 
-Many runs in one pass: when the request whose turn it is is a forward or forward_backward, the
-next turns' requests join it while each is one too, of another run (one request per run), up to
-``pass_max_runs`` runs and the engine's ``micro_batch_tokens``; they go through the base model
-together (``TrainerEngine.forward_backward_many``: each run its own adapter, loss, outputs and
-gradient), and each is then settled as a lone request is: its own future, usage event (same
-id), metrics and snapshot rule. A request that fails its checks fails alone; a pass that fails
-as it runs leaves no gradient and its requests run again one by one. ``pass_max_runs=1`` runs
-one request at a time; ``whetstone_trainer_pass_runs`` counts the runs of each pass.
+Many runs in one pass (``passes.py``): when the request whose turn it is is a forward or
+forward_backward, the next turns' requests join it while each is one too, of another run (one
+request per run), up to ``pass_max_runs`` runs and the engine's ``micro_batch_tokens``; they go
+through the base model together (``TrainerEngine.forward_backward_many``: each run its own
+adapter, loss, outputs and gradient), and each is then settled as a lone request is: its own
+future, usage event (same id), metrics and snapshot rule. A request that fails its checks
+fails alone; a pass that fails as it runs leaves no gradient and its requests run again one by
+one. ``pass_max_runs=1`` runs one request at a time; ``whetstone_trainer_pass_runs`` counts the
+runs of each pass.
 
 A server error is retried in place (a nak would let later seq_ids run first), then
 dead-lettered. A gap that stays open ``gap_timeout_s`` fails the waiting requests. Torch work
 runs on one dedicated thread; the event loop stays free for I/O and heartbeats. (Past 600
 lines: the buffer, the snapshots that release its messages and the run's ownership are one
 protocol, read best in one place, and so are the passes that run its requests; the snapshot
-files themselves live in ``snapshots.py``, the fair-sharing policy in ``whetstone.fairness``.)
+files themselves live in ``snapshots.py``, the choice of a pass's requests in ``passes.py``,
+the fair-sharing policy in ``whetstone.fairness``.)
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.trainer.engine import TrainerEngine
+from services.trainer.passes import plan_pass
 from services.trainer.reorder import ReorderBuffer
 from services.trainer.settings import TrainerSettings
 from services.trainer.snapshots import load_snapshot, parse_progress, save_snapshot, snapshot_key
@@ -478,30 +481,20 @@ class TrainerWorker:
         self._wake.set()  # more may be ready
 
     def _pick_pass(self) -> tuple[dict[str, Ready], list[tuple[RunQueue, Held]]]:
-        """The ready heads, and the requests of the next pass, taken off their buffers: the
-        request whose turn it is, then, while that is a forward/forward_backward, the next
-        turns' requests as long as each is one too (of a run not yet in the pass: one request
-        per run, so no run's seq_id order can break), up to ``pass_max_runs`` runs and the
-        engine's ``micro_batch_tokens``. Joining only at its turn, a pass runs exactly the
-        requests that would have run one after another."""
+        """The ready heads, and the requests of the next pass taken off their buffers: the one
+        whose turn it is, joined by the next turns' requests while they can share its pass
+        (``passes.plan_pass``: one request per run, up to ``pass_max_runs`` runs and the
+        engine's ``micro_batch_tokens``)."""
         heads = {k: head for k, q in self.runs.items() if (head := q.buffer.peek()) is not None}
         ready = {k: Ready(self.runs[k].run.tenant, self._cost(h.req)) for k, h in heads.items()}
-        run_id = self._fair.pick(ready)
-        if run_id is None:
-            return ready, []
-        members = [(self.runs[run_id], self._pop(run_id))]
-        budget = self.engine.micro_batch_tokens - ready[run_id].cost
-        while _joins(heads[run_id].req) and len(members) < self.settings.pass_max_runs:
-            rest = [k for k in ready if all(k != q.run.run_id for q, _ in members)]
-            following = self._fair.peek(ready, among=rest)
-            if following is None or not _joins(heads[following].req):
-                break
-            if ready[following].cost > budget:
-                break
-            self._fair.pick(ready, among=rest)  # charges the turn peek named
-            members.append((self.runs[following], self._pop(following)))
-            budget -= ready[following].cost
-        return ready, members
+        planned = plan_pass(
+            self._fair,
+            ready,
+            lambda run_id: isinstance(heads[run_id].req.command, ForwardBackward),
+            max_runs=self.settings.pass_max_runs,
+            budget_tokens=self.engine.micro_batch_tokens,
+        )
+        return ready, [(self.runs[run_id], self._pop(run_id)) for run_id in planned]
 
     def _pop(self, run_id: str) -> Held:
         item = self.runs[run_id].buffer.pop_next()
@@ -884,13 +877,8 @@ _USAGE_OPERATION: dict[str, Operation] = {
 }
 
 
-def _joins(req: TrainRequest) -> bool:
-    """Whether a request may share a base-model pass with other runs' requests."""
-    return isinstance(req.command, ForwardBackward)
-
-
 def _forward_backward(req: TrainRequest) -> ForwardBackward:
-    assert isinstance(req.command, ForwardBackward)  # only these join a pass (``_joins``)
+    assert isinstance(req.command, ForwardBackward)  # only these share a pass (``_pick_pass``)
     return req.command
 
 
