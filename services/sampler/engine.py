@@ -23,11 +23,13 @@ One step:
    context bucket on GPU, the same function eagerly on CPU), sample, and retire the sequences that
    hit a stop token, a stop string or ``max_tokens``.
 
-Every adapter of a batch is applied in the same forward (``model.LoraStacks``): rows need not be
-grouped by adapter, so sequences come and go freely. Seeded requests draw every uniform they will
-need at admission from their own ``torch.Generator`` (row ``i`` of a ``[num_samples, max_tokens]``
-draw for sample ``i``), so their output does not depend on their neighbours or on when they were
-scheduled. Logprobs are those of the distribution actually sampled (``sampling``'s docstring).
+Every adapter of a batch is applied in the same forward (``weights.AdapterSlots`` in decode,
+each adapter's own factors in prefill): rows need not be grouped by adapter, so sequences come
+and go freely, and however many adapters are resident a step reads only those of its batch.
+Seeded requests draw every uniform they will need at admission from their own
+``torch.Generator`` (row ``i`` of a ``[num_samples, max_tokens]`` draw for sample ``i``), so
+their output does not depend on their neighbours or on when they were scheduled. Logprobs are
+those of the distribution actually sampled (``sampling``'s docstring).
 
 The module runs past 600 lines because admission, prefill, decode and retirement share one
 request/sequence state and one block accounting; what can stand alone lives beside it: prompt
@@ -48,13 +50,14 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from services.sampler.graphs import DecodeGraphs
 from services.sampler.kvcache import BlockAllocator, CacheShape, PagedKVCache, PrefixCache
-from services.sampler.model import DecodeBatch, LoraRuns, PrefillBatch
+from services.sampler.model import DecodeBatch, ModelLora, PrefillBatch
 from services.sampler.prompt_scores import PromptScores
 from services.sampler.sampling import SamplingRows, sample, sampled_topk
 from services.sampler.weights import (
+    AdapterSlots,
     ResidentAdapters,
-    build_stacks,
     decoder_from_hf,
+    prefill_lora,
     resident_from_hf,
 )
 from whetstone.errors import UserError, WhetstoneError
@@ -119,7 +122,9 @@ class SamplerEngine:
     captures the decode step, ``decode_attention`` picks ``"sdpa"`` (gathered blocks, the
     default) or ``"triton"`` (the paged kernel of ``paged_attention``, CUDA only);
     ``compile_decode`` (default: on with CUDA graphs) ``torch.compile``s the graphed step's layer
-    bodies (``Qwen3Decoder.decode_fns``); CPU and eager steps run the same functions uncompiled.
+    bodies (``model.decode_fns``); CPU and eager steps run the same functions uncompiled.
+    ``adapter_slots`` (default ``min(max_seqs, max_adapters)``) bounds the distinct adapters of
+    one decode batch per rank class (``weights.AdapterSlots``); admission keeps to it.
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class SamplerEngine:
         decode_attention: str | None = None,
         prefix_cache_blocks: int | None = None,
         compile_decode: bool | None = None,
+        adapter_slots: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
@@ -176,6 +182,14 @@ class SamplerEngine:
         # interpreter only) has been measured on a GPU; see bench/RESULTS.md.
         self.decode_attention = decode_attention or "sdpa"
         self.compile_decode = self.cuda_graphs if compile_decode is None else compile_decode
+        self.slots = AdapterSlots(
+            self.resident,
+            s,
+            adapter_slots or min(max_seqs, max_adapters),
+            self.dtype,
+            self.device,
+        )
+        self._slots_version = self.slots.version
         self._graphs: DecodeGraphs | None = None
         self._waiting: deque[_Request] = deque()
         self._prefilling: list[_Request] = []
@@ -222,7 +236,8 @@ class SamplerEngine:
         """Load the PEFT adapter in ``directory`` as ``adapter_id`` unless it is resident already.
 
         An adapter whose modules or shapes do not fit the base model is a ``UserError``: it came
-        from a client's checkpoint, not from us. Adding or evicting one rebuilds the stacks.
+        from a client's checkpoint, not from us. Loading reads only the adapter's own factors;
+        evicting one drops them (and its decode slot, if it had one).
         """
         if adapter_id in self._adapters:
             self._adapters.move_to_end(adapter_id)
@@ -236,13 +251,11 @@ class SamplerEngine:
                 )
             if f.a.shape[1] != module.in_features or f.b.shape[0] != module.out_features:
                 raise UserError(f"adapter {adapter_id!r} does not fit the shape of {name!r}")
-        for name, f in adapter.factors.items():
-            self.resident.layers[name].adapters[adapter_id] = f
+        self.resident.add(adapter_id, adapter.factors)  # refuses a rank above the largest class
         self._adapters[adapter_id] = Path(directory)
         self._load_count += 1
         self._loads[adapter_id] = self._load_count  # blocks cached under an earlier load: stale
-        # Restacking moves columns, which is safe between steps (masks are rebuilt every step),
-        # but an adapter a queued or running request needs is never evicted.
+        # An adapter a queued or running request needs is never evicted.
         busy = {r.adapter_id for r in (*self._waiting, *self._prefilling)}
         busy |= {q.req.adapter_id for q in self._running}
         while len(self._adapters) > self.max_adapters:
@@ -250,16 +263,8 @@ class SamplerEngine:
             if evicted is None:
                 break  # every resident adapter is in use; shrink once they finish
             del self._adapters[evicted]
-            for module in self.resident.layers.values():
-                module.adapters.pop(evicted, None)
-        self.resident.order = list(self._adapters)
-        self._restack()
-
-    def _restack(self) -> None:
-        """Rebuild the decoder's ``LoraStacks`` from the resident adapters; drop the graphs
-        (they hold the old stacks' addresses)."""
-        self.model.lora = build_stacks(self.resident, self.model.shape, self.dtype, self.device)
-        self._graphs = None
+            self.resident.remove(evicted)
+            self.slots.drop(evicted)
 
     # ------------------------------------------------------------------------------ validation
 
@@ -362,6 +367,8 @@ class SamplerEngine:
             n = req.request.num_samples
             if n > self._free_rows or not self._room_for(req.promised_blocks):
                 break
+            if not self._slot_for(req.adapter_id):
+                break
             self._waiting.popleft()
             self._free_rows -= n
             self._free_blocks -= req.promised_blocks
@@ -404,6 +411,18 @@ class SamplerEngine:
         if short > 0:
             self.prefix.evict_idle(short)
         return True
+
+    def _slot_for(self, adapter: str | None) -> bool:
+        """Whether the admitted requests and one of ``adapter`` fit the decode slots of its rank
+        class (``adapter_slots`` distinct adapters)."""
+        if adapter is None:
+            return True
+        rank = self.resident.rank_class[adapter]
+        admitted = {r.adapter_id for r in self._prefilling} | {
+            q.req.adapter_id for q in self._running
+        }
+        same = {a for a in admitted if a is not None and self.resident.rank_class[a] == rank}
+        return adapter in same or len(same) < self.slots.capacity
 
     def _reuse_prefix(self, req: _Request) -> None:
         """Start the request's prefill after the longest cached prefix of its prompt that it may
@@ -450,7 +469,7 @@ class SamplerEngine:
             torch.tensor(positions, device=dev),
             self.cache,
             PrefillBatch(torch.tensor(slots, device=dev), chunks),
-            _runs(
+            self._prefill_lora(
                 [
                     (row, stop, req.adapter_id)
                     for (req, _, _), (row, stop, _, _) in zip(picked, chunks, strict=True)
@@ -469,7 +488,8 @@ class SamplerEngine:
         if not done:
             return
         rows = [row for _, row in done]
-        logits = self.model.logits(hidden[rows], self._masks([adapters[r] for r in rows]))
+        lora = self._prefill_lora([(i, i + 1, adapters[r]) for i, r in enumerate(rows)])
+        logits = self.model.logits(hidden[rows], lora)
         forked: list[_Seq] = []
         forked_rows: list[int] = []
         for i, (req, _) in enumerate(done):
@@ -497,8 +517,8 @@ class SamplerEngine:
         lo, hi = max(start, scores.first_position), min(stop, len(req.prompt) - 1)
         for a in range(lo, hi, SCORE_ROWS):
             b = min(hi, a + SCORE_ROWS)
-            masks = self._masks([req.adapter_id] * (b - a))
-            scores.score(self.model.logits(hidden[row + a - start : row + b - start], masks), a)
+            lora = self._prefill_lora([(0, b - a, req.adapter_id)])
+            scores.score(self.model.logits(hidden[row + a - start : row + b - start], lora), a)
 
     # ------------------------------------------------------------------------------ decode
 
@@ -522,22 +542,34 @@ class SamplerEngine:
             device=self.device,
         )
         table_t = torch.from_numpy(table).to(self.device)
-        masks = self._masks([seq.req.adapter_id for seq in seqs])
+        lora_rows = self.slots.rows([seq.req.adapter_id for seq in seqs])
+        if self.slots.version != self._slots_version:  # new stacks: the graphs' addresses are stale
+            self._graphs, self._slots_version = None, self.slots.version
         if self.cuda_graphs:
             if self._graphs is None:
                 self._graphs = DecodeGraphs(
                     self.model,
                     self.cache,
+                    self.slots,
                     self.max_seqs,
                     self._max_blocks,
                     self.decode_attention,
                     self.compile_decode,
                 )
-            logits = self._graphs.run(inputs[0], inputs[1], inputs[2], table_t, inputs[3], masks)
+            logits = self._graphs.run(
+                inputs[0], inputs[1], inputs[2], table_t, inputs[3], lora_rows
+            )
         else:
             batch = DecodeBatch(inputs[2], table_t, inputs[3], self.decode_attention)
-            hidden = self.model.forward(inputs[0], inputs[1], self.cache, batch, masks)
-            logits = self.model.logits(hidden, masks)
+            lora = None
+            if lora_rows is not None:
+                row_slots = {
+                    rank: torch.tensor(slots, device=self.device)
+                    for rank, slots in lora_rows.slots.items()
+                }
+                lora = self.slots.model_lora(lora_rows, row_slots)
+            hidden = self.model.forward(inputs[0], inputs[1], self.cache, batch, lora)
+            logits = self.model.logits(hidden, lora)
         for seq in seqs:
             seq.length += 1
         self._running = []
@@ -547,11 +579,18 @@ class SamplerEngine:
     def _max_blocks(self) -> int:
         return math.ceil(self.context_length / self.block_size)
 
-    def _masks(self, adapters: list[str | None]) -> dict[str, torch.Tensor] | None:
-        """LoRA masks for these rows, or ``None`` when no row uses an adapter."""
-        if all(a is None for a in adapters) or not self.model.lora.spans:
-            return None
-        return self.model.lora.masks(adapters, self.device)
+    def _prefill_lora(self, runs: list[tuple[int, int, str | None]]) -> ModelLora | None:
+        """Prefill's LoRA for rows ``[start, stop)`` of each adapter (``None``: base model),
+        consecutive runs of one adapter merged."""
+        merged: list[tuple[int, int, str]] = []
+        for start, stop, adapter in runs:
+            if adapter is None:
+                continue
+            if merged and merged[-1][2] == adapter and merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], stop, adapter)
+            else:
+                merged.append((start, stop, adapter))
+        return prefill_lora(self.resident, self.model.shape, merged)
 
     # ------------------------------------------------------------------------------ sampling
 
@@ -664,16 +703,3 @@ class SamplerEngine:
                 **scores,  # type: ignore[arg-type]
             )
             finished.append((req.handle, result))
-
-
-def _runs(chunks: list[tuple[int, int, str | None]]) -> LoraRuns | None:
-    """Runs of rows with one adapter, from the packed chunks (base-model rows left out)."""
-    runs: list[tuple[int, int, str]] = []
-    for start, stop, adapter in chunks:
-        if adapter is None:
-            continue
-        if runs and runs[-1][2] == adapter and runs[-1][1] == start:
-            runs[-1] = (runs[-1][0], stop, adapter)
-        else:
-            runs.append((start, stop, adapter))
-    return LoraRuns(runs) if runs else None

@@ -1,4 +1,4 @@
-"""The decode step captured as CUDA graphs: one per (batch bucket, context bucket, LoRA on/off).
+"""The decode step captured as CUDA graphs: one per (batch bucket, context bucket, adapter slots).
 
 The decode step is the same ``Qwen3Decoder.forward`` + ``logits`` the engine runs eagerly on CPU;
 here its inputs live in static device buffers sized for the largest batch and context, each step
@@ -13,8 +13,11 @@ With ``compiled`` (the default) the layer bodies run through ``Qwen3Decoder.deco
 before capture), so each graph replays a few fused kernels per layer instead of dozens of small
 element-wise ones; attention and the KV writes stay outside the compiled code.
 
-A graph records tensor addresses: rebuilding the LoRA stacks (an adapter loaded or evicted) must
-drop this object, which the engine does.
+LoRA: each row's slot per rank class (``weights.AdapterSlots``) is a static input too; the key
+holds how many slots of each class the batch reads (and which projections), so a batch of
+other adapters in the same slots replays the same graph. A graph records tensor addresses:
+allocating new slot stacks (a first adapter of a rank class or projection) must drop this
+object, which the engine does; copying an adapter into a slot needs nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from services.sampler.kvcache import PagedKVCache
 from services.sampler.model import DecodeBatch, Qwen3Decoder
+from services.sampler.weights import AdapterSlots, DecodeRows
 
 BLOCKS_PER_BUCKET = 4
 
@@ -32,12 +36,14 @@ class DecodeGraphs:
         self,
         model: Qwen3Decoder,
         cache: PagedKVCache,
+        adapters: AdapterSlots,
         max_batch: int,
         max_blocks: int,
         kernel: str = "sdpa",
         compiled: bool = True,
     ) -> None:
         self.model = model
+        self.adapters = adapters
         self.kernel = kernel
         self.compiled = compiled
         self.cache = cache
@@ -49,12 +55,9 @@ class DecodeGraphs:
         self.slots = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.table = torch.zeros(max_batch, max_blocks, dtype=torch.long, device=dev)
         self.context = torch.ones(max_batch, dtype=torch.long, device=dev)
-        self.masks = {
-            kind: torch.zeros(max_batch, model.lora.width(kind), dtype=a[0].dtype, device=dev)
-            for kind, a in model.lora.a.items()
-        }
+        self.row_slots: dict[int, torch.Tensor] = {}  # per rank class: each row's adapter slot
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[object, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def run(
         self,
@@ -63,7 +66,7 @@ class DecodeGraphs:
         slots: torch.Tensor,
         table: torch.Tensor,
         context: torch.Tensor,
-        masks: dict[str, torch.Tensor] | None,
+        lora: DecodeRows | None,
     ) -> torch.Tensor:
         """Logits ``[B, V]`` of one decode step (the same values the eager step computes)."""
         b, n = table.shape
@@ -80,30 +83,36 @@ class DecodeGraphs:
             self.positions[b:batch].zero_()
             self.slots[b:batch].zero_()
             self.context[b:batch].fill_(1)
-        if masks is not None:
-            for kind, mask in masks.items():
-                self.masks[kind][:b].copy_(mask)
-                self.masks[kind][b:batch].zero_()
-        key = (batch, blocks, masks is not None)
+        if lora is not None:
+            for rank, row_slots in lora.slots.items():
+                buf = self.row_slots.get(rank)
+                if buf is None:
+                    buf = self.row_slots[rank] = torch.full_like(self.ids, -1)
+                buf[:b].copy_(torch.tensor(row_slots))
+                buf[b:batch].fill_(-1)
+        key = (batch, blocks, lora.key if lora is not None else ())
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            self.graphs[key] = self._capture(batch, blocks, lora)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:b]
 
-    def _step(self, batch: int, blocks: int, lora: bool) -> torch.Tensor:
+    def _step(self, batch: int, blocks: int, rows: DecodeRows | None) -> torch.Tensor:
         # A contiguous copy of the table's slice: with a strided index tensor the KV gather can
         # leave the vectorised gather kernel for a slow element-wise one.
         table = self.table[:batch, :blocks].contiguous()
         decode = DecodeBatch(self.slots[:batch], table, self.context[:batch], self.kernel)
-        masks = {k: m[:batch] for k, m in self.masks.items()} if lora else None
+        lora = None
+        if rows is not None:
+            slots = {rank: self.row_slots[rank][:batch] for rank in rows.slots}
+            lora = self.adapters.model_lora(rows, slots)
         hidden = self.model.forward(
-            self.ids[:batch], self.positions[:batch], self.cache, decode, masks, self.compiled
+            self.ids[:batch], self.positions[:batch], self.cache, decode, lora, self.compiled
         )
-        return self.model.logits(hidden, masks, self.compiled)
+        return self.model.logits(hidden, lora, self.compiled)
 
     def _capture(
-        self, batch: int, blocks: int, lora: bool
+        self, batch: int, blocks: int, lora: DecodeRows | None
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up runs (which also compile) write this step's real keys and values to their
         # real slots, which the replay then writes again: harmless.

@@ -9,18 +9,19 @@ neither ever repeats the KV heads: queries are reshaped so that the ``group`` qu
 share a KV head sit in the same SDPA "head" (``[kv_heads, group * n, head_dim]`` for a chunk,
 ``[B, kv_heads, group, head_dim]`` for decode), so every KV head is read once.
 
-Multi-LoRA: ``LoraStacks`` holds, per fused projection, every resident adapter's factors stacked
-along the rank axis (adapters of different ranks simply take different widths; the scale is
-folded into B). In decode a per-token 0/1 mask over those columns selects each token's adapter,
-so a batch that mixes adapters costs one shrink GEMM, one mask multiply and one expand GEMM per
-projection (the products with zeros keep it exact); prefill instead runs each run of rows
-against its own adapter's columns (``LoraRuns``), so its FLOPs do not grow with the adapters.
+Multi-LoRA: a batch's adapters come as a ``ModelLora`` (built by ``weights``), one ``LoraArg``
+per fused projection and layer. In decode it names fixed-capacity slot stacks (every slot's
+factors stacked along the rank axis, the scale folded into B) and each row's slot: one shrink
+GEMM, one 0/1 mask (computed on the device from the row's slot) and one expand GEMM per
+projection and rank class, whatever the mix (the products with zeros keep it exact); prefill
+instead runs each run of rows against its own adapter's factors, so its FLOPs do not grow with
+the adapters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,42 +70,22 @@ class Layer:
     down: torch.Tensor
 
 
+# A projection's LoRA for one batch. Decode: per rank class, ``(a, b, row_slot, width)``: the
+# stacked A ``[slots * width, in]`` and B ``[out, slots * width]`` (scale folded in) of the slots
+# in use and each row's slot ``[T]`` (-1: none), ``width`` columns per slot. Prefill: per run of
+# rows, ``(row_start, row_stop, subs)`` with ``(out_start, out_stop, a, b, scale)`` per
+# sub-projection the run's adapter has. ``None``: no row has an adapter here.
+SlotArg = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+RunArg = tuple[int, int, tuple[tuple[int, int, torch.Tensor, torch.Tensor, float], ...]]
+LoraArg = tuple[SlotArg, ...] | tuple[RunArg, ...] | None
+
+
 @dataclass
-class LoraStacks:
-    """Every resident adapter's factors, stacked per fused projection and layer.
+class ModelLora:
+    """A batch's adapters: ``layers[i]`` holds layer ``i``'s (qkv, o, gate_up, down) arguments."""
 
-    ``a[kind][layer]`` is ``[R_kind, in]``, ``b[kind][layer]`` is ``[out, R_kind]`` (scale folded
-    in, zero outside the sub-projection's rows); ``spans[kind][adapter]`` is that adapter's column
-    range ``[start, stop)``. The head (``lm_head``) is the kind ``HEAD`` with one "layer".
-    """
-
-    a: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    b: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    spans: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
-
-    def width(self, kind: str) -> int:
-        return int(self.a[kind][0].shape[0]) if kind in self.a else 0
-
-    def masks(self, adapters: list[str | None], device: torch.device) -> dict[str, torch.Tensor]:
-        """0/1 masks ``[T, R_kind]`` selecting each token's adapter columns (none for ``None``)."""
-        out = {}
-        for kind, spans in self.spans.items():
-            mask = torch.zeros(len(adapters), self.width(kind))
-            for row, adapter in enumerate(adapters):
-                if adapter is not None and adapter in spans:
-                    start, stop = spans[adapter]
-                    mask[row, start:stop] = 1
-            out[kind] = mask.to(device=device, dtype=self.a[kind][0].dtype)
-        return out
-
-
-@dataclass(frozen=True)
-class LoraRuns:
-    """Prefill's routing: runs of contiguous rows ``(start, stop, adapter_id)``. Each run costs
-    one shrink and one expand over its own rows and its adapter's columns (exact FLOPs, which
-    matter at prefill sizes); decode uses the 0/1 masks instead (one GEMM pair for any mix)."""
-
-    runs: list[tuple[int, int, str]]
+    layers: list[tuple[LoraArg, LoraArg, LoraArg, LoraArg]]
+    head: LoraArg = None
 
 
 @dataclass
@@ -240,7 +221,6 @@ class Qwen3Decoder:
         self.layers = layers
         self.norm = norm
         self.lm_head = lm_head
-        self.lora = LoraStacks()
         dtype, device = embed.dtype, embed.device
         # RoPE tables in float64, cast once: the same values whatever the model dtype.
         inv_freq = 1.0 / (
@@ -252,35 +232,16 @@ class Qwen3Decoder:
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
 
-    def _lora(
-        self, kind: str, layer: int, lora: dict[str, torch.Tensor] | LoraRuns | None
-    ) -> LoraArg:
-        """The ``lora_linear`` argument of one projection: its stacks and this batch's routing."""
-        if lora is None or kind not in self.lora.a:
-            return None
-        a, b = self.lora.a[kind][layer], self.lora.b[kind][layer]
-        if isinstance(lora, LoraRuns):
-            spans = self.lora.spans[kind]
-            runs = tuple((r0, r1, *spans[ad]) for r0, r1, ad in lora.runs if ad in spans)
-            return (a, b, runs) if runs else None
-        return (a, b, lora[kind]) if kind in lora else None
-
-    def _layer_lora(
-        self, layer: int, lora: dict[str, torch.Tensor] | LoraRuns | None
-    ) -> tuple[LoraArg, LoraArg, LoraArg, LoraArg]:
-        qkv, o, gate_up, down = (self._lora(kind, layer, lora) for kind in FUSED)
-        return qkv, o, gate_up, down
-
     def forward(
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
         cache: PagedKVCache,
         batch: PrefillBatch | DecodeBatch,
-        masks: dict[str, torch.Tensor] | LoraRuns | None = None,
+        lora: ModelLora | None = None,
         compiled: bool = False,
     ) -> torch.Tensor:
-        """Final-norm hidden states ``[T, D]`` of the tokens ``ids`` at ``positions``; their keys
+        """Last-layer hidden states ``[T, D]`` of the tokens ``ids`` at ``positions``; their keys
         and values are written to ``cache`` at ``batch.slots`` before attention reads it.
         ``compiled``: run the layer bodies through ``decode_fns`` (graphed CUDA decode)."""
         s = self.shape
@@ -290,7 +251,7 @@ class Qwen3Decoder:
         cos, sin = self.cos[positions], self.sin[positions]
         h = self.embed[ids]
         for i, layer in enumerate(self.layers):
-            qkv, o, gate_up, down = self._layer_lora(i, masks)
+            qkv, o, gate_up, down = lora.layers[i] if lora is not None else (None,) * 4
             q, k, v = pre(h, layer.input_norm, layer.qkv, layer.qk_norm, cos, sin, qkv, s)
             cache.write(i, batch.slots, k, v)
             attn = batch.attend(cache, i, q, k, v)
@@ -301,34 +262,31 @@ class Qwen3Decoder:
     def logits(
         self,
         hidden: torch.Tensor,
-        masks: dict[str, torch.Tensor] | LoraRuns | None = None,
+        lora: ModelLora | None = None,
         compiled: bool = False,
     ) -> torch.Tensor:
         """Float32 logits ``[T, V]`` of the last layer's hidden states (final norm and the head's
         LoRA included)."""
         head = decode_fns()[2] if compiled else final_logits
-        return head(hidden, self.norm, self.lm_head, self._lora(HEAD, 0, masks), self.shape.eps)
-
-
-# A projection's LoRA: its stacked A ``[R, in]`` and B ``[out, R]`` and how rows pick columns:
-# decode's 0/1 mask ``[T, R]``, or prefill's runs ``(row_start, row_stop, col_start, col_stop)``.
-LoraArg = (
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    | tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, int, int], ...]]
-    | None
-)
+        arg = lora.head if lora is not None else None
+        return head(hidden, self.norm, self.lm_head, arg, self.shape.eps)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora: LoraArg) -> torch.Tensor:
     """``x @ weight.T`` plus each row's adapter (``LoraArg``)."""
     y = x @ weight.T
-    if lora is None:
+    if not lora:
         return y
-    a, b, route = lora
-    if isinstance(route, torch.Tensor):  # one shrink, mask and expand for any mix of adapters
-        return torch.addmm(y, (x @ a.T) * route, b.T)
-    for r0, r1, c0, c1 in route:  # exact FLOPs: each run against its own adapter's columns
-        y[r0:r1].addmm_(x[r0:r1] @ a[c0:c1].T, b[:, c0:c1].T)
+    for entry in lora:
+        if isinstance(entry[0], torch.Tensor):  # slots: one GEMM pair for any mix of adapters
+            a, b, row_slot, width = entry
+            slot_of_col = torch.arange(a.shape[0], device=x.device) // width
+            mask = (slot_of_col[None] == row_slot[:, None]).to(x.dtype)
+            y = torch.addmm(y, (x @ a.T) * mask, b.T)
+        else:  # exact FLOPs: a run of rows against its own adapter's factors
+            r0, r1, subs = entry
+            for o0, o1, a, b, scale in subs:
+                y[r0:r1, o0:o1] += ((x[r0:r1] @ a.T) * scale) @ b.T
     return y
 
 
