@@ -120,7 +120,7 @@ class SamplerEngine:
     ``max_seqs`` bounds the sequences decoded together, ``kv_cache_tokens`` the cache,
     ``prefill_tokens`` the prompt tokens run per step, ``cuda_graphs`` (default: on for CUDA)
     captures the decode step, ``decode_attention`` picks ``"sdpa"`` (gathered blocks, the
-    default) or ``"triton"`` (the paged kernel of ``paged_attention``, CUDA only);
+    CPU's) or ``"triton"`` (the paged kernel of ``paged_attention``, CUDA's default);
     ``compile_decode`` (default: on with CUDA graphs) ``torch.compile``s the graphed step's layer
     bodies (``model.decode_fns``); CPU and eager steps run the same functions uncompiled.
     ``adapter_slots`` (default ``min(max_seqs, max_adapters)``) bounds the distinct adapters of
@@ -178,9 +178,10 @@ class SamplerEngine:
             self.device,
         )
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        # SDPA over gathered blocks until the Triton kernel (checked on CPU by Triton's
-        # interpreter only) has been measured on a GPU; see bench/RESULTS.md.
-        self.decode_attention = decode_attention or "sdpa"
+        # The Triton paged kernel on CUDA (tests/gpu checks it against float64 and the CPU path).
+        self.decode_attention = decode_attention or (
+            "triton" if self.device.type == "cuda" else "sdpa"
+        )
         self.compile_decode = self.cuda_graphs if compile_decode is None else compile_decode
         self.slots = AdapterSlots(
             self.resident,
