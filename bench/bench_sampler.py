@@ -343,7 +343,6 @@ def main() -> None:
         variants += [
             ("Whetstone CUDA graphs, SDPA over gathered blocks", True, "sdpa", False),
             ("Whetstone CUDA graphs, Triton paged attention", True, "triton", False),
-            ("Whetstone CUDA graphs + compiled layers, SDPA", True, "sdpa", True),
             ("Whetstone CUDA graphs + compiled layers, Triton paged", True, "triton", True),
         ]
     # Correctness first: prompt logprobs against an HF forward; every variant's greedy tokens
