@@ -39,7 +39,12 @@ from nats.aio.msg import Msg
 from whetstone import bus as b
 from whetstone import subjects as s
 from whetstone.keys import new_key, register_key
-from whetstone.models.builtin import builtin_model_dir, ensure_builtin_model_in_subprocess
+from whetstone.models.builtin import (
+    BUILTIN_MODEL_NAME,
+    builtin_model_dir,
+    ensure_builtin_model_in_subprocess,
+)
+from whetstone.models.registry import load_registry
 from whetstone.nats_server import NatsServer, die_with_parent, start_nats
 
 SERVICES = ("billing", "scheduler", "trainer", "sampler", "gateway")
@@ -49,6 +54,10 @@ PLATFORM_FILE = "platform.json"
 RESTART_BASE_S = 1.0  # first restart after this long, doubling per quick death ...
 RESTART_MAX_S = 30.0  # ... up to this
 STABLE_S = 60.0  # a child that ran this long starts its back-off afresh when it dies
+# The interpreter of a sampler whose base model the registry serves on vLLM (engine = "vllm"):
+# WHETSTONE_VLLM_PYTHON, else the virtual environment scripts/setup-vllm builds in the project.
+VLLM_PYTHON_ENV = "WHETSTONE_VLLM_PYTHON"
+DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 Progress = Callable[[str], None]
 
@@ -198,6 +207,7 @@ class Platform:
     lock: StateLock | None = None
     progress: Progress = _quiet
     services: dict[str, Child] = field(default_factory=dict)
+    pythons: dict[str, str] = field(default_factory=dict)  # service -> interpreter, if not ours
     nats_restarts: int = 0
     stopping: bool = False
 
@@ -215,7 +225,7 @@ class Platform:
     def spawn(self, name: str) -> subprocess.Popen[bytes]:
         with open(self.log_path(name), "ab") as log:  # the child keeps its own copy
             return subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"],
+                [self.pythons.get(name, sys.executable), "-m", f"services.{name}"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -380,6 +390,7 @@ def start_platform(
         env["WHETSTONE_MODELS_FILE"] = str(models_file)
     platform = Platform(state_dir, nats, base_url, _saved_key(state_dir), env, lock, progress)
     try:
+        platform.pythons = service_pythons(env, models_dir, models_file)
         for name in SERVICES:
             progress(f"starting {name} ...")
             platform.services[name] = Child(name, platform.spawn(name), time.monotonic())
@@ -389,6 +400,28 @@ def start_platform(
         platform.stop()
         raise
     return platform
+
+
+def service_pythons(
+    env: dict[str, str], models_dir: Path, models_file: Path | None
+) -> dict[str, str]:
+    """The interpreters of the services that do not run on ours: the sampler, when the registry
+    serves its base model on vLLM (which lives in a virtual environment of its own, since it pins
+    other torch and transformers versions). A bad models file raises ``RegistryError``, a missing
+    vLLM interpreter ``RuntimeError``: both before any service starts."""
+    base_model = env.get("WHETSTONE_BASE_MODEL") or BUILTIN_MODEL_NAME
+    if models_file is None and env.get("WHETSTONE_MODELS_FILE"):
+        models_file = Path(env["WHETSTONE_MODELS_FILE"])
+    spec = load_registry(models_dir, models_file).resolve(base_model)
+    if spec.engine != "vllm":
+        return {}
+    python = Path(env.get(VLLM_PYTHON_ENV) or DEFAULT_VLLM_PYTHON)
+    if not os.access(python, os.X_OK):
+        raise RuntimeError(
+            f"base model {spec.name!r} is served on vLLM, but {python} is no interpreter: "
+            f"run scripts/setup-vllm, or point {VLLM_PYTHON_ENV} at a Python with vLLM"
+        )
+    return {"sampler": str(python)}
 
 
 def _saved_key(state_dir: Path, replace: bool = False) -> str:

@@ -42,12 +42,24 @@ from whetstone.models.builtin import (
 DEFAULT_MAX_LORA_RANK = 64
 DEFAULT_DEVICE = "cpu"
 DTYPES = ("float32", "bfloat16", "float16")
+# The sampler's generation engines: Whetstone's own (services/sampler/engine.py) or vLLM
+# (services/sampler/vllm_engine.py, run by the interpreter of scripts/setup-vllm's venv).
+ENGINES = ("whetstone", "vllm")
 METERS: tuple[str, ...] = get_args(Meter)
 # A torch device string, checked without torch: a device type and an optional index.
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 
-_ENTRY_KEYS = {"name", "path", "dtype", "device", "context_length", "max_lora_rank", "prices"}
-_BUILTIN_KEYS = {"dtype", "device", "max_lora_rank", "prices"}
+_ENTRY_KEYS = {
+    "name",
+    "path",
+    "dtype",
+    "device",
+    "context_length",
+    "max_lora_rank",
+    "prices",
+    "engine",
+}
+_BUILTIN_KEYS = {"dtype", "device", "max_lora_rank", "prices", "engine"}
 _TOP_KEYS = {"builtin", "models"}
 
 
@@ -74,7 +86,8 @@ class ModelSpec:
     of token ids; ``max_lora_rank`` the largest adapter rank we accept; ``arch`` the HF
     ``model_type``; ``dtype`` the base weights' dtype (one of ``DTYPES``) and ``device`` the torch
     device string the workers load them on; ``prices`` USD per million tokens for each meter, or
-    ``None`` when billing's default table prices the model.
+    ``None`` when billing's default table prices the model; ``engine`` the sampler's generation
+    engine (one of ``ENGINES``).
     """
 
     name: str
@@ -86,8 +99,13 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = DEFAULT_DEVICE
     prices: Mapping[str, float] | None = field(default=None, hash=False)
+    engine: str = "whetstone"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise RegistryError(
+                f"model {self.name!r}: engine {self.engine!r} is not one of {list(ENGINES)}"
+            )
         if self.dtype not in DTYPES:
             raise RegistryError(f"model {self.name!r}: dtype {self.dtype!r} is not one of {DTYPES}")
         if not _DEVICE.match(self.device):
@@ -104,6 +122,7 @@ class ModelSpec:
         dtype: str | None = None,
         context_length: int | None = None,
         prices: Mapping[str, float] | None = None,
+        engine: str = "whetstone",
     ) -> ModelSpec:
         """Read the spec from ``path/config.json`` (no weights are loaded).
 
@@ -130,6 +149,7 @@ class ModelSpec:
             dtype=dtype or default_dtype(device),
             device=device,
             prices=prices,
+            engine=engine,
         )
 
     @property
@@ -157,6 +177,7 @@ def builtin_spec(
     dtype: str | None = None,
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
     prices: Mapping[str, float] | None = None,
+    engine: str = "whetstone",
 ) -> ModelSpec:
     """The built-in model's spec under ``models_dir``; it need not be generated yet.
 
@@ -172,6 +193,7 @@ def builtin_spec(
             device=device,
             dtype=dtype,
             prices=prices,
+            engine=engine,
         )
     return ModelSpec(
         BUILTIN_MODEL_NAME,
@@ -182,6 +204,7 @@ def builtin_spec(
         dtype=dtype or default_dtype(device),
         device=device,
         prices=prices,
+        engine=engine,
     )
 
 
@@ -259,7 +282,7 @@ def parse_models_file(path: Path, models_dir: Path) -> ModelRegistry:
     Layout (``deploy/models.example.toml`` is the documented example)::
 
         builtin = true            # or false, or a [builtin] table: dtype, device, max_lora_rank,
-                                  # prices
+                                  # prices, engine
         [[models]]
         name = "Qwen/Qwen3-8B"    # what clients send as base_model
         path = "/srv/models/Qwen3-8B"   # relative paths are relative to this file
@@ -268,6 +291,7 @@ def parse_models_file(path: Path, models_dir: Path) -> ModelRegistry:
         context_length = 32768    # default: config.json's max_position_embeddings
         max_lora_rank = 64
         prices = { train_tokens = 0.40, prefill_tokens = 0.10, sample_tokens = 0.30 }
+        engine = "whetstone"      # the sampler's engine: whetstone | vllm
     """
     try:
         data = tomllib.loads(path.read_text())
@@ -296,6 +320,7 @@ def parse_models_file(path: Path, models_dir: Path) -> ModelRegistry:
                     dtype=_dtype(builtin, path, where),
                     max_lora_rank=_rank(builtin, path, where),
                     prices=_prices(builtin, path, where),
+                    engine=_engine(builtin, path, where),
                 ),
             )
         )
@@ -338,6 +363,7 @@ def _entry_spec(entry: dict[str, object], index: int, path: Path) -> ModelSpec:
     dtype = _dtype(entry, path, where)
     rank = _rank(entry, path, where)
     prices = _prices(entry, path, where)
+    engine = _engine(entry, path, where)
     return _checked(
         path,
         where,
@@ -349,6 +375,7 @@ def _entry_spec(entry: dict[str, object], index: int, path: Path) -> ModelSpec:
             dtype=dtype,
             context_length=context_length,
             prices=prices,
+            engine=engine,
         ),
     )
 
@@ -392,6 +419,16 @@ def _dtype(table: Mapping[str, object], path: Path, where: str) -> str | None:
     if dtype is not None and dtype not in DTYPES:
         raise RegistryError(f"{path}: {where}: dtype {dtype!r} is not one of {list(DTYPES)}")
     return dtype if isinstance(dtype, str) else None
+
+
+def _engine(table: Mapping[str, object], path: Path, where: str) -> str:
+    engine = table.get("engine", "whetstone")
+    if engine not in ENGINES:
+        raise RegistryError(
+            f"{path}: {where}: engine {engine!r} is not one of {list(ENGINES)} "
+            "(vllm needs scripts/setup-vllm)"
+        )
+    return str(engine)
 
 
 def _rank(table: Mapping[str, object], path: Path, where: str) -> int:
