@@ -474,6 +474,12 @@ class Qwen3Packed:
             options,
         )
 
+    @property
+    def lora_order(self) -> list[str]:
+        """Every LoRA-targetable module in the order :meth:`lora_weights` lays factors out (pass
+        it to ``LoraAdapter.flatten``)."""
+        return list(self._lora_order)
+
     def base_tensors(self) -> list[torch.Tensor]:
         """Every frozen base tensor (a tied head appears once, as the embedding)."""
         out = [self.embed, *(t for layer in self.layers for t in layer.tensors()), self.norm]
@@ -490,14 +496,23 @@ class Qwen3Packed:
         once. Differentiable: gradients reach the fp32 masters; built with gradients off, the
         result is detached from them.
 
-        Every factor goes through one concatenation, one cast and one scaling, laid out so that
+        Every factor goes through one concatenation (none for an adapter already flattened in
+        :attr:`lora_order`, whose flat leaf is cast as it is), one cast and one scaling, laid
+        out so that
         each stacked ``A`` is a view: a few dozen kernels per adapter and pass instead of a
         thousand (their launch cost, not their bytes, is what a pass would wait for).
         """
         f = adapter.factors
         names = [n for n in self._lora_order if n in f]
         scales = {f[n].scale for n in names}
-        flat = torch.cat([f[n].a.reshape(-1) for n in names] + [f[n].b.reshape(-1) for n in names])
+        if adapter.flat is not None:  # already laid out so (LoraAdapter.flatten(lora_order))
+            if adapter.flat_names != tuple(names):
+                raise ValueError("the adapter was flattened in another order than lora_order")
+            flat = adapter.flat
+        else:
+            flat = torch.cat(
+                [f[n].a.reshape(-1) for n in names] + [f[n].b.reshape(-1) for n in names]
+            )
         flat = flat.to(self.dtype, copy=True)  # a fresh tensor: never the leaves themselves
         n_a = sum(f[n].a.numel() for n in names)
         a_part, b_part = flat[:n_a], flat[n_a:]

@@ -283,6 +283,7 @@ class TrainerEngine:
                 # Record the seed drawn for the run: that makes it reproducible from its config.
                 lora = lora.model_copy(update={"seed": secrets.randbits(63)})
             adapter = LoraAdapter.init(self.lora_modules, lora, self.device)
+            adapter.flatten(self.model.lora_order)  # one leaf: one gradient and update per run
             self.runs[run_id] = RunState(adapter, self._new_optimizer(adapter))
 
     def has_run(self, run_id: str) -> bool:
@@ -724,4 +725,5 @@ class TrainerEngine:
                 g = source.factors[name]
                 f.a.copy_(g.a)
                 f.b.copy_(g.b)
-                f.a.grad = f.b.grad = None
+        for p in target.parameters():
+            p.grad = None

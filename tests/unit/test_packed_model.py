@@ -256,3 +256,30 @@ def test_lora_gemm_refuses_a_trainable_base_weight() -> None:
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="no gradient for the base weight"):
         lora_gemm(torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 1), w, torch.randn(4, 1))
+
+
+def test_a_flattened_adapter_computes_the_same_and_gets_one_gradient() -> None:
+    """``LoraAdapter.flatten(model.lora_order)``: one leaf; the same logits, and its gradient is
+    the per-factor gradients laid out in that order (A's, then B's); factors read and write it."""
+    model = Qwen3Packed.from_hf(hf_model())
+    docs = tokens_for([5, 9], seed=6)
+    apart, flat = adapter(model.shape, seed=8), adapter(model.shape, seed=8)
+    flat.flatten(model.lora_order)
+    assert len(flat.parameters()) == 1 and flat.flat is not None
+    results = []
+    for lora in (apart, flat):
+        logits = torch.cat(packed_logits(model, docs, lora))
+        logits.logsumexp(-1).sum().backward()
+        results.append(logits.detach())
+    torch.testing.assert_close(results[1], results[0], atol=1e-12, rtol=0)
+    names = flat.flat_names
+    want = [apart.factors[n].a.grad for n in names] + [apart.factors[n].b.grad for n in names]
+    assert all(g is not None for g in want)
+    torch.testing.assert_close(flat.parameters()[0].grad, torch.cat([g.reshape(-1) for g in want]))
+    with torch.no_grad():
+        flat.flat.zero_()
+    assert all(not f.b.any() for f in flat.factors.values())  # the factors are views of it
+    shuffled = adapter(model.shape, seed=8)
+    shuffled.flatten(list(reversed(model.lora_order)))
+    with pytest.raises(ValueError, match="another order"):
+        model.lora_weights(shuffled)

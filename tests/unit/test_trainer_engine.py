@@ -384,7 +384,7 @@ def test_optim_step_matches_float64_adamw(engine: TrainerEngine) -> None:
         assert all(g is None for g in grads(engine, "r"))
     assert engine.runs["r"].step == len(steps)
     # The runs moved: a test of a no-op optimizer would pass the comparisons above too.
-    assert not torch.allclose(params(engine, "r")[1], torch.zeros(()))
+    assert any(bool(f.b.abs().max() > 0) for f in engine.runs["r"].adapter.factors.values())
 
 
 def test_training_lowers_the_loss(engine: TrainerEngine) -> None:
