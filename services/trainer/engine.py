@@ -467,16 +467,23 @@ class TrainerEngine:
         packed_targets = torch.cat(
             [torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in columns]
         )
+        # Neighbouring runs without a head LoRA share the plain head: one call over their rows.
+        spans: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor] | None]] = []
+        for seg, weights in segments:
+            if spans and weights.head is None and spans[-1][2] is None:
+                spans[-1] = (spans[-1][0], seg.stop, None)
+            else:
+                spans.append((seg.start, seg.stop, weights.head))
         lp = torch.cat(
             [
                 linear_target_logprobs(
-                    hidden[seg.start : seg.stop],
+                    hidden[start:stop],
                     self.model.head,
-                    packed_targets[seg.start : seg.stop],
-                    weights.head,
+                    packed_targets[start:stop],
+                    head,
                     self.logprob_chunk_tokens,
                 )
-                for seg, weights in segments
+                for start, stop, head in spans
             ]
         )
         return [
