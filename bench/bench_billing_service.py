@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import random
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_billing import BATCH, make_events  # noqa: E402
+from bench_billing import Synthetic, as_events  # noqa: E402
 
 from services.billing.handlers import BillingService  # noqa: E402
 from services.billing.ledger import Ledger  # noqa: E402
@@ -42,9 +41,9 @@ from whetstone.observability import configure_logging  # noqa: E402
 
 async def publish(bus: b.Bus, n: int) -> int:
     """N events on the usage stream, as ``bus.publish_usage`` sends them; returns their tokens."""
-    rng, tokens = random.Random(0), 0
-    for start in range(0, n, BATCH):
-        events = make_events(start, min(BATCH, n - start), rng)
+    synthetic, tokens, step = Synthetic(n), 0, 10_000
+    for start in range(0, n, step):
+        events = as_events(synthetic.columns(start, min(step, n - start)))
         tokens += sum(e.tokens for e in events)
         acks = [
             bus.js.publish(

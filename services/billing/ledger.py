@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -109,6 +109,13 @@ DIM_OF: dict[GroupBy, str] = {
     "sampler": "sampler_id",
 }
 DEFAULT_RECENT_IDS = 1_000_000
+# Settings of every usage insert (query-level, so a ClickHouse server takes them too):
+# * ``optimize_on_insert = 0``: the engine does not collapse equal keys of the block while writing
+#   it (half the engine's work per insert, measured in bench_billing.py). Nothing to collapse:
+#   the ledger drops duplicate ids before it inserts, the views sum each insert (migration 4), and
+#   every read sums or uses ``FINAL`` anyway; merges collapse what remains.
+# * ``parallel_view_processing = 1``: the two roll-up views are fed concurrently, on two cores.
+INSERT_SETTINGS: dict[str, int] = {"optimize_on_insert": 0, "parallel_view_processing": 1}
 
 _DIMS = ", ".join(ROLLUP_DIMS)
 _ROLLUP_COLUMNS = """
@@ -127,6 +134,16 @@ _BUCKET = {
     HOURLY: "toDateTime(toStartOfHour(occurred_at), 'UTC')",
     DAILY: "toDateTime(toStartOfDay(occurred_at), 'UTC')",
 }
+
+
+def _rollup_query(table: str) -> str:
+    """The view's query since migration 4: each insert's events summed per roll-up key, so the
+    view writes one row per key and bucket, not one per event."""
+    return (
+        f"SELECT tenant, {_BUCKET[table]} AS bucket, base_model, meter, api_key_id, session_id, "
+        f"run_id, sampler_id, toInt64(sum(tokens)) AS quantity, toInt64(count()) AS events "
+        f"FROM {DATABASE}.{TABLE} GROUP BY tenant, bucket, {_DIMS.removeprefix('tenant, ')}"
+    )
 
 
 def _rollup(table: str) -> list[str]:
@@ -174,6 +191,10 @@ MIGRATIONS: tuple[tuple[str, list[str]], ...] = (
         ],
     ),
     ("hourly and daily roll-ups", [*_rollup(HOURLY), *_rollup(DAILY)]),
+    (
+        "roll-up views sum each insert",
+        [f"ALTER TABLE {DATABASE}.{t}_mv MODIFY QUERY {_rollup_query(t)}" for t in (HOURLY, DAILY)],
+    ),
 )
 
 _MIGRATIONS_TABLE = f"""CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations
@@ -218,6 +239,52 @@ def _period(bucket: str, changes: Sequence[datetime]) -> str:
 
 
 @dataclass
+class UsageColumns:
+    """Usage events column by column (``COLUMNS``' order, absent values as ``""``, times as epoch
+    milliseconds): what ``insert_columns`` writes, and what a producer of many events (the
+    benchmark, a bulk import) builds without an object per event."""
+
+    event_id: list[str]
+    request_id: list[str]
+    tenant: list[str]
+    base_model: list[str]
+    meter: list[str]
+    tokens: list[int]
+    run_id: list[str]
+    occurred_at_ms: list[int]
+    session_id: list[str]
+    sampler_id: list[str]
+    api_key_id: list[str]
+    operation: list[str]
+
+    @classmethod
+    def of(cls, events: Sequence[UsageEvent]) -> UsageColumns:
+        return cls(
+            event_id=[e.event_id for e in events],
+            request_id=[e.request_id for e in events],
+            tenant=[e.tenant for e in events],
+            base_model=[e.base_model for e in events],
+            meter=[e.meter for e in events],
+            tokens=[e.tokens for e in events],
+            run_id=[e.run_id or "" for e in events],
+            occurred_at_ms=[_epoch_ms(e.occurred_at) for e in events],
+            session_id=[e.session_id or "" for e in events],
+            sampler_id=[e.sampler_id or "" for e in events],
+            api_key_id=[e.api_key_id or "" for e in events],
+            operation=[e.operation or "" for e in events],
+        )
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    def columns(self) -> list[list[str] | list[int]]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def take(self, rows: Sequence[int]) -> UsageColumns:
+        return UsageColumns(*([column[i] for i in rows] for column in self.columns()))  # type: ignore[arg-type]
+
+
+@dataclass
 class _Group:
     tokens: int = 0
     events: int = 0
@@ -231,9 +298,15 @@ class Ledger:
     Synchronous by design (see the module docstring): call it from a thread.
     """
 
-    def __init__(self, client: Client, recent_ids: int = DEFAULT_RECENT_IDS) -> None:
+    def __init__(
+        self,
+        client: Client,
+        recent_ids: int = DEFAULT_RECENT_IDS,
+        insert_settings: dict[str, int] | None = None,
+    ) -> None:
         self._client = client
         self._recent_limit = recent_ids
+        self.insert_settings = dict(INSERT_SETTINGS if insert_settings is None else insert_settings)
         # The ids inserted recently (a set to look up, a queue to forget the oldest first).
         self._recent: set[str] = set()
         self._recent_order: deque[str] = deque()
@@ -266,8 +339,9 @@ class Ledger:
 
     # ---------------------------------------------------------------- schema
 
-    def ensure_schema(self) -> list[str]:
+    def ensure_schema(self, upto: int | None = None) -> list[str]:
         """Create and migrate the schema; safe at every start-up. Returns the steps applied now.
+        ``upto`` stops after that version (an older release's schema, for tests and benchmarks).
 
         Each step's statements are idempotent (``IF NOT EXISTS``), so a step interrupted before
         its version was recorded runs again harmlessly; the roll-ups are back-filled by
@@ -277,7 +351,7 @@ class Ledger:
         self._command(_MIGRATIONS_TABLE)
         done = {int(v) for (v,) in self._query(f"SELECT version FROM {DATABASE}.schema_migrations")}
         applied: list[str] = []
-        for version, (name, statements) in enumerate(MIGRATIONS, start=1):
+        for version, (name, statements) in enumerate(MIGRATIONS[:upto], start=1):
             if version in done:
                 continue
             for sql in statements:
@@ -311,8 +385,10 @@ class Ledger:
     def insert(self, events: Sequence[UsageEvent]) -> int:
         """Write the events not seen before in ONE insert; return how many rows were written.
 
-        One insert per batch matters: each insert creates a part in each table (under chdb
-        ~16 ms however small), so the handler gathers a batch of bus messages, inserts, then acks.
+        One insert per batch matters: each insert writes a part in each of the three tables
+        (~16 ms under chdb however small, and each part is merged again later), so billing
+        gathers a large batch of bus messages (``BillingSettings.batch_size``), inserts, then
+        acknowledges them.
         """
         fresh: dict[str, UsageEvent] = {}
         for e in events:
@@ -320,36 +396,36 @@ class Ledger:
                 fresh[e.event_id] = e
         if not fresh:
             return 0
-        new = list(fresh.values())
-        # Column by column (what the Native format sends), times as epoch milliseconds: no
-        # per-row lists, no datetime conversion in the client.
-        columns: list[list[object]] = [
-            [e.event_id for e in new],
-            [e.request_id for e in new],
-            [e.tenant for e in new],
-            [e.base_model for e in new],
-            [e.meter for e in new],
-            [e.tokens for e in new],
-            [e.run_id or "" for e in new],
-            [_epoch_ms(e.occurred_at) for e in new],
-            [e.session_id or "" for e in new],
-            [e.sampler_id or "" for e in new],
-            [e.api_key_id or "" for e in new],
-            [e.operation or "" for e in new],
-        ]
+        return self._write(UsageColumns.of(list(fresh.values())))
+
+    def insert_columns(self, batch: UsageColumns) -> int:
+        """``insert`` for events given column by column; the same deduplication by id."""
+        recent, seen, keep = self._recent, set(), []
+        for i, event_id in enumerate(batch.event_id):
+            if event_id not in recent and event_id not in seen:
+                seen.add(event_id)
+                keep.append(i)
+        if not keep:
+            return 0
+        return self._write(batch if len(keep) == len(batch) else batch.take(keep))
+
+    def _write(self, batch: UsageColumns) -> int:
+        # Column by column (what the Native format sends) with declared types: no per-row lists,
+        # no type query, no conversion in the client. (Arrow costs the same here: bench_billing.)
         try:
             self._client.insert(
                 TABLE,
-                columns,
+                batch.columns(),
                 column_names=list(COLUMNS),
                 column_type_names=list(_INSERT_TYPES),
                 column_oriented=True,
                 database=DATABASE,
+                settings=self.insert_settings,
             )
         except (OperationalError, ClickHouseError) as e:
             raise Unavailable(f"usage insert failed: {e}") from e
-        self._remember(fresh)
-        return len(new)
+        self._remember(batch.event_id)
+        return len(batch)
 
     def _remember(self, ids: Collection[str]) -> None:
         self._recent.update(ids)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from services.billing.ledger import Ledger
+from services.billing.ledger import HOURLY, Ledger, UsageColumns
 from services.billing.prices import DEFAULT_PRICE_TABLE, Price, PriceTable
 from whetstone.errors import UserError
 from whetstone.messages import Meter, UsageEvent, UsageMeter, UsageReport, UsageReportQuery
@@ -405,8 +405,8 @@ print(ledger._source(q, q.group_by), [r.tokens for r in ledger.report(q, DEFAULT
     assert out == [
         # The first step finds its table there already: recorded, nothing changed.
         "['usage events', 'attribution: session, sampler, API key, operation', "
-        "'hourly and daily roll-ups']",
-        "[] 3",
+        "'hourly and daily roll-ups', 'roll-up views sum each insert']",
+        "[] 4",
         "usage_daily [1000]",
     ]
 
@@ -436,3 +436,61 @@ def test_forward_and_cached_prefill_default_to_the_prefill_price() -> None:
     assert price.per_unit("forward_tokens") == price.per_unit("cached_prefill_tokens")
     assert price.per_unit("forward_tokens") == Decimal("0.25")
     assert price.per_unit("checkpoints") == price.per_unit("checkpoint_bytes") == 0
+
+
+def test_columns_insert_drops_duplicates_like_events(ledger: Ledger) -> None:
+    a = tenant()
+    events = [event(a, tokens=7, request_id=f"col-{i}") for i in range(10)]
+    batch = UsageColumns.of([*events, events[0]])  # a duplicate within the batch
+    assert ledger.insert_columns(batch) == 10
+    assert ledger.insert_columns(batch) == 0  # all recent
+    assert ledger.insert(events[:3]) == 0  # the object path shares the recent ids
+    assert totals(ledger, tenant=a) == {(a, TINY, "train_tokens"): 70}
+
+
+def test_views_write_one_row_per_key_and_bucket_per_insert(ledger: Ledger) -> None:
+    """Migration 4: the roll-up views sum each insert, so 50 events of one session in one hour
+    become one hourly row (not 50 rows left for merges to sum)."""
+    a = tenant()
+    at = T0 + timedelta(days=60)
+    ledger.insert([event(a, tokens=2, at=at + timedelta(seconds=i)) for i in range(50)])
+    rows = ledger._client.query(
+        f"SELECT count(), sum(quantity), sum(events) FROM whetstone.{HOURLY} "
+        "WHERE tenant = {t:String}",
+        parameters={"t": a},
+    ).result_rows
+    assert [tuple(r) for r in rows] == [(1, 100, 50)]
+
+
+def test_schema_migrates_from_views_per_event(tmp_path: Path) -> None:
+    """A ledger of the previous release (views writing a row per event) keeps its roll-ups and
+    gets the summing views; its old rows and the new ones report together. A child process:
+    one chdb engine per process."""
+    script = f"""
+from datetime import datetime, timezone
+from services.billing.ledger import HOURLY, Ledger
+from services.billing.prices import DEFAULT_PRICE_TABLE
+from whetstone.messages import UsageEvent, UsageReportQuery
+ledger = Ledger.connect("chdb://{tmp_path}")
+at = datetime(2025, 3, 1, 10, tzinfo=timezone.utc)
+def ev(i):
+    e = UsageEvent.of(f"r{{i}}", "old", "whetstone/tiny-qwen3", "train_tokens", 10, "s:train:0")
+    return e.model_copy(update={{"occurred_at": at}})
+print(ledger.ensure_schema(upto=3))
+ledger._client.command("SYSTEM STOP MERGES")  # the rows as the views wrote them
+ledger.insert([ev(i) for i in range(4)])
+print(ledger.ensure_schema(), ledger.schema_version())
+ledger.insert([ev(i) for i in range(10)])
+rows = ledger._client.query(f"SELECT count() FROM whetstone.{{HOURLY}}").result_rows
+q = UsageReportQuery(tenant="old", since="2025-03-01T00:00:00Z", until="2025-03-02T00:00:00Z")
+print(rows[0][0], [(r.tokens, r.events) for r in ledger.report(q, DEFAULT_PRICE_TABLE).rows])
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.splitlines()
+    assert out == [
+        "['usage events', 'attribution: session, sampler, API key, operation', "
+        "'hourly and daily roll-ups']",
+        "['roll-up views sum each insert'] 4",
+        "5 [(100, 10)]",  # four rows from the old views, one from the new; each token once
+    ]
