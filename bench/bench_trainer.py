@@ -10,13 +10,18 @@ AdamW step, LoRA rank 32 on every attention and MLP projection, base weights in 
 
 * Whetstone: ``TrainerEngine.forward_backward`` + ``optim_step`` (the service's own path: the
   packed Qwen3 of ``whetstone_ml.qwen3``), once per ``--variants`` entry (``compile`` or
-  ``eager``, ``+`` a checkpointing policy: ``selective``, ``full``, ``none``).
+  ``eager``, ``+`` a checkpointing policy: ``selective``, ``full``, ``none``; then optionally
+  ``+addmm``, ``+gemm`` or ``+gemm_all`` for ``ModelOptions.lora_expand``, and ``+unflat`` to
+  keep the run's factors as separate leaves, as the engine did before flat adapters: so old and
+  new run side by side).
 * Naive: ``peft.get_peft_model`` over the HF model with gradient checkpointing (without it the
   naive step does not fit at 16k tokens), ``model(input_ids)``, fp32 cross-entropy, backward,
   AdamW. The model is put in train mode: HF applies gradient checkpointing only in training.
 
 ``--p2`` measures P2 instead: 8 runs of one 2048-token datum each, stepped one after another
-against one ``forward_backward_many`` pass over all of them (then each run's optim_step).
+against one ``forward_backward_many`` pass over all of them, for each ``--p2-variants`` entry:
+``new`` (the engine as it is: one ``optim_step_many`` for the 8 runs after the pass) and ``old``
+(expand by ``addmm``, unflattened factors, each run's own ``optim_step``).
 ``--models 4b,8b`` picks the sizes (random weights of Qwen3-4B's and Qwen3-8B's configs).
 ``--profile`` profiles one step of the first variant (torch.profiler) and prints the top kernels.
 A side that runs out of memory is reported as OOM. MFU counts 4·N·T (forward plus the backward
@@ -27,6 +32,7 @@ against the H200's 989 TFLOP/s dense bf16. Prints a table last; ``--json`` write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -47,6 +53,7 @@ from services.trainer.engine import TrainerEngine  # noqa: E402
 from whetstone.messages import AdamParams, Datum, ForwardBackward, LoraConfig  # noqa: E402
 from whetstone.tensors import Tensor  # noqa: E402
 from whetstone_ml.builtin import ensure_builtin_model  # noqa: E402
+from whetstone_ml.lora import LoraAdapter, LoraFactors  # noqa: E402
 
 RANK = 32
 QWEN3_8B = dict(
@@ -118,17 +125,43 @@ def timed(step, warmup: int, steps: int) -> dict:
     }
 
 
+def set_expand(engine: TrainerEngine, expand: str) -> None:
+    """Switch the model's ``lora_expand`` before its first pass (layers compile on first use)."""
+    engine.model.options = dataclasses.replace(engine.model.options, lora_expand=expand)  # type: ignore[arg-type]
+    engine.model._layer_fns.clear()
+
+
+def unflatten(engine: TrainerEngine, run_id: str) -> None:
+    """The run's factors as separate leaves (two per module), with a fresh optimizer over them:
+    the engine before flat adapters, for timing old against new."""
+    state = engine.runs[run_id]
+    factors = {
+        name: LoraFactors(
+            f.a.detach().clone().requires_grad_(), f.b.detach().clone().requires_grad_(), f.scale
+        )
+        for name, f in state.adapter.factors.items()
+    }
+    state.adapter = LoraAdapter(state.adapter.config, factors)
+    state.optimizer = engine._new_optimizer(state.adapter)
+
+
 def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace, variant: str) -> dict:
-    mode, _, policy = variant.partition("+")
+    mode, *rest = variant.split("+")
+    policy, flags = (rest[0] if rest else "selective"), rest[1:]
     engine = TrainerEngine(
         directory,
         device=args.device,
         dtype="bfloat16",
         compile=mode == "compile",
-        checkpointing=policy or "selective",  # type: ignore[arg-type]
+        checkpointing=policy,  # type: ignore[arg-type]
         micro_batch_tokens=tokens.numel(),
     )
+    for flag in flags:
+        if flag in ("addmm", "gemm", "gemm_all"):
+            set_expand(engine, flag)
     engine.create_run("r", LoraConfig(rank=RANK, seed=0, train_unembed=False))
+    if "unflat" in flags:
+        unflatten(engine, "r")
     data = [
         Datum(
             model_input=Tensor.from_list(row[:-1].tolist(), "int64"),
@@ -151,17 +184,23 @@ def ours(directory: Path, tokens: torch.Tensor, args: argparse.Namespace, varian
     return result  # the caller frees what it held (free())
 
 
-def many_runs(directory: Path, args: argparse.Namespace, runs: int = 8) -> dict:
+def many_runs(directory: Path, args: argparse.Namespace, variant: str, runs: int = 8) -> dict:
     """P2: ``runs`` runs of one ``--seq``-token datum each, stepped one after another
     (forward_backward + optim_step per run) and together (one ``forward_backward_many`` over all
-    runs, then each run's optim_step), on one engine (compile+selective)."""
+    runs, then the runs' optimizer steps: ``optim_step_many`` for ``new``, one ``optim_step``
+    per run for ``old``), on one engine (compile+selective)."""
     engine = TrainerEngine(
         directory, device=args.device, dtype="bfloat16", compile=args.device == "cuda"
     )
+    old = variant == "old"
+    if old:
+        set_expand(engine, "addmm")
     tokens = batch(runs, args.seq, engine.vocab_size)
     calls = []
     for i, row in enumerate(tokens):
         engine.create_run(f"r{i}", LoraConfig(rank=RANK, seed=i, train_unembed=False))
+        if old:
+            unflatten(engine, f"r{i}")
         datum = Datum(
             model_input=Tensor.from_list(row[:-1].tolist(), "int64"),
             loss_fn_inputs={"target_tokens": Tensor.from_list(row[1:].tolist(), "int64")},
@@ -177,8 +216,12 @@ def many_runs(directory: Path, args: argparse.Namespace, runs: int = 8) -> dict:
     def together() -> None:
         for result in engine.forward_backward_many(calls):
             assert not isinstance(result, Exception), result
-        for run_id, _ in calls:
-            engine.optim_step(run_id, adam)
+        if old:
+            for run_id, _ in calls:
+                engine.optim_step(run_id, adam)
+        else:
+            for step in engine.optim_step_many([(run_id, adam) for run_id, _ in calls]):
+                assert not isinstance(step, Exception), step
 
     out = {"sequential": timed(one_after_another, args.warmup, args.steps)}
     out["one pass"] = timed(together, args.warmup, args.steps)
@@ -251,6 +294,7 @@ def main() -> int:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive PEFT loop")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--p2", action="store_true", help="only P2: 8 runs in one pass")
+    parser.add_argument("--p2-variants", default="new", help="P2 engines: new, old")
     parser.add_argument("--out", type=Path, help="folder for profile.txt")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -272,11 +316,13 @@ def main() -> int:
                 model = AutoModelForCausalLM.from_config(config)
                 n_params = sum(p.numel() for p in model.parameters())
             if args.p2:
-                p2 = many_runs(directory, args)
-                free()
-                results["p2"] = {f"{size} 8 runs x {args.seq}": p2}
-                if "profile" in p2["one pass"]:
-                    print(p2["one pass"]["profile"])
+                for variant in args.p2_variants.split(","):
+                    p2 = many_runs(directory, args, variant)
+                    free()
+                    results.setdefault("p2", {})[f"{size} 8 runs x {args.seq}, {variant}"] = p2
+                    if "profile" in p2["one pass"]:
+                        print(p2["one pass"]["profile"])
+                        args.profile = False
                 continue
             for rows in [int(r) for r in args.rows.split(",")]:
                 tokens = batch(rows, args.seq, config.vocab_size)
