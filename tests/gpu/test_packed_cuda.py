@@ -17,7 +17,7 @@ from services.trainer.engine import TrainerEngine
 from whetstone.messages import AdamParams, Datum, ForwardBackward, LoraConfig
 from whetstone.tensors import Tensor
 from whetstone_ml.lora import LoraAdapter, Segment
-from whetstone_ml.qwen3 import ModelOptions, Pack, Qwen3Packed
+from whetstone_ml.qwen3 import LoraExpand, ModelOptions, Pack, Qwen3Packed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,11 +75,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 RAGGED = [37, 200, 5, 130, 64]
 
 
-@pytest.mark.parametrize("lengths", [RAGGED, [128] * 4], ids=["ragged", "rows"])
-def test_compiled_equals_eager_and_float32(lengths: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("lengths", "expand"),
+    [(RAGGED, "gemm"), ([128] * 4, "gemm"), ([128] * 4, "gemm_all"), ([128] * 4, "addmm")],
+    ids=["ragged", "rows", "rows-gemm-all", "rows-addmm"],
+)
+def test_compiled_equals_eager_and_float32(lengths: list[int], expand: LoraExpand) -> None:
     hf = hf_model(torch.bfloat16, "cuda")
-    eager = Qwen3Packed.from_hf(hf, ModelOptions(compile=False))
-    compiled = Qwen3Packed.from_hf(hf, ModelOptions(compile=True))
+    eager = Qwen3Packed.from_hf(hf, ModelOptions(compile=False, lora_expand=expand))
+    compiled = Qwen3Packed.from_hf(hf, ModelOptions(compile=True, lora_expand=expand))
     reference = Qwen3Packed.from_hf(hf_model(torch.float32, "cuda"), ModelOptions(attention="docs"))
     lora = lora_for(eager, seed=1)
     logits_e, grads_e = run(eager, lengths, lora)
@@ -151,6 +155,45 @@ def test_compiled_bf16_engine_trains_like_cpu(tmp_path: Path) -> None:
     assert losses["cuda"][0] == pytest.approx(losses["cpu"][0], rel=1e-2)
     assert losses["cuda"][1] == pytest.approx(losses["cpu"][1], rel=1e-2)
     assert losses["cuda"][1] < losses["cuda"][0]
+
+
+def test_optim_step_many_equals_a_step_per_run_on_cuda(tmp_path: Path) -> None:
+    """The fused AdamW over several runs at once (two sharing hyperparameters, one clipping)
+    gives each run the weights and moments of its own fused step."""
+    hf_model(torch.float32, "cpu").save_pretrained(tmp_path / "m")
+    gen = torch.Generator().manual_seed(2)
+    seq = torch.randint(0, VOCAB, (33,), generator=gen)
+    datum = Datum(
+        model_input=Tensor.from_numpy(seq[:-1].numpy()),
+        loss_fn_inputs={"target_tokens": Tensor.from_numpy(seq[1:].numpy())},
+    )
+    cmd = ForwardBackward(data=[datum], loss_fn="cross_entropy")
+    steps = [
+        ("r0", AdamParams(learning_rate=1e-2)),
+        ("r1", AdamParams(learning_rate=1e-2)),
+        ("r2", AdamParams(learning_rate=3e-3, beta1=0.8, grad_clip_norm=1e-4)),
+    ]
+    engines = []
+    for _ in range(2):
+        engine = TrainerEngine(tmp_path / "m", device="cuda", dtype="float32")
+        for i in range(3):
+            engine.create_run(f"r{i}", LoraConfig(rank=4 * (i + 1), seed=i))
+            engine.forward_backward(f"r{i}", cmd)
+        engines.append(engine)
+    apart = [engines[0].optim_step(run_id, adam).metrics for run_id, adam in steps]
+    together = [
+        r.metrics for r in engines[1].optim_step_many(steps) if not isinstance(r, Exception)
+    ]
+    assert together == apart
+    for run_id, _ in steps:
+        (p,) = engines[0].runs[run_id].adapter.parameters()
+        (q,) = engines[1].runs[run_id].adapter.parameters()
+        assert torch.equal(p, q)
+        moments = engines[0].runs[run_id].optimizer.state[p]
+        assert torch.equal(
+            moments["exp_avg_sq"], engines[1].runs[run_id].optimizer.state[q]["exp_avg_sq"]
+        )
+        assert float(moments["exp_avg_sq"].abs().max()) > 0
 
 
 def test_many_runs_in_one_compiled_pass_equal_separate_passes(tmp_path: Path) -> None:
