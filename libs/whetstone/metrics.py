@@ -79,8 +79,9 @@ DEAD_LETTERS = Counter(
 )
 PASS_RUNS = Histogram(
     "whetstone_trainer_pass_runs",
-    "Runs whose forward/forward_backward requests went through one base-model pass together",
-    ["service", "model"],
+    "Runs whose requests went through one trainer pass together (op forward_backward: forwards "
+    "and forward_backwards through one base-model pass; op optim_step: one optimizer call)",
+    ["service", "model", "op"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
 )
 GPU_MEMORY = Gauge(

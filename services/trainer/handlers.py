@@ -33,14 +33,17 @@ tenants taking turns (``whetstone.fairness``; a request passed over for others' 
 (``MessageFate.settle``) once a snapshot covers it (a failed request's future fails at once).
 
 Many runs in one pass (``passes.py``): when the request whose turn it is is a forward or
-forward_backward, the next turns' requests join it while each is one too, of another run (one
-request per run), up to ``pass_max_runs`` runs and the engine's ``micro_batch_tokens``; they go
-through the base model together (``TrainerEngine.forward_backward_many``: each run its own
-adapter, loss, outputs and gradient), and each is then settled as a lone request is: its own
-future, usage event (same id), metrics and snapshot rule. A request that fails its checks
-fails alone; a pass that fails as it runs leaves no gradient and its requests run again one by
-one. ``pass_max_runs=1`` runs one request at a time; ``whetstone_trainer_pass_runs`` counts the
-runs of each pass.
+forward_backward, or an optim_step, the next turns' requests join it while each is of the same
+kind, of another run (one request per run), up to ``pass_max_runs`` runs (and, for forwards,
+the engine's ``micro_batch_tokens``). Forwards and forward_backwards go through the base model
+together (``TrainerEngine.forward_backward_many``: each run its own adapter, loss, outputs and
+gradient); optim_steps through one optimizer call (``TrainerEngine.optim_step_many``: each run
+its own moments, step count and AdamParams). Each request is then settled as a lone request is:
+its own future, usage event (same id; a step bills nothing), metrics and snapshot rule (a step
+waits for a snapshot). A request that fails its checks fails alone; a pass that fails as it
+runs has its requests run again one by one, with the retries of a lone request (a failed
+forward_backward pass leaves no gradient). ``pass_max_runs=1`` runs one request at a time;
+``whetstone_trainer_pass_runs`` counts the runs of each pass, by ``op``.
 
 A server error is retried in place (a nak would let later seq_ids run first), then
 dead-lettered. A gap that stays open ``gap_timeout_s`` fails the waiting requests. Torch work
@@ -55,7 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -94,7 +97,6 @@ from whetstone.messages import (
     CheckpointRecord,
     CreateModelResult,
     ForwardBackward,
-    ForwardBackwardResult,
     FutureRecord,
     LoadWeights,
     LoadWeightsResult,
@@ -464,8 +466,8 @@ class TrainerWorker:
         """Run the runs' ready requests, the next one always from the tenant whose turn it is
         (``whetstone.fairness``: one tenant's flood does not starve another's), up to
         ``FAIR_ROUND`` passes; then the loop's housekeeping, and round again. A pass is one
-        request, or several runs' forward/forward_backward requests run together
-        (``_pick_pass``)."""
+        request, or several runs' forward/forward_backward requests, or optim_steps, run
+        together (``_pick_pass``)."""
         for _ in range(FAIR_ROUND):
             async with self._executing:  # picked and run with no run changing hands between
                 if self._draining:
@@ -483,16 +485,22 @@ class TrainerWorker:
     def _pick_pass(self) -> tuple[dict[str, Ready], list[tuple[RunQueue, Held]]]:
         """The ready heads, and the requests of the next pass taken off their buffers: the one
         whose turn it is, joined by the next turns' requests while they can share its pass
-        (``passes.plan_pass``: one request per run, up to ``pass_max_runs`` runs and the
-        engine's ``micro_batch_tokens``)."""
+        (``passes.plan_pass``: one request per run, of one kind, up to ``pass_max_runs`` runs
+        and the engine's ``micro_batch_tokens``)."""
         heads = {k: head for k, q in self.runs.items() if (head := q.buffer.peek()) is not None}
         ready = {k: Ready(self.runs[k].run.tenant, self._cost(h.req)) for k, h in heads.items()}
+        after = {
+            k: Ready(self.runs[k].run.tenant, self._cost(following.req))
+            for k in heads
+            if (following := self.runs[k].buffer.peek_after()) is not None
+        }
         planned = plan_pass(
             self._fair,
             ready,
-            lambda run_id: isinstance(heads[run_id].req.command, ForwardBackward),
+            lambda run_id: _pass_kind(heads[run_id].req),
             max_runs=self.settings.pass_max_runs,
             budget_tokens=self.engine.micro_batch_tokens,
+            after=after,
         )
         return ready, [(self.runs[run_id], self._pop(run_id)) for run_id in planned]
 
@@ -568,11 +576,14 @@ class TrainerWorker:
             otel_context.detach(token)
 
     async def _run_pass(self, members: list[tuple[RunQueue, Held]]) -> None:
-        """Several runs' forward/forward_backward requests through one engine call
-        (``TrainerEngine.forward_backward_many``), each then settled as ``_run_one`` settles a
-        lone request: its own future, usage event, metrics and snapshot rule. A request that
-        fails its checks fails alone; if the pass itself fails (a custom loss erring on a value,
-        a server error), it left every gradient as it was and its requests run one by one."""
+        """Several runs' requests of one kind through one engine call (forward/forward_backward:
+        ``TrainerEngine.forward_backward_many``; optim_step: ``TrainerEngine.optim_step_many``),
+        each then settled as ``_run_one`` settles a lone request: its own future, usage event,
+        metrics and snapshot rule. A request that fails its checks fails alone; if the pass
+        itself fails (a custom loss erring on a value, a server error), its requests run one by
+        one, as a lone request is retried in place (a failed forward_backward pass left every
+        gradient as it was)."""
+        kind = _pass_kind(members[0][1].req)
         spans = [
             self._tracer.start_span(
                 f"execute {_op(item.req)}",
@@ -586,13 +597,19 @@ class TrainerWorker:
             for _, item in members
         ]
         pending = [self._pending(item.req, b.enqueued_at(item.msg)) for _, item in members]
-        calls = [(item.req.run_id, _forward_backward(item.req)) for _, item in members]
+        work: Callable[[], Sequence[Result | WhetstoneError]]
+        if kind == "optim_step":
+            steps = [(item.req.run_id, _optim_step(item.req).adam) for _, item in members]
+            work = partial(self.engine.optim_step_many, steps)
+        else:
+            calls = [(item.req.run_id, _forward_backward(item.req)) for _, item in members]
+            work = partial(self.engine.forward_backward_many, calls)
         for _, item in members:
             metrics.IN_FLIGHT.labels("trainer", _op(item.req)).inc()
         started = time.perf_counter()
-        results: list[ForwardBackwardResult | WhetstoneError] | None = None
+        results: Sequence[Result | WhetstoneError] | None = None
         try:
-            results = await self._torch(self.engine.forward_backward_many, calls)
+            results = await self._torch(work)
         except Exception as exc:  # noqa: BLE001 - each request is rerun alone, with retries
             self.log.warning("pass failed; its requests run one by one", error=str(exc))
         finally:
@@ -607,7 +624,7 @@ class TrainerWorker:
             return
         ran = sum(not isinstance(r, WhetstoneError) for r in results)
         if ran:
-            metrics.PASS_RUNS.labels("trainer", self.settings.base_model).observe(ran)
+            metrics.PASS_RUNS.labels("trainer", self.settings.base_model, kind).observe(ran)
         for (queue, item), record, result, span in zip(
             members, pending, results, spans, strict=True
         ):
@@ -764,9 +781,14 @@ class TrainerWorker:
         saved_bytes = 0
         if isinstance(cmd, ForwardBackward):
             result = await self._torch(self.engine.forward_backward, req.run_id, cmd)
-            metrics.PASS_RUNS.labels("trainer", self.settings.base_model).observe(1)
+            metrics.PASS_RUNS.labels("trainer", self.settings.base_model, _pass_kind(req)).observe(
+                1
+            )
         elif isinstance(cmd, OptimStep):
             result = await self._torch(self.engine.optim_step, req.run_id, cmd.adam)
+            metrics.PASS_RUNS.labels("trainer", self.settings.base_model, _pass_kind(req)).observe(
+                1
+            )
         elif isinstance(cmd, LoadWeights):
             directory = self._checkpoint_dir(cmd.store_key, cmd.tinker_path)
             await self._torch(self.engine.load_state, req.run_id, directory, cmd.optimizer)
@@ -877,8 +899,20 @@ _USAGE_OPERATION: dict[str, Operation] = {
 }
 
 
+def _pass_kind(req: TrainRequest) -> str | None:
+    """The kind of pass ``req`` may share with other runs' requests (None: it runs alone)."""
+    if isinstance(req.command, ForwardBackward):
+        return "forward_backward"  # forwards too: one base-model pass
+    return "optim_step" if isinstance(req.command, OptimStep) else None
+
+
 def _forward_backward(req: TrainRequest) -> ForwardBackward:
-    assert isinstance(req.command, ForwardBackward)  # only these share a pass (``_pick_pass``)
+    assert isinstance(req.command, ForwardBackward)  # a pass is of one kind (``_pick_pass``)
+    return req.command
+
+
+def _optim_step(req: TrainRequest) -> OptimStep:
+    assert isinstance(req.command, OptimStep)  # a pass is of one kind (``_pick_pass``)
     return req.command
 
 

@@ -52,6 +52,13 @@ class ReorderBuffer(Generic[T]):
         """The item that can run next, left in place; None while ``next_seq`` is missing."""
         return self._held.get(self.next_seq)
 
+    def peek_after(self) -> T | None:
+        """The item that can run once the next one has, left in place; None unless both are
+        held (the trainer's passes ask what one at a time would see next)."""
+        if self.next_seq not in self._held:
+            return None
+        return self._held.get(self.next_seq + 1)
+
     def pop_next(self) -> T | None:
         """Take the one item that can run next (``pop_ready`` one at a time), or None."""
         item = self._held.pop(self.next_seq, None)

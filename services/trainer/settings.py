@@ -19,8 +19,8 @@ class TrainerSettings(ServiceSettings):
     # micro-batches of whole datums with gradient accumulation (halved on out-of-memory).
     micro_batch_tokens: int = Field(default=16_384, ge=1)
     # The most runs whose ready forward/forward_backward requests go through one base-model pass
-    # together (each its own adapter, loss and results), within micro_batch_tokens; 1: one
-    # request per pass.
+    # together (each its own adapter, loss and results), within micro_batch_tokens, and whose
+    # ready optim_steps go through one optimizer call; 1: one request per pass.
     pass_max_runs: int = Field(default=8, ge=1)
     compile: bool = True  # torch.compile each decoder layer (CUDA only; CPU always runs eagerly)
     # Activation checkpointing of each decoder layer: GEMM and attention outputs kept, pointwise

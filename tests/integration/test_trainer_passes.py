@@ -1,10 +1,12 @@
 """Many runs in one pass, through a real TrainerWorker on a real nats-server and the built-in
 model: ready forward/forward_backward requests of several tenants' runs go through one
-base-model pass (``whetstone_trainer_pass_runs`` says how many runs each pass had), and each run
-gets what it gets with passes of one request (``pass_max_runs=1``): the same losses, outputs and
-weights after optim_step, its own usage events once each, every message acknowledged. A request
-that fails its checks fails alone; a pass that fails as it runs (a custom loss erring on a
-value) has its requests rerun one by one, leaving no gradient twice.
+base-model pass, and their optim_steps through one optimizer call
+(``whetstone_trainer_pass_runs`` says how many runs each pass had, by op), and each run gets
+what it gets with passes of one request (``pass_max_runs=1``): the same losses, outputs and
+weights after optim_step (each run its own AdamParams), its own usage events once each, every
+message acknowledged. A request that fails its checks fails alone (a forward_backward missing
+its loss inputs, an optim_step with AdamParams the engine refuses); a pass that fails as it runs
+(a custom loss erring on a value) has its requests rerun one by one, leaving no gradient twice.
 
 To have every request of a phase ready before the executor looks, the test holds the worker's
 executor lock while it submits them (the executor picks and runs a pass under that lock).
@@ -51,6 +53,12 @@ from whetstone.tensors import Tensor
 pytestmark = pytest.mark.timeout(90)
 
 ADAM = AdamParams(learning_rate=1e-2)
+# Each run's step: a and b share hyperparameters (one AdamW launch), c clips and decays.
+STEPS = {
+    "a": ADAM,
+    "b": ADAM,
+    "c": AdamParams(learning_rate=2e-2, weight_decay=0.01, grad_clip_norm=0.05),
+}
 # Logical runs: (tenant, LoRA config); each phase of a test makes its own copies of them.
 RUNS = {
     "a": ("tenant-a", LoraConfig(rank=4, seed=11)),
@@ -58,6 +66,7 @@ RUNS = {
     "c": ("tenant-c", LoraConfig(rank=2, seed=13, train_attn=False)),
 }
 LABELS = {"service": "trainer", "model": BUILTIN_MODEL_NAME}
+FB, STEP = "forward_backward", "optim_step"  # the ops of the passes
 
 
 def pick_loss(logprobs: Any, index: Any) -> Any:
@@ -111,19 +120,30 @@ def missing_inputs() -> ForwardBackward:
     return cmd.model_copy(update={"loss_fn": "importance_sampling"})
 
 
-def passes() -> tuple[float, float, float]:
-    """(passes, runs in them, passes of one run) so far, from the trainer's metrics."""
-    count = metrics.REGISTRY.get_sample_value("whetstone_trainer_pass_runs_count", LABELS)
-    total = metrics.REGISTRY.get_sample_value("whetstone_trainer_pass_runs_sum", LABELS)
-    alone = metrics.REGISTRY.get_sample_value(
-        "whetstone_trainer_pass_runs_bucket", {**LABELS, "le": "1.0"}
-    )
-    return count or 0.0, total or 0.0, alone or 0.0
+Counts = dict[str, tuple[float, float, float]]
 
 
-def since(before: tuple[float, float, float]) -> tuple[float, float, float]:
+def passes() -> Counts:
+    """For each op: (passes, runs in them, passes of one run) so far, from the trainer's
+    metrics."""
+    got = {}
+    for op in (FB, STEP):
+        labels = {**LABELS, "op": op}
+        count = metrics.REGISTRY.get_sample_value("whetstone_trainer_pass_runs_count", labels)
+        total = metrics.REGISTRY.get_sample_value("whetstone_trainer_pass_runs_sum", labels)
+        alone = metrics.REGISTRY.get_sample_value(
+            "whetstone_trainer_pass_runs_bucket", {**labels, "le": "1.0"}
+        )
+        got[op] = (count or 0.0, total or 0.0, alone or 0.0)
+    return got
+
+
+def since(before: Counts) -> Counts:
     now = passes()
-    return now[0] - before[0], now[1] - before[1], now[2] - before[2]
+    return {
+        op: (now[op][0] - was[0], now[op][1] - was[1], now[op][2] - was[2])
+        for op, was in before.items()
+    }
 
 
 async def assign(bus: b.Bus, worker_id: str, run_id: str, logical: str) -> None:
@@ -156,14 +176,22 @@ async def submit(bus: b.Bus, run_id: str, seq_id: int, command: TrainCommand) ->
 
 
 @asynccontextmanager
-async def all_ready(worker: TrainerWorker, heads: list[str]) -> Any:
+async def all_ready(
+    worker: TrainerWorker, heads: list[str], planted: dict[str, TrainCommand] | None = None
+) -> Any:
     """Hold the executor while the block submits, until each run of ``heads`` has its next
-    request in its buffer: then the executor sees them all at once."""
+    request in its buffer: then the executor sees them all at once. ``planted``: commands put
+    in place of some runs' next requests where the worker holds them, for what the contract
+    would refuse before it got there."""
     async with worker._executing:
         yield
         await eventually(
             lambda: _all_held(worker, heads), what="every request in the reorder buffers"
         )
+        for run_id, command in (planted or {}).items():
+            head = worker.runs[run_id].buffer.peek()
+            assert head is not None
+            head.req = head.req.model_copy(update={"command": command})
 
 
 async def _all_held(worker: TrainerWorker, heads: list[str]) -> bool:
@@ -225,7 +253,7 @@ def rounds() -> Iterator[tuple[str, int, TrainCommand]]:
     for n, logical in enumerate(RUNS):
         yield logical, 1, fb(100 + n, losses[logical])
     for logical in RUNS:
-        yield logical, 2, OptimStep(adam=ADAM)
+        yield logical, 2, OptimStep(adam=STEPS[logical])
     for n, logical in enumerate(RUNS):
         yield logical, 3, fb(200 + n, losses[logical], forward_only=True)
 
@@ -278,12 +306,14 @@ async def test_runs_of_three_tenants_train_in_one_pass_as_they_would_apart(
     apart = await start_trainer("apart", pass_max_runs=1)
     before = passes()
     records_apart, weights_apart = await train(bus, apart, "apart")
-    assert since(before) == (6.0, 6.0, 6.0)  # two rounds of three passes of one run
+    # two rounds of three passes of one run, and three steps alone
+    assert since(before) == {FB: (6.0, 6.0, 6.0), STEP: (3.0, 3.0, 3.0)}
 
     together = await start_trainer("together")  # pass_max_runs defaults to 8
     before = passes()
     records_together, weights_together = await train(bus, together, "together")
-    assert since(before) == (2.0, 6.0, 0.0)  # the forward_backwards, then the forwards
+    # the forward_backwards, then the forwards; the three steps in one optimizer call
+    assert since(before) == {FB: (2.0, 6.0, 0.0), STEP: (1.0, 3.0, 0.0)}
 
     for logical in RUNS:
         for got, want in zip(records_together[logical], records_apart[logical], strict=True):
@@ -298,6 +328,9 @@ async def test_runs_of_three_tenants_train_in_one_pass_as_they_would_apart(
     for _, step, _ in records_together.values():
         assert isinstance(step.result, OptimStepResult)
         assert step.result.metrics["grad_norm:mean"] > 0
+    clipped = records_together["c"][1].result
+    assert isinstance(clipped, OptimStepResult)  # c's step clipped its gradient
+    assert clipped.metrics["grad_norm:mean"] > STEPS["c"].grad_clip_norm
 
 
 async def test_a_bad_request_fails_alone_and_a_failing_pass_reruns_one_by_one(
@@ -317,31 +350,44 @@ async def test_a_bad_request_fails_alone_and_a_failing_pass_reruns_one_by_one(
             "b": fb(4, "importance_sampling"),
             "c": fb(5, "custom", index_past_end=True),
         },
-        3: {logical: OptimStep(adam=ADAM) for logical in RUNS},
+        # seq 3: b's step has betas the engine refuses; a's and c's step in one call.
+        3: {logical: OptimStep(adam=STEPS[logical]) for logical in RUNS},
     }
+    # The contract refuses such AdamParams at the gateway and when the trainer decodes the
+    # message, so the test puts b's step in place where the worker holds it, to reach the
+    # engine's own check as the step pass runs.
+    bad_step = OptimStep(adam=ADAM).model_copy(
+        update={"adam": ADAM.model_copy(update={"beta1": 1.0})}
+    )
+    planted = {3: {run_ids["b"]: bad_step}}
     records: dict[int, dict[str, FutureRecord]] = {}
-    counted: dict[int, tuple[float, float, float]] = {}
+    counted: dict[int, Counts] = {}
     for seq_id, commands in plan.items():
         before = passes()
-        async with all_ready(worker, heads):
+        async with all_ready(worker, heads, planted.get(seq_id)):
             rids = {k: await submit(bus, run_ids[k], seq_id, cmd) for k, cmd in commands.items()}
         records[seq_id] = {k: await wait_final(bus, rid) for k, rid in rids.items()}
         counted[seq_id] = since(before)
 
+    nothing = (0.0, 0.0, 0.0)
     assert (records[1]["b"].status, records[1]["b"].category) == ("failed", "user")
     assert "logprobs" in (records[1]["b"].error or "")
-    assert counted[1] == (1.0, 2.0, 0.0)  # a and c in one pass
+    assert counted[1] == {FB: (1.0, 2.0, 0.0), STEP: nothing}  # a and c in one pass
     assert (records[2]["c"].status, records[2]["c"].category) == ("failed", "user")
     assert "gather" in (records[2]["c"].error or "")
-    assert counted[2] == (2.0, 2.0, 2.0)  # the joint pass failed: a and b ran alone
-    failed = {(1, "b"), (2, "c")}
+    # the joint pass failed: a and b ran alone
+    assert counted[2] == {FB: (2.0, 2.0, 2.0), STEP: nothing}
+    assert (records[3]["b"].status, records[3]["b"].category) == ("failed", "user")
+    assert "betas" in (records[3]["b"].error or "")
+    assert counted[3] == {FB: nothing, STEP: (1.0, 2.0, 0.0)}  # a's and c's steps together
+    failed = {(1, "b"), (2, "c"), (3, "b")}
     for seq_id, by_run in records.items():
         for logical, record in by_run.items():
             assert record.status == ("failed" if (seq_id, logical) in failed else "done")
 
     # The same requests, each in a pass of its own on an in-process engine (failed ones left
     # out): the same results, and the same weights after the step (the failed pass left no
-    # gradient behind, or a's and b's would have counted twice).
+    # gradient behind, or a's and b's would have counted twice; b's refused step moved nothing).
     reference = TrainerEngine(builtin_model)
     for logical, run_id in run_ids.items():
         reference.create_run(run_id, RUNS[logical][1])

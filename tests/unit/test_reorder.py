@@ -45,3 +45,14 @@ def test_starts_from_the_given_seq() -> None:
     assert buf.push(11, "b") and buf.push(10, "a")
     assert buf.pop_ready() == ["a", "b"]
     assert buf.next_seq == 12
+
+
+def test_peek_after_names_the_item_behind_the_next_only_when_both_are_held() -> None:
+    buf: ReorderBuffer[str] = ReorderBuffer(next_seq=1)
+    buf.push(2, "two")
+    assert buf.peek() is None and buf.peek_after() is None  # 1 is missing: nothing can run
+    buf.push(1, "one")
+    assert (buf.peek(), buf.peek_after()) == ("one", "two")
+    assert buf.pop_next() == "one"
+    assert (buf.peek(), buf.peek_after()) == ("two", None)  # 3 not held
+    assert len(buf) == 1  # peeking took nothing
