@@ -23,9 +23,9 @@ One step:
    context bucket on GPU, the same function eagerly on CPU), sample, and retire the sequences that
    hit a stop token, a stop string or ``max_tokens``.
 
-Every adapter of a batch is applied in the same forward (``weights.AdapterSlots`` in decode,
-each adapter's own factors in prefill): rows need not be grouped by adapter, so sequences come
-and go freely, and however many adapters are resident a step reads only those of its batch.
+Every adapter of a batch is applied in the same forward (``weights.AdapterSlots``): rows need
+not be grouped by adapter, so sequences come and go freely, and however many adapters are
+resident a step reads only those of its batch.
 Seeded requests draw every uniform they will need at admission from their own
 ``torch.Generator`` (row ``i`` of a ``[num_samples, max_tokens]`` draw for sample ``i``), so
 their output does not depend on their neighbours or on when they were scheduled. Logprobs are
@@ -57,7 +57,6 @@ from services.sampler.weights import (
     AdapterSlots,
     ResidentAdapters,
     decoder_from_hf,
-    prefill_lora,
     resident_from_hf,
 )
 from whetstone.errors import UserError, WhetstoneError
@@ -591,7 +590,7 @@ class SamplerEngine:
                 merged[-1] = (merged[-1][0], stop, adapter)
             else:
                 merged.append((start, stop, adapter))
-        return prefill_lora(self.resident, self.model.shape, merged)
+        return self.slots.prefill_lora(merged)
 
     # ------------------------------------------------------------------------------ sampling
 

@@ -73,10 +73,9 @@ class Layer:
 # A projection's LoRA for one batch. Decode: per rank class, ``(a, b, row_slot, width)``: the
 # stacked A ``[slots * width, in]`` and B ``[out, slots * width]`` (scale folded in) of the slots
 # in use and each row's slot ``[T]`` (-1: none), ``width`` columns per slot. Prefill: per run of
-# rows, ``(row_start, row_stop, subs)`` with ``(out_start, out_stop, a, b, scale)`` per
-# sub-projection the run's adapter has. ``None``: no row has an adapter here.
+# rows, ``(row_start, row_stop, a, b)``: its adapter's own columns. ``None``: no adapter here.
 SlotArg = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
-RunArg = tuple[int, int, tuple[tuple[int, int, torch.Tensor, torch.Tensor, float], ...]]
+RunArg = tuple[int, int, torch.Tensor, torch.Tensor]
 LoraArg = tuple[SlotArg, ...] | tuple[RunArg, ...] | None
 
 
@@ -283,10 +282,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora: LoraArg) -> torch.T
             slot_of_col = torch.arange(a.shape[0], device=x.device) // width
             mask = (slot_of_col[None] == row_slot[:, None]).to(x.dtype)
             y = torch.addmm(y, (x @ a.T) * mask, b.T)
-        else:  # exact FLOPs: a run of rows against its own adapter's factors
-            r0, r1, subs = entry
-            for o0, o1, a, b, scale in subs:
-                y[r0:r1, o0:o1] += ((x[r0:r1] @ a.T) * scale) @ b.T
+        else:  # exact FLOPs: a run of rows against its own adapter's columns
+            r0, r1, a, b = entry
+            y[r0:r1].addmm_(x[r0:r1] @ a.T, b.T)
     return y
 
 

@@ -5,16 +5,15 @@ fused into one matrix each). Adapters live at two levels:
 
 * ``ResidentAdapters``: every adapter the engine holds (an LRU the engine bounds), as its own
   factors per HF module name, on the device in the model's dtype. Loading one reads its
-  checkpoint and nothing else; evicting one drops its tensors. Prefill reads these directly
-  (``prefill_lora``: each run of rows against its adapter's factors).
-* ``AdapterSlots``: decode's stacks. Per rank class (8, 16, 32, 64: an adapter's rank rounded up)
-  a pool of ``capacity`` slots, preallocated per fused projection and layer at fixed addresses
-  (so the CUDA graphs that read them stay valid), A ``[slots * width, in]`` and B
-  ``[out, slots * width]`` with the scale folded in. An adapter a decode batch needs is copied
-  into a free slot (lowest first, so a batch's slots stay packed at the front and the GEMMs read
+  checkpoint and nothing else; evicting one drops its tensors.
+* ``AdapterSlots``: the stacks a forward reads. Per rank class (8, 16, 32, 64: an adapter's
+  rank rounded up) a pool of ``capacity`` slots, preallocated per fused projection and layer at
+  fixed addresses (so the CUDA graphs that read them stay valid), A ``[slots * width, in]`` and
+  B ``[out, slots * width]`` with the scale folded in. An adapter a batch needs is copied into a
+  free slot (lowest first, so a batch's slots stay packed at the front and decode's GEMMs read
   only ``bucket(highest slot + 1)`` slots); a slot is reused once no row of the batch needs it.
   A decode step thus reads only the factors of the adapters in its batch, however many are
-  resident.
+  resident. Prefill reads the same slots, each run of rows against its own adapter's columns.
 """
 
 from __future__ import annotations
@@ -90,35 +89,6 @@ def in_size(s: Shape, kind: str) -> int:
     return {"o": s.heads * s.head_dim, "down": s.intermediate}.get(kind, s.hidden)
 
 
-def prefill_lora(
-    resident: ResidentAdapters, s: Shape, runs: list[tuple[int, int, str]]
-) -> ModelLora | None:
-    """Prefill's ``ModelLora``: each run of rows ``(start, stop, adapter)`` against its adapter's
-    own factors (exact FLOPs)."""
-    if not runs:
-        return None
-
-    def arg(kind: str, layer: int) -> LoraArg:
-        offsets = [0]
-        for size in out_sizes(s, kind):
-            offsets.append(offsets[-1] + size)
-        out = []
-        for r0, r1, adapter in runs:
-            subs = tuple(
-                (offsets[j], offsets[j + 1], f.a, f.b, f.scale)
-                for j, f in enumerate(resident.factors(adapter, kind, layer))
-                if f is not None
-            )
-            if subs:
-                out.append((r0, r1, subs))
-        return tuple(out) or None
-
-    layers = [
-        (arg("qkv", i), arg("o", i), arg("gate_up", i), arg("down", i)) for i in range(s.layers)
-    ]
-    return ModelLora(layers, arg(HEAD, 0))
-
-
 def _layer_args(
     arg: Callable[[str, int], LoraArg], layer: int
 ) -> tuple[LoraArg, LoraArg, LoraArg, LoraArg]:
@@ -183,16 +153,49 @@ class AdapterSlots:
     def rows(self, adapters: list[str | None]) -> DecodeRows | None:
         """Slots for a decode batch's rows (``None``: the base model), copying in any adapter
         that holds none; ``None`` when no row has an adapter."""
+        placed = self._place(adapters)
+        if not placed:
+            return None
+        slots, used, kinds = {}, {}, {}
+        for rank, where in placed.items():
+            pool = self.pools[rank]
+            slots[rank] = [where.get(a, -1) if a is not None else -1 for a in adapters]
+            top = max(where.values()) + 1
+            used[rank] = min(pool.capacity, 1 << (top - 1).bit_length())
+            kinds[rank] = tuple(k for k in KINDS if any(k in pool.kinds[i] for i in where.values()))
+        return DecodeRows(slots, used, kinds)
+
+    def prefill_lora(self, runs: list[tuple[int, int, str]]) -> ModelLora | None:
+        """Prefill's ``ModelLora``: each run of rows ``(start, stop, adapter)`` against its
+        adapter's own slot columns only (exact FLOPs: prefill's rows are many)."""
+        placed = self._place([adapter for _, _, adapter in runs])
+        if not placed:
+            return None
+        located = [(r0, r1, self.resident.rank_class[ad], ad) for r0, r1, ad in runs]
+
+        def arg(kind: str, layer: int) -> LoraArg:
+            out = []
+            for r0, r1, rank, adapter in located:
+                pool, slot = self.pools[rank], placed[rank][adapter]
+                if kind in pool.kinds[slot]:
+                    w = pool.width(kind)
+                    a = pool.a[kind][layer][slot * w : (slot + 1) * w]
+                    out.append((r0, r1, a, pool.b[kind][layer][:, slot * w : (slot + 1) * w]))
+            return tuple(out) or None
+
+        return ModelLora([_layer_args(arg, i) for i in range(self.shape.layers)], arg(HEAD, 0))
+
+    def _place(self, adapters: list[str | None]) -> dict[int, dict[str, int]]:
+        """Each distinct adapter's slot in its rank class's pool, copying in those without one
+        into the lowest slots that none of ``adapters`` holds."""
         wanted: dict[int, list[str]] = {}
         for adapter in dict.fromkeys(a for a in adapters if a is not None):
             wanted.setdefault(self.resident.rank_class[adapter], []).append(adapter)
-        if not wanted:
-            return None
-        slots, used, kinds = {}, {}, {}
+        placed = {}
         for rank, ids in wanted.items():
             pool = self._pool(rank)
             if len(ids) > pool.capacity:
-                raise RuntimeError("more adapters in one decode batch than slots")
+                raise RuntimeError("more adapters in one forward than slots")
             needed = set(ids)
             where = {a: i for i, a in enumerate(pool.holder) if a in needed}
             free = [i for i, a in enumerate(pool.holder) if a not in needed]
@@ -200,11 +203,8 @@ class AdapterSlots:
                 if adapter not in where:
                     where[adapter] = slot = free.pop(0)
                     self._copy_in(pool, slot, adapter)
-            slots[rank] = [where[a] if a in where else -1 for a in adapters]
-            top = max(where.values()) + 1
-            used[rank] = min(pool.capacity, 1 << (top - 1).bit_length())
-            kinds[rank] = tuple(k for k in KINDS if any(k in pool.kinds[where[a]] for a in ids))
-        return DecodeRows(slots, used, kinds)
+            placed[rank] = where
+        return placed
 
     def model_lora(self, rows: DecodeRows, row_slots: dict[int, torch.Tensor]) -> ModelLora:
         """The ``ModelLora`` of a decode batch: views of the first ``used`` slots of each pool,
