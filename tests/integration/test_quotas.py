@@ -198,8 +198,8 @@ class FinishOrder:
 async def test_a_second_tenant_is_served_while_the_first_floods(
     bus: b.Bus, nats_url: str, models_dir: Path, log, start_trainer, pass_max_runs: int
 ) -> None:
-    """Requests run one at a time (as optim_steps always do) take turns by tenant; with passes,
-    the quiet tenant's requests join the flood's passes instead, just as early."""
+    """Requests run one at a time take turns by tenant; with passes, the quiet tenant's
+    requests join the flood's passes instead, just as early."""
     worker = await start_trainer("w1", fair_share_report_s=0.0, pass_max_runs=pass_max_runs)
     order = FinishOrder()
     watch = await bus.nc.subscribe(f"$KV.{s.FUTURES_BUCKET}.>", cb=order.on_update)
