@@ -514,45 +514,50 @@ class Qwen3Packed:
                 [f[n].a.reshape(-1) for n in names] + [f[n].b.reshape(-1) for n in names]
             )
         flat = flat.to(self.dtype, copy=True)  # a fresh tensor: never the leaves themselves
+        # Pieces by split, never by slicing: a split's backward is one concatenation of the
+        # pieces' gradients, where each slice's would fill a zero tensor of the whole size and
+        # add it up (hundreds of full-size fills and adds per pass).
+        known = set(names)
+        groups: list[list[str]] = []  # per fused projection present, its modules (A adjacent)
+        for i in range(self.shape.layers):
+            for subs in FUSED.values():
+                present = [m for sub in subs if (m := f"model.layers.{i}.{sub}") in known]
+                if present:
+                    groups.append(present)
+        if HEAD in known:
+            groups.append([HEAD])
         n_a = sum(f[n].a.numel() for n in names)
-        a_part, b_part = flat[:n_a], flat[n_a:]
+        a_part, b_part = flat.split([n_a, flat.numel() - n_a])
         if len(scales) == 1:
             b_part = b_part * scales.pop()
-        views: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (offset into a_part, B view)
-        a_offset = b_offset = 0
-        for n in names:
-            g = f[n]
-            b = b_part[b_offset : b_offset + g.b.numel()].view(g.b.shape)
-            views[n] = (a_offset, b if len(scales) <= 1 else b * g.scale)
-            a_offset += g.a.numel()
-            b_offset += g.b.numel()
+        a_pieces = a_part.split([sum(f[n].a.numel() for n in group) for group in groups])
+        b_pieces = b_part.split([f[n].b.numel() for n in names])
+        stacked_a = {group[0]: piece for group, piece in zip(groups, a_pieces, strict=True)}
+        bs: dict[str, torch.Tensor] = {}
+        for n, piece in zip(names, b_pieces, strict=True):
+            b = piece.view(f[n].b.shape)
+            bs[n] = b if len(scales) <= 1 else b * f[n].scale
 
         layers: list[LayerLora] = []
         for i in range(self.shape.layers):
             fused: list[ProjLora | None] = []
             for kind, subs in FUSED.items():
                 found = [f"model.layers.{i}.{sub}" for sub in subs]
-                present = [n for n in found if n in views]
+                present = [n for n in found if n in bs]
                 if not present:
                     fused.append(None)
                     continue
-                start = views[present[0]][0]
                 rows = sum(f[n].a.shape[0] for n in present)
-                width = f[present[0]].a.shape[1]
-                a = a_part[start : start + rows * width].view(rows, width)
+                a = stacked_a[present[0]].view(rows, f[present[0]].a.shape[1])
                 blocks = [
-                    views[n][1]
-                    if n in views
-                    else torch.zeros(size, 0, dtype=self.dtype, device=self.device)
+                    bs[n] if n in bs else torch.zeros(size, 0, dtype=self.dtype, device=self.device)
                     for n, size in zip(found, self.shape.sub_sizes(kind), strict=True)
                 ]
                 fused.append((a, blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)))
             layers.append(tuple(fused))
         head = None
-        if HEAD in views:
-            start, b = views[HEAD]
-            shape = f[HEAD].a.shape
-            head = (a_part[start : start + f[HEAD].a.numel()].view(shape), b)
+        if HEAD in bs:
+            head = (stacked_a[HEAD].view(f[HEAD].a.shape), bs[HEAD])
         return AdapterWeights(layers, head)
 
     # ---------------------------------------------------------------- forward
