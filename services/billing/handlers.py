@@ -3,8 +3,9 @@
 Consumes the durable ``ws.usage.>`` queue (consumer ``billing``) in batches (FastStream's batch
 mode: one handler call per fetch, where one per event cost ten times the events' insert). The
 fetch is decoded in one pydantic call (``decode_events``); the handler only buffers it (held
-unacknowledged, ``fate.hold``); a flusher writes the buffer to ClickHouse in one insert and only
-then acknowledges its messages. An undecodable event is dead-lettered alone; its batch-mates are
+unacknowledged, ``fate.hold``); a flusher writes the buffer to ClickHouse in one insert (up to
+``batch_size`` events, at least every ``flush_interval_s``) and only then acknowledges its
+messages. An undecodable event is dead-lettered alone; its batch-mates are
 billed. ClickHouse being down leaves the events waiting in the stream, and a redelivered event
 is deduplicated by ``event_id`` in the ledger. Answers usage reports on
 ``ws.ctl.billing.report`` (request/reply).
@@ -40,9 +41,9 @@ from whetstone.tasks import Offload, spawn
 
 # Short, because a fetch can be lost in the client (Python 3.11's ``asyncio.wait_for`` may drop
 # a message that lands as a fetch times out, e.g. while a long insert holds the loop): its
-# events come back after this long. A held event waits for its flush far less than this (the
-# buffer is at most ``max_ack_pending``, flushed at tens of thousands per second), and a copy
-# redelivered meanwhile is dropped by the ledger's recent ids.
+# events come back after this long. A held event waits for its flush far less than this (at most
+# ``flush_interval_s``, less once ``batch_size`` events wait, plus one insert of under a second),
+# and a copy redelivered meanwhile is dropped by the ledger's recent ids.
 USAGE_ACK_WAIT_S = 10.0
 _EVENTS = TypeAdapter(list[UsageEvent])
 
@@ -100,11 +101,15 @@ class BillingService:
             stream=JStream(s.USAGE_STREAM, declare=False),
             durable=s.BILLING_CONSUMER,
             pull_sub=PullSub(
-                batch_size=self.settings.batch_size,
+                batch_size=self.settings.fetch_size,
                 timeout=self.settings.fetch_timeout_s,
                 batch=True,
             ),
-            config=consumer_config(USAGE_ACK_WAIT_S, max_ack_pending=50_000),
+            # Room for the batch being written and the next one filling meanwhile.
+            config=consumer_config(
+                USAGE_ACK_WAIT_S,
+                max_ack_pending=2 * self.settings.batch_size + self.settings.fetch_size,
+            ),
             ack_policy=AckPolicy.MANUAL,
             decoder=_decode_batch,
             title="usage events",
@@ -152,7 +157,7 @@ class BillingService:
     async def _flush_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._full.wait(), self.settings.fetch_timeout_s)
+                await asyncio.wait_for(self._full.wait(), self.settings.flush_interval_s)
             except TimeoutError:
                 pass
             self._full.clear()

@@ -13,12 +13,14 @@ one):
   re-emitted event whose ``occurred_at`` moved across a month would otherwise count twice.
 * ``usage_hourly`` and ``usage_daily``: ``SummingMergeTree`` roll-ups per UTC hour and day and per
   (tenant, base model, meter, API key, session, run, sampler), filled by materialized views on
-  every insert into ``usage_events``. Reports whose window and grouping align with a roll-up read
-  it (a month over ten million events is a few thousand rows), the rest read the raw table.
+  every insert into ``usage_events``; since migration 4 each view sums the insert (GROUP BY), so
+  it writes a row per key and bucket rather than per event. Reports whose window and grouping
+  align with a roll-up read it (a month over ten million events is ~90k daily rows), the rest
+  read the raw table.
 
 Exactly once in the roll-ups. A materialized view sees every insert, duplicates included, so the
 ledger drops duplicates before inserting: within the batch, and against the ids it inserted
-recently (``recent_ids`` of them, loaded back from the table at start-up), which covers
+recently (at least ``recent_ids``, loaded back from the table at start-up), which covers
 redelivery and replays. A duplicate older than that still counts once in ``usage_events``;
 ``reconcile`` compares the roll-ups with the raw table over a window and writes the difference
 as correction rows (quantities are signed for this), which billing runs at start-up and
@@ -41,7 +43,7 @@ seconds in the server's time zone, which would shift and truncate the window.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -307,9 +309,11 @@ class Ledger:
         self._client = client
         self._recent_limit = recent_ids
         self.insert_settings = dict(INSERT_SETTINGS if insert_settings is None else insert_settings)
-        # The ids inserted recently (a set to look up, a queue to forget the oldest first).
+        # The ids inserted recently: a set to look up, and the inserts' ids oldest first, to
+        # forget whole inserts once the newer ones hold ``recent_ids``.
         self._recent: set[str] = set()
-        self._recent_order: deque[str] = deque()
+        self._recent_order: deque[list[str]] = deque()
+        self._recent_count = 0
 
     @classmethod
     def connect(cls, dsn: str, recent_ids: int = DEFAULT_RECENT_IDS) -> Ledger:
@@ -377,8 +381,8 @@ class Ledger:
             f"SELECT event_id FROM {DATABASE}.{TABLE} ORDER BY inserted_at DESC LIMIT {{n:UInt64}}",
             {"n": self._recent_limit},
         )
-        self._recent_order = deque(event_id for (event_id,) in reversed(rows))
-        self._recent = set(self._recent_order)
+        ids = [event_id for (event_id,) in reversed(rows)]
+        self._recent_order, self._recent, self._recent_count = deque([ids]), set(ids), len(ids)
 
     # ---------------------------------------------------------------- writing
 
@@ -396,20 +400,21 @@ class Ledger:
                 fresh[e.event_id] = e
         if not fresh:
             return 0
-        return self._write(UsageColumns.of(list(fresh.values())))
+        return self._write(UsageColumns.of(list(fresh.values())), set(fresh))
 
     def insert_columns(self, batch: UsageColumns) -> int:
         """``insert`` for events given column by column; the same deduplication by id."""
+        unique = set(batch.event_id)
+        if len(unique) == len(batch) and self._recent.isdisjoint(unique):
+            return self._write(batch, unique) if unique else 0  # the usual case: all new
         recent, seen, keep = self._recent, set(), []
         for i, event_id in enumerate(batch.event_id):
             if event_id not in recent and event_id not in seen:
                 seen.add(event_id)
                 keep.append(i)
-        if not keep:
-            return 0
-        return self._write(batch if len(keep) == len(batch) else batch.take(keep))
+        return self._write(batch.take(keep), seen) if keep else 0
 
-    def _write(self, batch: UsageColumns) -> int:
+    def _write(self, batch: UsageColumns, ids: set[str]) -> int:
         # Column by column (what the Native format sends) with declared types: no per-row lists,
         # no type query, no conversion in the client. (Arrow costs the same here: bench_billing.)
         try:
@@ -424,14 +429,20 @@ class Ledger:
             )
         except (OperationalError, ClickHouseError) as e:
             raise Unavailable(f"usage insert failed: {e}") from e
-        self._remember(batch.event_id)
+        self._remember(batch.event_id, ids)
         return len(batch)
 
-    def _remember(self, ids: Collection[str]) -> None:
-        self._recent.update(ids)
-        self._recent_order.extend(ids)
-        while len(self._recent_order) > self._recent_limit:
-            self._recent.discard(self._recent_order.popleft())
+    def _remember(self, ordered: list[str], ids: set[str]) -> None:
+        self._recent |= ids
+        self._recent_order.append(ordered)
+        self._recent_count += len(ordered)
+        while (
+            len(self._recent_order) > 1
+            and self._recent_count - len(self._recent_order[0]) >= self._recent_limit
+        ):
+            oldest = self._recent_order.popleft()
+            self._recent_count -= len(oldest)
+            self._recent.difference_update(oldest)
 
     def reconcile(self, since: datetime | None = None, until: datetime | None = None) -> int:
         """Make the roll-ups equal the raw table over ``[since, until)`` (UTC days; open bounds

@@ -10,7 +10,12 @@ from whetstone.settings import ServiceSettings
 class BillingSettings(ServiceSettings):
     clickhouse_dsn: str = ""  # empty: the embedded engine under <state_dir>/clickhouse
     prices_file: Path | None = None  # JSON price table; empty: the built-in defaults
-    batch_size: int = 5000  # events per ClickHouse insert
+    # Events are buffered until ``batch_size`` of them or ``flush_interval_s`` since the last
+    # flush, whichever comes first, then written in one insert: each insert writes a part in three
+    # tables, so fewer, larger inserts cost the engine less per event (bench/RESULTS.md, P6).
+    batch_size: int = 50_000  # events per ClickHouse insert, at most
+    flush_interval_s: float = 1.0
+    fetch_size: int = 10_000  # messages asked for per pull request
     fetch_timeout_s: float = 0.5
     recent_ids: int = 1_000_000  # event ids remembered to drop duplicates before the roll-ups
     reconcile_interval_s: float = 3600.0  # roll-ups checked against the raw events this often
