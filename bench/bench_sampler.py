@@ -189,7 +189,7 @@ def p4_resident(
         t = time.perf_counter()
         engine.ensure_adapter(name, aliases[names.index(name)])
         with torch.inference_mode():  # as the engine's step fills slots
-            engine.slots.rows([name])
+            engine.slots.rows([name], set())
         sync()
         back.append(time.perf_counter() - t)
     info = {

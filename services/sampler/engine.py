@@ -424,6 +424,11 @@ class SamplerEngine:
         same = {a for a in admitted if a is not None and self.resident.rank_class[a] == rank}
         return adapter in same or len(same) < self.slots.capacity
 
+    def _admitted_adapters(self) -> set[str | None]:
+        """Adapters of the requests admitted so far (their decode slots are kept)."""
+        admitted = {r.adapter_id for r in self._prefilling}
+        return admitted | {q.req.adapter_id for q in self._running}
+
     def _reuse_prefix(self, req: _Request) -> None:
         """Start the request's prefill after the longest cached prefix of its prompt that it may
         skip: never its last token (its logits start the sampling), nor a position it scores."""
@@ -542,7 +547,7 @@ class SamplerEngine:
             device=self.device,
         )
         table_t = torch.from_numpy(table).to(self.device)
-        lora_rows = self.slots.rows([seq.req.adapter_id for seq in seqs])
+        lora_rows = self.slots.rows([seq.req.adapter_id for seq in seqs], self._admitted_adapters())
         if self.slots.version != self._slots_version:  # new stacks: the graphs' addresses are stale
             self._graphs, self._slots_version = None, self.slots.version
         if self.cuda_graphs:
@@ -590,7 +595,7 @@ class SamplerEngine:
                 merged[-1] = (merged[-1][0], stop, adapter)
             else:
                 merged.append((start, stop, adapter))
-        return self.slots.prefill_lora(merged)
+        return self.slots.prefill_lora(merged, self._admitted_adapters())
 
     # ------------------------------------------------------------------------------ sampling
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # topk candidates for rows that use top_p without a top_k at least this large.
 CANDIDATES = 1024
+# Width of the chunks a wide row's inverse CDF is summed over first.
+CHUNK = 1024
 
 
 @dataclass
@@ -74,11 +77,29 @@ def _greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Index ``i`` with ``cdf[i-1] <= u * total < cdf[i]``; never a zero-probability entry."""
-    cdf = probs.double().cumsum(dim=-1)
-    target = (uniforms.double() * cdf[:, -1])[:, None]
-    pick = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
-    return pick.squeeze(-1)
+    """Index ``i`` with ``cdf[i-1] <= u * total < cdf[i]`` (float64 sums); never a
+    zero-probability entry. A wide row goes in two levels: the float64 sums of ``CHUNK``-wide
+    chunks pick the chunk, then one chunk's cumulative sum the entry (a full-vocabulary float64
+    cumsum costs 0.29 ms per step on an H200 at 64 x 152k; this reads the row once)."""
+    b, v = probs.shape
+    if v <= 4 * CHUNK:
+        cdf = probs.double().cumsum(dim=-1)
+        target = (uniforms.double() * cdf[:, -1])[:, None]
+        pick = torch.searchsorted(cdf, target, right=True).clamp(max=v - 1)
+        return pick.squeeze(-1)
+    chunks = F.pad(probs, (0, (-v) % CHUNK)).view(b, -1, CHUNK)  # zeros past the vocabulary
+    sums = chunks.sum(dim=-1, dtype=torch.float64)  # [B, C]
+    outer = sums.cumsum(dim=-1)
+    target = (uniforms.double() * outer[:, -1])[:, None]
+    last_chunk = (sums > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    c = torch.minimum(torch.searchsorted(outer, target, right=True), last_chunk)  # [B, 1]
+    before = outer.gather(-1, (c - 1).clamp(min=0)) * (c > 0)
+    inner = chunks.gather(1, c[:, :, None].expand(-1, 1, CHUNK)).squeeze(1)  # [B, CHUNK]
+    j = torch.searchsorted(inner.double().cumsum(dim=-1) + before, target, right=True)
+    # Rounding can leave the target at the chunk's end: then its last nonzero entry.
+    last = (inner > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    j = torch.where(j >= CHUNK, last, j)
+    return (c * CHUNK + j).squeeze(-1).clamp(max=v - 1)
 
 
 def sampled_topk(

@@ -150,10 +150,11 @@ class AdapterSlots:
             if adapter_id in pool.holder:
                 pool.holder[pool.holder.index(adapter_id)] = None
 
-    def rows(self, adapters: list[str | None]) -> DecodeRows | None:
+    def rows(self, adapters: list[str | None], keep: set[str | None]) -> DecodeRows | None:
         """Slots for a decode batch's rows (``None``: the base model), copying in any adapter
-        that holds none; ``None`` when no row has an adapter."""
-        placed = self._place(adapters)
+        that holds none (never over the slot of one in ``keep``, the engine's admitted
+        requests'); ``None`` when no row has an adapter."""
+        placed = self._place(adapters, keep)
         if not placed:
             return None
         slots, used, kinds = {}, {}, {}
@@ -165,10 +166,12 @@ class AdapterSlots:
             kinds[rank] = tuple(k for k in KINDS if any(k in pool.kinds[i] for i in where.values()))
         return DecodeRows(slots, used, kinds)
 
-    def prefill_lora(self, runs: list[tuple[int, int, str]]) -> ModelLora | None:
+    def prefill_lora(
+        self, runs: list[tuple[int, int, str]], keep: set[str | None]
+    ) -> ModelLora | None:
         """Prefill's ``ModelLora``: each run of rows ``(start, stop, adapter)`` against its
         adapter's own slot columns only (exact FLOPs: prefill's rows are many)."""
-        placed = self._place([adapter for _, _, adapter in runs])
+        placed = self._place([adapter for _, _, adapter in runs], keep)
         if not placed:
             return None
         located = [(r0, r1, self.resident.rank_class[ad], ad) for r0, r1, ad in runs]
@@ -185,9 +188,11 @@ class AdapterSlots:
 
         return ModelLora([_layer_args(arg, i) for i in range(self.shape.layers)], arg(HEAD, 0))
 
-    def _place(self, adapters: list[str | None]) -> dict[int, dict[str, int]]:
+    def _place(
+        self, adapters: list[str | None], keep: set[str | None]
+    ) -> dict[int, dict[str, int]]:
         """Each distinct adapter's slot in its rank class's pool, copying in those without one
-        into the lowest slots that none of ``adapters`` holds."""
+        into the lowest slots that no adapter of ``adapters`` or ``keep`` holds."""
         wanted: dict[int, list[str]] = {}
         for adapter in dict.fromkeys(a for a in adapters if a is not None):
             wanted.setdefault(self.resident.rank_class[adapter], []).append(adapter)
@@ -198,7 +203,8 @@ class AdapterSlots:
                 raise RuntimeError("more adapters in one forward than slots")
             needed = set(ids)
             where = {a: i for i, a in enumerate(pool.holder) if a in needed}
-            free = [i for i, a in enumerate(pool.holder) if a not in needed]
+            taken = needed | keep
+            free = [i for i, a in enumerate(pool.holder) if a is None or a not in taken]
             for adapter in ids:
                 if adapter not in where:
                     where[adapter] = slot = free.pop(0)
