@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM
 from services.sampler.engine import SamplerEngine
 from services.sampler.kvcache import BlockAllocator, CacheShape, PagedKVCache
 from services.sampler.model import DecodeBatch
-from services.sampler.sampling import CANDIDATES, SamplingRows, sample
+from services.sampler.sampling import CANDIDATES, SamplingRows, _inverse_cdf, sample
 from services.trainer.engine import TrainerEngine
+from whetstone.errors import UserError
 from whetstone.messages import (
     AdamParams,
     Datum,
@@ -238,6 +239,98 @@ def test_adapters_of_different_ranks_in_one_batch_equal_each_alone(model_dir, ad
             expected = teacher_forced(reference, prompt, tokens(result, k))
             np.testing.assert_allclose(logprobs(result, k), expected[len(prompt) - 1 :], atol=1e-4)
     assert len({tuple(tokens(r)) for r in together}) == len(together)
+
+
+def test_one_slot_serves_adapters_in_turn_without_leaking(model_dir, adapters):
+    """A single decode slot per rank class: requests on two adapters of one class (r4 with MLP
+    factors, attn8 without) take the slot in turn (admission waits for it), and each result is
+    what that adapter gives alone on a fresh engine (no columns of the slot's previous holder)."""
+    jobs = [
+        (request(make_engine(model_dir), PROMPTS[0], max_tokens=6, temperature=0.0), "r4"),
+        (request(make_engine(model_dir), PROMPTS[1], max_tokens=6, temperature=0.0), "attn8"),
+        (request(make_engine(model_dir), PROMPTS[2], max_tokens=6, temperature=0.0), "r4"),
+    ]
+    small = make_engine(model_dir, adapter_slots=1)
+    for name in ("r4", "attn8"):
+        small.ensure_adapter(name, adapters[name])
+    together = small.generate(jobs)
+    assert small.slots.pools[8].holder == ["r4"]  # the last one to run holds it
+    for (req, adapter), result in zip(jobs, together, strict=True):
+        fresh = make_engine(model_dir)
+        fresh.ensure_adapter(adapter, adapters[adapter])
+        [alone] = fresh.generate([(req, adapter)])
+        assert tokens(result) == tokens(alone)
+        np.testing.assert_allclose(logprobs(result), logprobs(alone), atol=1e-5)
+
+
+def test_evicted_adapter_is_reloaded_with_the_same_output(model_dir, adapters):
+    """LRU bound 1: loading attn8 evicts r4 (its factors and its slot); r4 requested again is
+    loaded again and samples exactly what it did before."""
+    engine = make_engine(model_dir, max_adapters=1)
+    job = (request(engine, PROMPTS[0], max_tokens=8, temperature=1.0, seed=3), "r4")
+    engine.ensure_adapter("r4", adapters["r4"])
+    [before] = engine.generate([job])
+    engine.ensure_adapter("attn8", adapters["attn8"])
+    assert not engine.lora.has("r4")
+    assert all(module.adapters.keys() <= {"attn8"} for module in engine.lora.layers.values())
+    assert "r4" not in engine.slots.pools[8].holder
+    [other] = engine.generate([(job[0], "attn8")])
+    engine.ensure_adapter("r4", adapters["r4"])
+    [after] = engine.generate([job])
+    assert tokens(after) == tokens(before) != tokens(other)
+    np.testing.assert_allclose(logprobs(after), logprobs(before), atol=1e-6)
+
+
+def test_adapter_rank_above_the_largest_slot_class_is_refused(model_dir, tmp_path):
+    engine = make_engine(model_dir)
+    directory = make_adapter(model_dir, tmp_path / "r128", 5, rank=128)
+    with pytest.raises(UserError, match="rank 128"):
+        engine.ensure_adapter("big", directory)
+    assert not engine.lora.has("big")
+
+
+@pytest.mark.parametrize("vocab", [5000, 151_936])
+def test_two_level_inverse_cdf_equals_float64_cumsum(vocab):
+    """The chunked inverse CDF picks what a full float64 cumsum picks, never a zero entry, at
+    the edges (u = 0, u just under 1, a tail of zeros) too."""
+    gen = torch.Generator().manual_seed(vocab)
+    for trial in range(10):
+        probs = torch.rand(6, vocab, generator=gen) ** 8
+        probs[:, torch.randperm(vocab, generator=gen)[: vocab // 2]] = 0
+        if trial % 2:
+            probs[:, vocab // 3 :] = 0
+        u = torch.rand(6, generator=gen)
+        u[0], u[1] = 0.0, 1 - 1e-7
+        cdf = probs.double().cumsum(-1)
+        expected = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)
+        got = _inverse_cdf(probs, u)
+        assert torch.equal(got, expected.squeeze(-1).clamp(max=vocab - 1))
+        assert (probs.gather(1, got[:, None]) > 0).all()
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager_on_cpu(model_dir, adapters):
+    """The layer bodies that CUDA graphs run compiled (``decode_fns``), here compiled for the
+    CPU: the same greedy tokens and logprobs as the eager step, with and without an adapter."""
+    jobs = [
+        (request(make_engine(model_dir), PROMPTS[0], max_tokens=6, temperature=0.0), "r4"),
+        (request(make_engine(model_dir), PROMPTS[2], max_tokens=6, temperature=0.0), None),
+    ]
+    results = {}
+    for compiled in (False, True):
+        engine = make_engine(model_dir)
+        engine.ensure_adapter("r4", adapters["r4"])
+        forward, logits = engine.model.forward, engine.model.logits
+
+        def decode_forward(*args, _f=forward, _c=compiled, **kwargs):
+            return _f(*args, **kwargs, compiled=_c and isinstance(args[3], DecodeBatch))
+
+        engine.model.forward = decode_forward  # type: ignore[method-assign]
+        engine.model.logits = lambda h, lora=None, _l=logits, _c=compiled: _l(h, lora, _c)  # type: ignore[method-assign]
+        results[compiled] = engine.generate(jobs)
+    for eager, compiled in zip(results[False], results[True], strict=True):
+        assert tokens(eager) == tokens(compiled)
+        np.testing.assert_allclose(logprobs(compiled), logprobs(eager), atol=1e-5)
 
 
 def test_sampler_logprobs_match_trainer(model_dir, tmp_path):
