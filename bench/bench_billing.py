@@ -8,11 +8,11 @@ Inserts N synthetic usage events (100 tenants, 3 base models, 3 meters, 1000 ses
 API key, model and run, spread over one month in arrival order) through ``Ledger.insert_columns``
 in batches of ``--batch`` (default 200k); each insert also feeds the hourly and daily roll-ups
 (materialized views). The events are built column by column with numpy, batch by batch (not timed),
-so 10M take a minute and fit in memory. Then it times a month's report (read from the daily roll-
-up), one tenant's, the monthly statement's query (model x meter x price), a report the roll-ups
-cannot answer (a window off the hour: the raw events with ``FINAL``), and a reconciliation of one
-day; and checks that the reports count each token once after a batch was inserted again. A fresh
-temporary data directory is used (and removed) unless --dir is given.
+so 10M take a minute and fit in memory. Then it times a month's report (read from the daily
+roll-up), one tenant's, the monthly statement's query (model x meter x price), a report the
+roll-ups cannot answer (a window off the hour: the raw events with ``FINAL``), and a reconciliation
+of one day; and checks that the reports count each token once after a batch was inserted again. A
+fresh temporary data directory is used (and removed) unless --dir is given.
 
 ``--ab N`` first measures the ingest variants side by side, each in a child process of its own
 (one chdb engine per process) over the same N events, in wall seconds and in process CPU seconds

@@ -1,6 +1,7 @@
 """Billing's whole ingest path (P6): usage events waiting on the bus -> billed and acknowledged.
 
 Run:  .venv/bin/python bench/bench_billing_service.py [N_EVENTS] [--profile FILE]   (default 200000)
+      .venv/bin/python bench/bench_billing_service.py 100000 --set batch_size=5000   (a setting)
 
 Starts a real nats-server, publishes N synthetic usage events (the ledger bench's mix, encoded
 as the workers encode them) to the durable usage stream while billing is down (not timed), then
@@ -64,12 +65,16 @@ async def outstanding(bus: b.Bus, n: int) -> int:
     return (info.num_pending or 0) + (info.num_ack_pending or 0)
 
 
-async def main(n: int, profile: str | None) -> None:
+async def main(n: int, profile: str | None, overrides: dict[str, str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-billing-service-"))
     server = start_nats(root)
     try:
-        settings = BillingSettings(nats_url=server.url, state_dir=root / "billing")  # type: ignore[call-arg]
+        settings = BillingSettings(nats_url=server.url, state_dir=root / "billing", **overrides)  # type: ignore[arg-type]
         log = configure_logging("bench", "WARNING")
+        print(
+            f"batch_size={settings.batch_size} flush_interval_s={settings.flush_interval_s} "
+            f"fetch_size={settings.fetch_size} fetch_timeout_s={settings.fetch_timeout_s}"
+        )
         bus = await b.connect(server.url, "billing", service="billing")
         t = time.perf_counter()
         tokens = await publish(bus, n)
@@ -111,5 +116,13 @@ if __name__ == "__main__":
     )
     ap.add_argument("n", nargs="?", type=int, default=200_000, help="events to ingest")
     ap.add_argument("--profile", default=None, help="write a cProfile of the timed part here")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a billing setting, e.g. batch_size=5000 (repeatable)",
+    )
     args = ap.parse_args()
-    asyncio.run(main(args.n, args.profile))
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    asyncio.run(main(args.n, args.profile, overrides))
