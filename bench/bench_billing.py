@@ -24,7 +24,10 @@ machine disturbs least): the previous release (views without GROUP BY, 10k-event
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import os
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -245,6 +248,10 @@ def ab(n: int, repeats: int, only: list[str]) -> None:
 # ---------------------------------------------------------------- the P6 run
 
 
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.1f}/{statistics.median(values):.1f}/{max(values):.1f}"
+
+
 def time_report(
     ledger: Ledger, query: UsageReportQuery, repeats: int = 5
 ) -> tuple[float, float, int]:
@@ -268,11 +275,14 @@ def main() -> None:
     ap.add_argument("--ab", type=int, default=0, help="first, the A/B of variants over N events")
     ap.add_argument("--ab-repeats", type=int, default=1, help="rounds of the A/B (medians)")
     ap.add_argument("--ab-only", default="", help="comma-separated parts of variant names")
+    ap.add_argument("--profile", action="store_true", help="cProfile the ingest, print the top")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one A/B child
     args = ap.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.n)))
         return
+    started, load = datetime.now(UTC), os.getloadavg()
+    print(f"started {started:%Y-%m-%d %H:%M} UTC, load average {load[0]:.1f} {load[1]:.1f}")
     if args.ab:
         ab(args.ab, args.ab_repeats, [o for o in args.ab_only.split(",") if o])
         if not args.n:
@@ -287,17 +297,27 @@ def main() -> None:
     batch_s: list[float] = []
     cpu_s = 0.0
     first = last = None
+    profiler = cProfile.Profile() if args.profile else None
+    load_during = []
     for i in range(0, args.n, args.batch):
         t = time.perf_counter()
         batch = synthetic.columns(i, min(args.batch, args.n - i))
         build_s += time.perf_counter() - t
         expected += sum(batch.tokens)
         first, last = first or batch, batch
+        if profiler:
+            profiler.enable()
         t, c = time.perf_counter(), time.process_time()
         ledger.insert_columns(batch)
         batch_s.append(time.perf_counter() - t)
         cpu_s += time.process_time() - c
+        if profiler:
+            profiler.disable()
+        load_during.append(os.getloadavg()[0])
     assert first is not None and last is not None
+    if profiler:
+        print("\ningest profile (the insert calls' thread; the engine's merges run beside it):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(8)
     # Redeliver the last batch (what a billing restart does): dropped before the roll-ups.
     t = time.perf_counter()
     ledger.insert_columns(last)
@@ -351,6 +371,7 @@ def main() -> None:
         ("ingest: rate per process CPU second", f"{n_events / cpu_s:,.0f} ev/s"),
         ("ingest: rate, median batch", f"{statistics.median(per_batch):,.0f} ev/s"),
         ("ingest: rate, slowest batch", f"{min(per_batch):,.0f} ev/s"),
+        ("load average during ingest (min/median/max)", _spread(load_during)),
         ("re-insert of one duplicate batch", f"{dup_s * 1000:.0f} ms"),
         (
             "month report, all tenants, unmerged (p50/max)",
