@@ -261,6 +261,9 @@ def main() -> None:
     parser.add_argument("--evictions", type=int, default=24, help="P4: adapters reloaded")
     parser.add_argument("--eager", action="store_true", help="also time the eager step")
     parser.add_argument("--check-all", action="store_true", help="check every variant")
+    parser.add_argument(
+        "--variants", default="all", help="all, or default: only the engine's CUDA defaults"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dir", default="/tmp/whetstone-bench-models")
     parser.add_argument("--json")
@@ -339,12 +342,13 @@ def main() -> None:
     graphs_on = args.device == "cuda"
     # (label, cuda graphs, decode attention, compiled layer bodies)
     variants = [("Whetstone eager", False, "sdpa", False)] if args.eager or not graphs_on else []
-    if graphs_on:
+    if graphs_on and args.variants == "all":
         variants += [
             ("Whetstone CUDA graphs, SDPA over gathered blocks", True, "sdpa", False),
             ("Whetstone CUDA graphs, Triton paged attention", True, "triton", False),
-            ("Whetstone CUDA graphs + compiled layers, Triton paged", True, "triton", True),
         ]
+    if graphs_on:
+        variants += [("Whetstone CUDA graphs + compiled layers, Triton", True, "triton", True)]
     # Correctness first: prompt logprobs against an HF forward; every variant's greedy tokens
     # and logprobs against a teacher-forced scoring of them by the eager SDPA path.
     try:

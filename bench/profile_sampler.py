@@ -5,7 +5,8 @@ Run (GPU):  python3 bench/profile_sampler.py [--seqs 64 --prompt 256]
 Same random-weight Qwen3-4B as ``bench_sampler.py``, the engine's CUDA defaults (CUDA graphs,
 compiled layer bodies, Triton paged attention). Prefills the prompts, then profiles a few decode
 steps (kernels by CUDA time, and host ops by CPU time: what the GPU waits for between replays),
-and times the graph replay alone against the whole step. ``--eager`` profiles the eager step too.
+and times the graph replay alone against the whole step; profiles the prefill step first.
+``--eager`` profiles the eager step too.
 """
 
 from __future__ import annotations
@@ -50,9 +51,24 @@ def main() -> None:
             prefill_tokens=args.seqs * args.prompt,
             cuda_graphs=graphs,
         )
-        for r in requests(prompts, 200, 1.0):
-            engine.add(r, None)
-        for _ in range(3 + args.steps):  # prefill, then warm the graphs
+        # The prefill step twice (the first warms kernels and graphs), the second profiled.
+        for profiled in (False, True):
+            engine.abort()
+            for r in requests(prompts, 200, 1.0):
+                engine.add(r, None)
+            sync()
+            t = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                engine.step()
+                sync()
+            if profiled:
+                print(f"\n=== prefill step: {(time.perf_counter() - t) * 1e3:.1f} ms")
+                print(
+                    prof.key_averages().table(
+                        sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70
+                    )
+                )
+        for _ in range(2 + args.steps):  # warm the decode graphs
             engine.step()
         sync()
         t = time.perf_counter()
