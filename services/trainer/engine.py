@@ -11,7 +11,9 @@ Semantics follow Tinker (``../shared/losses.md`` §1): per-datum losses are summ
 accumulate across ``forward_backward`` calls until ``optim_step`` consumes them, and
 ``forward_only`` computes the same outputs with no gradient at all. ``optim_step`` is AdamW with
 every ``AdamParams`` field taken per step, after clipping the accumulated gradient to
-``grad_clip_norm`` by global norm.
+``grad_clip_norm`` by global norm; ``optim_step_many`` steps several runs in one AdamW launch.
+A run's factors live in one flat fp32 leaf (``LoraAdapter.flatten``), so each run has one
+gradient and one optimizer tensor.
 
 The base model is Whetstone's packed Qwen3 (``whetstone_ml.qwen3``): a call's datums are packed one
 after another into one row of tokens with no padding, each attending only to itself, and the
@@ -27,8 +29,9 @@ gradients it started with at half the budget (and the engine keeps the smaller b
 single datum too large for the device fails.
 
 No bus code lives here: the handlers call these methods from a worker thread. The engine holds a
-lock so that two calls can never interleave on the shared model. (The module is near 600 lines:
-the run lifecycle, the packed pass and the checkpoints share the run state and its lock.)
+lock so that two calls can never interleave on the shared model. (The module runs past 700
+lines: the run lifecycle, the packed pass, the optimizer steps and the checkpoints share the run
+state and its lock.)
 """
 
 from __future__ import annotations
