@@ -5,7 +5,11 @@ engine (``services/sampler/__main__.py``); it runs in the interpreter of ``scrip
 virtual environment (vLLM pins its own torch and transformers). The handlers drive it the same
 way: :meth:`VllmEngine.add` queues a request (validated at once), :meth:`VllmEngine.step` runs
 one step of vLLM's own continuous-batching loop (``LLMEngine.step``) and returns the requests that
-finished in it, :meth:`VllmEngine.generate` does both for a list of jobs.
+finished in it, :meth:`VllmEngine.generate` does both for a list of jobs. vLLM runs its engine
+core and model runner in child processes of its own (``VLLM_ENABLE_V1_MULTIPROCESSING``, default
+on): on a CPU that is ~9x faster than in-process, where vLLM cannot bind its OpenMP threads. They
+are started with ``spawn``, so whatever creates the engine must be import-safe (the sampler's
+``__main__`` is guarded).
 
 What maps onto vLLM (protocol.md 5.8-5.9): temperature, top_p, top_k, max_tokens, seed
 (``n > 1`` samples get ``seed + i``), stop strings (matched on the text with special tokens
@@ -47,7 +51,6 @@ from vllm import SamplingParams as VllmParams
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
-from vllm.v1.executor import Executor
 
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.messages import (
@@ -66,6 +69,7 @@ from whetstone_ml.loading import local_model_dir
 # (the same set as Whetstone's engine).
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature (and refuses n > 1 there)
 # Request options vLLM has no counterpart for: refused, never answered with other numbers.
 UNSUPPORTED = ("target_prompt_logprobs", "prompt_alt_tokens_k")
 
@@ -135,15 +139,7 @@ class VllmEngine:
             disable_log_stats=True,
             seed=0,
         )
-        # vLLM's engine core in this process (the sampler drives the loop), not in a child
-        # process of its own: LLMEngine.from_engine_args would pick that from the environment.
-        config_all = args.create_engine_config()
-        self.llm = LLMEngine(
-            vllm_config=config_all,
-            executor_class=Executor.get_class(config_all),
-            log_stats=False,
-            multiprocess_mode=False,
-        )
+        self.llm = LLMEngine.from_engine_args(args)
         self._adapters: OrderedDict[str, LoRARequest] = OrderedDict()
         self._zero_dir = tempfile.TemporaryDirectory(prefix="whetstone-zero-lora-")
         self._base = LoRARequest(
@@ -240,11 +236,21 @@ class VllmEngine:
             raise UserError("top_p must be in (0, 1]")
         if adapter_id is not None and adapter_id not in self._adapters:
             raise WhetstoneError(f"adapter {adapter_id!r} is not loaded")
+        try:
+            params = self._params(request)
+        except ValueError as exc:  # vLLM's own checks (VLLMValidationError)
+            raise UserError(f"sampling parameters refused by vLLM: {exc}") from None
+        handle, self._next_handle = self._next_handle, self._next_handle + 1
+        return _Job(handle, request, adapter_id, params, prompt)
+
+    def _params(self, request: SampleRequest) -> Any:
+        """The request's options as vLLM's ``SamplingParams``."""
+        p = request.params
         wants_prompt = request.prompt_logprobs or request.topk_prompt_logprobs > 0
         stop_ids = list(p.stop_token_ids) + (self.eos_ids if p.stop_on_eos else [])
-        params = VllmParams(
+        return VllmParams(
             # vLLM refuses n > 1 for greedy sampling: one greedy sample, copied n times.
-            n=1 if p.temperature == 0 else n,
+            n=1 if p.temperature < GREEDY_BELOW else request.num_samples,
             # max_tokens 0 (prompt scores only) draws one token, which the result leaves out.
             max_tokens=max(p.max_tokens, 1),
             temperature=p.temperature,
@@ -260,8 +266,6 @@ class VllmEngine:
             detokenize=bool(p.stop_strings),
             output_kind=RequestOutputKind.FINAL_ONLY,  # every sample, once all are done
         )
-        handle, self._next_handle = self._next_handle, self._next_handle + 1
-        return _Job(handle, request, adapter_id, params, prompt)
 
     # ------------------------------------------------------------------------------ the loop
 

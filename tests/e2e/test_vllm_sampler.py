@@ -142,6 +142,13 @@ def test_samples_from_a_trained_adapter_match_the_trainers_logprobs(service, tra
         types.ModelInput.from_ints(prompt), num_samples=2, sampling_params=params
     ).result()
     assert [s.tokens for s in again.sequences] == [s.tokens for s in result.sequences]
+    # A long prompt's full KV blocks (128 tokens on vLLM's CPU backend) come from the prefix
+    # cache the second time, reported for billing as cached prefill.
+    long_prompt = types.ModelInput.from_ints(prompt * 40)
+    short = types.SamplingParams(max_tokens=1, temperature=1.0, seed=1)
+    sampler.sample(long_prompt, num_samples=1, sampling_params=short).result()
+    repeat = sampler.sample(long_prompt, num_samples=1, sampling_params=short).result()
+    assert repeat.prompt_cache_hit_tokens == 128 * ((long_prompt.length - 1) // 128) > 0
     # The trained adapter is what samples: it learnt the sentences, the base model did not.
     base_sampler = service.create_sampling_client(base_model=BUILTIN_MODEL_NAME).result()
     base = base_sampler.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
