@@ -514,6 +514,8 @@ class Qwen3Packed:
                 [f[n].a.reshape(-1) for n in names] + [f[n].b.reshape(-1) for n in names]
             )
         flat = flat.to(self.dtype, copy=True)  # a fresh tensor: never the leaves themselves
+        if len(scales) == 1 and self._uniform_layout(adapter, names):
+            return self._layerwise_lora(adapter, names, flat, scales.pop())
         # Pieces by split, never by slicing: a split's backward is one concatenation of the
         # pieces' gradients, where each slice's would fill a zero tensor of the whole size and
         # add it up (hundreds of full-size fills and adds per pass).
@@ -558,6 +560,87 @@ class Qwen3Packed:
         head = None
         if HEAD in bs:
             head = (stacked_a[HEAD].view(f[HEAD].a.shape), bs[HEAD])
+        return AdapterWeights(layers, head)
+
+    def _uniform_layout(self, adapter: LoraAdapter, names: Sequence[str]) -> bool:
+        """Whether every decoder layer has the same LoRA modules with the same shapes (what
+        ``LoraAdapter.init`` makes), so that the flat layout repeats with a fixed period."""
+        f = adapter.factors
+        subs = [sub for subs in FUSED.values() for sub in subs]
+        first = [
+            (f[n].a.shape, f[n].b.shape) if (n := f"model.layers.0.{s}") in f else None
+            for s in subs
+        ]
+        expected = sum(x is not None for x in first) * self.shape.layers + (HEAD in f)
+        if len(names) != expected:
+            return False
+        for i in range(1, self.shape.layers):
+            for sub, shapes in zip(subs, first, strict=True):
+                g = f.get(f"model.layers.{i}.{sub}")
+                if (g is None) != (shapes is None) or (
+                    g is not None and (g.a.shape, g.b.shape) != shapes
+                ):
+                    return False
+        return True
+
+    def _layerwise_lora(
+        self, adapter: LoraAdapter, names: Sequence[str], flat: torch.Tensor, scale: float
+    ) -> AdapterWeights:
+        """:meth:`lora_weights` for a uniform layout, built for all layers at once: the flat
+        factors viewed as ``[layers, period]`` and split by module, each fused projection's
+        block-diagonal ``B`` filled for every layer in one copy per sub-projection, and the
+        per-layer tensors taken by ``unbind`` (whose backward is one stack). A handful of
+        kernels and autograd nodes per adapter, where per-layer pieces cost hundreds of small
+        copies each pass."""
+        f, n_layers = adapter.factors, self.shape.layers
+        layer0 = [n for n in names if n.startswith("model.layers.0.")]
+        a_layer = sum(f[n].a.numel() for n in layer0)
+        b_layer = sum(f[n].b.numel() for n in layer0)
+        head_a = f[HEAD].a.numel() if HEAD in f else 0
+        head_b = f[HEAD].b.numel() if HEAD in f else 0
+        a_all, b_all = flat.split([n_layers * a_layer + head_a, n_layers * b_layer + head_b])
+        b_all = b_all * scale
+        a_layers, a_head = a_all.split([n_layers * a_layer, head_a])
+        b_layers, b_head = b_all.split([n_layers * b_layer, head_b])
+        b_subs = b_layers.view(n_layers, b_layer).split([f[n].b.numel() for n in layer0], dim=1)
+        b_of = {n.removeprefix("model.layers.0."): t for n, t in zip(layer0, b_subs, strict=True)}
+        kinds: list[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = []
+        a_sizes: list[int] = []
+        present_by_kind: list[list[str]] = []
+        for subs in FUSED.values():
+            present = [sub for sub in subs if f"model.layers.0.{sub}" in f]
+            present_by_kind.append(present)
+            if present:
+                a_sizes.append(sum(f[f"model.layers.0.{sub}"].a.numel() for sub in present))
+        a_kinds = iter(a_layers.view(n_layers, a_layer).split(a_sizes, dim=1))
+        for (kind, subs), present in zip(FUSED.items(), present_by_kind, strict=True):
+            if not present:
+                kinds.append(None)
+                continue
+            first = f[f"model.layers.0.{present[0]}"].a
+            rows = sum(f[f"model.layers.0.{sub}"].a.shape[0] for sub in present)
+            a = next(a_kinds).view(n_layers, rows, first.shape[1])
+            sizes = self.shape.sub_sizes(kind)
+            if len(subs) == 1:
+                b = b_of[subs[0]].view(n_layers, sizes[0], rows)
+            else:
+                b = flat.new_zeros(n_layers, sum(sizes), rows)
+                row = col = 0
+                for sub, size in zip(subs, sizes, strict=True):
+                    if sub in b_of:
+                        rank = f[f"model.layers.0.{sub}"].b.shape[1]
+                        b[:, row : row + size, col : col + rank] = b_of[sub].view(
+                            n_layers, size, rank
+                        )
+                        col += rank
+                    row += size
+            kinds.append((list(a.unbind(0)), list(b.unbind(0))))
+        layers: list[LayerLora] = [
+            tuple(None if k is None else (k[0][i], k[1][i]) for k in kinds) for i in range(n_layers)
+        ]
+        head = None
+        if HEAD in f:
+            head = (a_head.view(f[HEAD].a.shape), b_head.view(f[HEAD].b.shape))
         return AdapterWeights(layers, head)
 
     # ---------------------------------------------------------------- forward

@@ -283,3 +283,40 @@ def test_a_flattened_adapter_computes_the_same_and_gets_one_gradient() -> None:
     shuffled.flatten(list(reversed(model.lora_order)))
     with pytest.raises(ValueError, match="another order"):
         model.lora_weights(shuffled)
+
+
+@pytest.mark.parametrize(
+    "flags", [{"train_unembed": True}, {"train_attn": False}], ids=["all", "mlp-only"]
+)
+def test_all_layers_at_once_equals_layer_by_layer_weights(
+    flags: dict[str, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lora_weights`` builds a uniform adapter's per-layer factors for all layers at once;
+    forced onto the per-piece path, the model computes the same logits and gradients."""
+    model = Qwen3Packed.from_hf(hf_model())
+    docs = tokens_for([6, 4], seed=12)
+    results = []
+    for uniform in (True, False):
+        if not uniform:
+            monkeypatch.setattr(Qwen3Packed, "_uniform_layout", lambda *_: False)
+        lora = adapter(model.shape, seed=13, **flags)
+        lora.flatten(model.lora_order)
+        logits = torch.cat(packed_logits(model, docs, lora))
+        logits.logsumexp(-1).sum().backward()
+        (grad,) = [p.grad for p in lora.parameters()]
+        results.append((logits.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-12, rtol=1e-10)
+    assert float(results[0][1].abs().max()) > 0
+
+
+def test_an_adapter_missing_a_layers_module_takes_the_per_piece_path() -> None:
+    model = Qwen3Packed.from_hf(hf_model())
+    lora = adapter(model.shape, seed=14)
+    names = [n for n in model.lora_order if n in lora.factors]
+    assert model._uniform_layout(lora, names)
+    del lora.factors["model.layers.1.mlp.down_proj"]
+    names = [n for n in model.lora_order if n in lora.factors]
+    assert not model._uniform_layout(lora, names)
+    weights = model.lora_weights(lora)
+    assert weights.layers[1][3] is None and weights.layers[0][3] is not None
