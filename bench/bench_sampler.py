@@ -338,6 +338,9 @@ def main() -> None:
         max_seqs=args.seqs,
         kv_cache_tokens=args.seqs * (args.prompt + args.new + 32),
         prefill_tokens=args.seqs * args.prompt,
+        # Each repeat runs the same prompts: no prefix cache, so every run prefills them whole
+        # (as HF does), rather than continuing cached prefixes.
+        prefix_cache_blocks=0,
     )
     graphs_on = args.device == "cuda"
     # (label, cuda graphs, decode attention, compiled layer bodies)

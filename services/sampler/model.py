@@ -13,8 +13,8 @@ Multi-LoRA: a batch's adapters come as a ``ModelLora`` (built by ``weights``), o
 per fused projection and layer. In decode it names fixed-capacity slot stacks (every slot's
 factors stacked along the rank axis, the scale folded into B) and each row's slot: one shrink
 GEMM, one 0/1 mask (computed on the device from the row's slot) and one expand GEMM per
-sub-projection and rank class, whatever the mix (the products with zeros keep it exact); prefill
-instead runs each run of rows against its own adapter's columns, so its FLOPs do not grow with
+projection and rank class, whatever the mix (the products with zeros keep it exact); prefill
+instead runs each run of rows against its own adapter's factors, so its FLOPs do not grow with
 the adapters.
 """
 
@@ -70,13 +70,12 @@ class Layer:
     down: torch.Tensor
 
 
-# A projection's LoRA for one batch. Decode: per rank class, ``(a, bs, row_slot, rank)``: the
-# stacked A ``[slots * subs * rank, in]`` of the slots in use (each slot's sub-projections side
-# by side), each sub-projection's B ``[out_j, slots * rank]`` (scale folded in) and each row's
-# slot ``[T]`` (-1: none). Prefill: per run of rows, ``(row_start, row_stop, a, bs)``: its
-# adapter's own columns. ``None``: no adapter here.
-SlotArg = tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, int]
-RunArg = tuple[int, int, torch.Tensor, tuple[torch.Tensor, ...]]
+# A projection's LoRA for one batch. Decode: per rank class, ``(a, b, row_slot, width)``: the
+# stacked A ``[slots * width, in]`` and B ``[out, slots * width]`` (scale folded in) of the slots
+# in use and each row's slot ``[T]`` (-1: none), ``width`` columns per slot. Prefill: per run of
+# rows, ``(row_start, row_stop, a, b)``: its adapter's own columns. ``None``: no adapter here.
+SlotArg = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+RunArg = tuple[int, int, torch.Tensor, torch.Tensor]
 LoraArg = tuple[SlotArg, ...] | tuple[RunArg, ...] | None
 
 
@@ -277,24 +276,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora: LoraArg) -> torch.T
     y = x @ weight.T
     if not lora:
         return y
-    t = x.shape[0]
     for entry in lora:
-        if isinstance(entry[0], torch.Tensor):  # slots: one shrink for any mix of adapters
-            a, bs, row_slot, rank = entry
-            used, subs = a.shape[0] // (rank * len(bs)), len(bs)
-            mask = torch.arange(used, device=x.device)[None] == row_slot[:, None]  # [T, slots]
-            shrunk = (x @ a.T).view(t, used, subs, rank) * mask[:, :, None, None].to(x.dtype)
-            if subs == 1:
-                y = torch.addmm(y, shrunk.view(t, -1), bs[0].T)
-            else:  # sub-projection j's columns of every slot, against its own B
-                parts = [shrunk[:, :, j].reshape(t, -1) @ b.T for j, b in enumerate(bs)]
-                y = y + torch.cat(parts, dim=-1)
+        if isinstance(entry[0], torch.Tensor):  # slots: one GEMM pair for any mix of adapters
+            a, b, row_slot, width = entry
+            slot_of_col = torch.arange(a.shape[0], device=x.device) // width
+            mask = (slot_of_col[None] == row_slot[:, None]).to(x.dtype)
+            y = torch.addmm(y, (x @ a.T) * mask, b.T)
         else:  # exact FLOPs: a run of rows against its own adapter's columns
-            r0, r1, a, bs = entry
-            shrunk = x[r0:r1] @ a.T
-            rank = a.shape[0] // len(bs)
-            parts = [shrunk[:, j * rank : (j + 1) * rank] @ b.T for j, b in enumerate(bs)]
-            y[r0:r1] += parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            r0, r1, a, b = entry
+            y[r0:r1].addmm_(x[r0:r1] @ a.T, b.T)
     return y
 
 

@@ -8,11 +8,12 @@ fused into one matrix each). Adapters live at two levels:
   checkpoint and nothing else; evicting one drops its tensors.
 * ``AdapterSlots``: the stacks a forward reads. Per rank class (8, 16, 32, 64: an adapter's
   rank rounded up) a pool of ``capacity`` slots, preallocated per fused projection and layer at
-  fixed addresses (so the CUDA graphs that read them stay valid): A ``[slots * width, in]``
-  (each slot's sub-projections side by side, ``width = subs * rank``) and, per sub-projection,
-  B ``[out_j, slots * rank]`` with the scale folded in (no zero blocks for the other
-  sub-projections' rows, which a fused B would read every step). An adapter a batch needs is
-  copied into a free slot (lowest first, so a batch's slots stay packed at the front and
+  fixed addresses (so the CUDA graphs that read them stay valid), A ``[slots * width, in]`` and
+  B ``[out, slots * width]`` with the scale folded in. B is fused over a projection's
+  sub-projections (zero outside each one's rows): one expand GEMM per projection. A B per
+  sub-projection reads no zeros but costs more GEMMs, and measured slower on the H200 (8.70
+  against 7.62 ms per decode step with one adapter; bench/RESULTS.md). An adapter a batch needs
+  is copied into a free slot (lowest first, so a batch's slots stay packed at the front and
   decode's GEMMs read only ``bucket(highest slot + 1)`` slots); a slot is reused once no
   admitted request needs it.
   A decode step thus reads only the factors of the adapters in its batch, however many are
@@ -104,9 +105,8 @@ class SlotPool:
 
     rank: int
     capacity: int
-    a: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # [capacity * width, in]
-    # per sub-projection: [out_j, capacity * rank] (no zero blocks for the others' rows)
-    b: dict[str, list[tuple[torch.Tensor, ...]]] = field(default_factory=dict)
+    a: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    b: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     holder: list[str | None] = field(default_factory=list)
     kinds: list[frozenset[str]] = field(default_factory=list)  # kinds each slot's adapter has
 
@@ -185,10 +185,9 @@ class AdapterSlots:
             for r0, r1, rank, adapter in located:
                 pool, slot = self.pools[rank], placed[rank][adapter]
                 if kind in pool.kinds[slot]:
-                    w, r = pool.width(kind), pool.rank
+                    w = pool.width(kind)
                     a = pool.a[kind][layer][slot * w : (slot + 1) * w]
-                    bs = tuple(b[:, slot * r : (slot + 1) * r] for b in pool.b[kind][layer])
-                    out.append((r0, r1, a, bs))
+                    out.append((r0, r1, a, pool.b[kind][layer][:, slot * w : (slot + 1) * w]))
             return tuple(out) or None
 
         return ModelLora([_layer_args(arg, i) for i in range(self.shape.layers)], arg(HEAD, 0))
@@ -225,10 +224,11 @@ class AdapterSlots:
             out = []
             for rank in sorted(rows.slots):
                 if kind in rows.kinds[rank]:
-                    pool, used = self.pools[rank], rows.used[rank]
-                    a = pool.a[kind][layer][: used * pool.width(kind)]
-                    bs = tuple(b[:, : used * rank] for b in pool.b[kind][layer])
-                    out.append((a, bs, row_slots[rank], rank))
+                    pool = self.pools[rank]
+                    w = pool.width(kind)
+                    n = rows.used[rank] * w
+                    a, b = pool.a[kind][layer][:n], pool.b[kind][layer][:, :n]
+                    out.append((a, b, row_slots[rank], w))
             return tuple(out) or None
 
         s = self.shape
@@ -252,10 +252,8 @@ class AdapterSlots:
         n_layers = 1 if kind == HEAD else s.layers
         opts: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         pool.a[kind] = [torch.zeros(c * w, in_size(s, kind), **opts) for _ in range(n_layers)]
-        r = pool.rank
         pool.b[kind] = [
-            tuple(torch.zeros(out, c * r, **opts) for out in out_sizes(s, kind))
-            for _ in range(n_layers)
+            torch.zeros(sum(out_sizes(s, kind)), c * w, **opts) for _ in range(n_layers)
         ]
         self.version += 1
 
@@ -273,11 +271,13 @@ class AdapterSlots:
             self._stacks(pool, kind)
         for kind in pool.a:
             w = pool.width(kind)
-            for i, (a, bs) in enumerate(zip(pool.a[kind], pool.b[kind], strict=True)):
+            offsets = [0]
+            for size in out_sizes(s, kind):
+                offsets.append(offsets[-1] + size)
+            for i, (a, b) in enumerate(zip(pool.a[kind], pool.b[kind], strict=True)):
                 c0 = slot * w
                 a[c0 : c0 + w].zero_()
-                for b in bs:
-                    b[:, slot * r : (slot + 1) * r].zero_()
+                b[:, c0 : c0 + w].zero_()
                 if kind not in has:
                     continue
                 for j, f in enumerate(self.resident.factors(adapter, kind, i)):
@@ -285,7 +285,7 @@ class AdapterSlots:
                         continue
                     rank = f.a.shape[0]
                     a[c0 + j * r : c0 + j * r + rank] = f.a
-                    bs[j][:, slot * r : slot * r + rank] = f.b * f.scale
+                    b[offsets[j] : offsets[j + 1], c0 + j * r : c0 + j * r + rank] = f.b * f.scale
         pool.holder[slot] = adapter
         pool.kinds[slot] = has
 
