@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -26,23 +27,30 @@ async def main() -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     spec = settings.registry().resolve(settings.base_model)
-    engine_class: type[SamplerEngine] = SamplerEngine
+    options: dict[str, Any] = {
+        "device": settings.device or None,
+        "max_adapters": settings.max_adapters,
+        "prefix_cache_blocks": settings.prefix_cache_blocks,
+    }
+    close: Callable[[], None] | None = None
     if spec.engine == "vllm":
         from services.sampler.vllm_engine import VllmEngine  # only its environment has vLLM
 
+        vllm_engine = VllmEngine.from_spec(spec, **options)
+        close = vllm_engine.close  # its model-runner process
         # The same public interface as SamplerEngine's (add/step/abort/ensure_adapter, ...).
-        engine_class = cast(type[SamplerEngine], VllmEngine)
-    engine = engine_class.from_spec(
-        spec,
-        device=settings.device or None,
-        max_adapters=settings.max_adapters,
-        prefix_cache_blocks=settings.prefix_cache_blocks,
-    )
+        engine = cast(SamplerEngine, vllm_engine)
+    else:
+        engine = SamplerEngine.from_spec(spec, **options)
     log.info("sampler engine", engine=spec.engine, base_model=spec.name)
     bus = await b.connect(settings.nats_url, settings.worker_id, service="sampler")
     worker = SamplerWorker(settings, bus, engine, settings.checkpoint_store(), log)
     await worker.declare()
-    await serve(bus, settings.metrics_port, log, on_start=worker.start)
+    try:
+        await serve(bus, settings.metrics_port, log, on_start=worker.start)
+    finally:
+        if close is not None:
+            close()
 
 
 if __name__ == "__main__":

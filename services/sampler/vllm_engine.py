@@ -5,11 +5,12 @@ engine (``services/sampler/__main__.py``); it runs in the interpreter of ``scrip
 virtual environment (vLLM pins its own torch and transformers). The handlers drive it the same
 way: :meth:`VllmEngine.add` queues a request (validated at once), :meth:`VllmEngine.step` runs
 one step of vLLM's own continuous-batching loop (``LLMEngine.step``) and returns the requests that
-finished in it, :meth:`VllmEngine.generate` does both for a list of jobs. vLLM runs its engine
-core and model runner in child processes of its own (``VLLM_ENABLE_V1_MULTIPROCESSING``, default
-on): on a CPU that is ~9x faster than in-process, where vLLM cannot bind its OpenMP threads. They
-are started with ``spawn``, so whatever creates the engine must be import-safe (the sampler's
-``__main__`` is guarded).
+finished in it, :meth:`VllmEngine.generate` does both for a list of jobs. vLLM's engine core
+(scheduler, KV cache manager) runs in the sampler's process; its model runner in one child
+process (vLLM's multiprocessing executor, which its CPU backend needs to bind OpenMP threads:
+in-process it is ~9x slower). That child watches its parent and exits with it, however the
+sampler dies; it is started with ``spawn``, so whatever creates the engine must be import-safe
+(the sampler's ``__main__`` is guarded).
 
 What maps onto vLLM (protocol.md 5.8-5.9): temperature, top_p, top_k, max_tokens, seed
 (``n > 1`` samples get ``seed + i``), stop strings (matched on the text with special tokens
@@ -51,6 +52,7 @@ from vllm import SamplingParams as VllmParams
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
+from vllm.v1.executor import Executor
 
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.messages import (
@@ -139,7 +141,15 @@ class VllmEngine:
             disable_log_stats=True,
             seed=0,
         )
-        self.llm = LLMEngine.from_engine_args(args)
+        # Not LLMEngine.from_engine_args: it would put the engine core in a child process too,
+        # one that outlives a killed sampler.
+        vllm_config = args.create_engine_config()
+        self.llm = LLMEngine(
+            vllm_config=vllm_config,
+            executor_class=Executor.get_class(vllm_config),
+            log_stats=False,
+            multiprocess_mode=False,
+        )
         self._adapters: OrderedDict[str, LoRARequest] = OrderedDict()
         self._zero_dir = tempfile.TemporaryDirectory(prefix="whetstone-zero-lora-")
         self._base = LoRARequest(
@@ -175,6 +185,10 @@ class VllmEngine:
             max_lora_rank=spec.max_lora_rank,
             prefix_caching=prefix_cache_blocks != 0,
         )
+
+    def close(self) -> None:
+        """Stop vLLM's model-runner process now (it would notice the sampler's exit anyway)."""
+        self.llm.engine_core.shutdown()
 
     # ------------------------------------------------------------------------------ adapters
 

@@ -27,8 +27,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(model_dir: Path) -> VllmEngine:
-    return VllmEngine(model_dir, max_adapters=MAX_ADAPTERS, max_seqs=64, kv_cache_tokens=32_768)
+def engine(model_dir: Path):
+    engine = VllmEngine(model_dir, max_adapters=MAX_ADAPTERS, max_seqs=64, kv_cache_tokens=32_768)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")
