@@ -191,6 +191,9 @@ class AdapterWeights:
 
     layers: list[LayerLora]
     head: ProjLora | None
+    # Per fused projection, every layer's A ``[layers, R, in]`` and B ``[layers, out, R]`` (for
+    # a uniform layout; ``layers`` are views of these), so several adapters stack in one go.
+    all_layers: list[ProjLora | None] | None = None
 
 
 @dataclass
@@ -605,6 +608,7 @@ class Qwen3Packed:
         b_subs = b_layers.view(n_layers, b_layer).split([f[n].b.numel() for n in layer0], dim=1)
         b_of = {n.removeprefix("model.layers.0."): t for n, t in zip(layer0, b_subs, strict=True)}
         kinds: list[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = []
+        all_layers: list[ProjLora | None] = []
         a_sizes: list[int] = []
         present_by_kind: list[list[str]] = []
         for subs in FUSED.values():
@@ -616,6 +620,7 @@ class Qwen3Packed:
         for (kind, subs), present in zip(FUSED.items(), present_by_kind, strict=True):
             if not present:
                 kinds.append(None)
+                all_layers.append(None)
                 continue
             first = f[f"model.layers.0.{present[0]}"].a
             rows = sum(f[f"model.layers.0.{sub}"].a.shape[0] for sub in present)
@@ -635,13 +640,14 @@ class Qwen3Packed:
                         col += rank
                     row += size
             kinds.append((list(a.unbind(0)), list(b.unbind(0))))
+            all_layers.append((a, b))
         layers: list[LayerLora] = [
             tuple(None if k is None else (k[0][i], k[1][i]) for k in kinds) for i in range(n_layers)
         ]
         head = None
         if HEAD in f:
             head = (a_head.view(f[HEAD].a.shape), b_head.view(f[HEAD].b.shape))
-        return AdapterWeights(layers, head)
+        return AdapterWeights(layers, head, all_layers)
 
     # ---------------------------------------------------------------- forward
 
@@ -698,13 +704,14 @@ class Qwen3Packed:
         routes = list(segments) or [(Segment(None, 0, pack.total), None)]
         stacked = len(routes) > 1 and self.stacked_lora_ok(routes)
         masks: dict[tuple[int, ...], torch.Tensor] = {}
+        every_layer = self.stacked_lora_all(routes, pack.total, masks) if stacked else None
         layer_fn = self._layer_fn()
         x = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            if stacked:
-                lora: tuple[tuple[int, int, Any], ...] = (
-                    (0, pack.total, self.stacked_lora(routes, i, pack.total, masks)),
-                )
+            if every_layer is not None:
+                lora: tuple[tuple[int, int, Any], ...] = ((0, pack.total, every_layer[i]),)
+            elif stacked:
+                lora = ((0, pack.total, self.stacked_lora(routes, i, pack.total, masks)),)
             else:
                 lora = tuple(
                     (seg.start, seg.stop, None if w is None else w.layers[i]) for seg, w in routes
@@ -744,18 +751,55 @@ class Qwen3Packed:
             if not pieces:
                 out.append(None)
                 continue
-            key = tuple(x for seg, p in pieces for x in (seg.start, seg.stop, p[0].shape[0]))
-            if key not in masks:
-                rows = torch.arange(total, device=self.device)
-                columns = [
-                    ((rows >= seg.start) & (rows < seg.stop))[:, None].expand(-1, p[0].shape[0])
-                    for seg, p in pieces
-                ]
-                masks[key] = torch.cat(columns, dim=1).to(self.dtype)
+            mask = self._stack_mask([(seg, p[0].shape[0]) for seg, p in pieces], total, masks)
             a = torch.cat([p[0] for _, p in pieces])
             b = torch.cat([p[1] for _, p in pieces], dim=1)
-            out.append((a, b, masks[key]))
+            out.append((a, b, mask))
         return tuple(out)
+
+    def stacked_lora_all(
+        self,
+        routes: Sequence[tuple[Segment, AdapterWeights | None]],
+        total: int,
+        masks: dict[tuple[int, ...], torch.Tensor],
+    ) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, ...]] | None:
+        """:meth:`stacked_lora` of every layer, stacked once for all layers (one concatenation
+        per fused projection, not one per layer); ``None`` unless every routed adapter has its
+        ``all_layers`` form."""
+        adapters = [(seg, w) for seg, w in routes if w is not None]
+        if not adapters or any(w.all_layers is None for _, w in adapters):
+            return None
+        per_kind: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = []
+        for kind in range(len(FUSED)):
+            pieces = [(seg, p) for seg, w in adapters if w.all_layers and (p := w.all_layers[kind])]
+            if not pieces:
+                per_kind.append(None)
+                continue
+            mask = self._stack_mask([(seg, p[0].shape[1]) for seg, p in pieces], total, masks)
+            a = torch.cat([p[0] for _, p in pieces], dim=1).unbind(0)
+            b = torch.cat([p[1] for _, p in pieces], dim=2).unbind(0)
+            per_kind.append([(a_i, b_i, mask) for a_i, b_i in zip(a, b, strict=True)])
+        return [
+            tuple(None if k is None else k[i] for k in per_kind) for i in range(self.shape.layers)
+        ]
+
+    def _stack_mask(
+        self,
+        columns: Sequence[tuple[Segment, int]],
+        total: int,
+        masks: dict[tuple[int, ...], torch.Tensor],
+    ) -> torch.Tensor:
+        """The ``[T, ΣR]`` 0/1 mask keeping each segment's rows to its own ``R`` columns (one per
+        column layout, shared by the layers)."""
+        key = tuple(x for seg, rank in columns for x in (seg.start, seg.stop, rank))
+        if key not in masks:
+            rows = torch.arange(total, device=self.device)
+            parts = [
+                ((rows >= seg.start) & (rows < seg.stop))[:, None].expand(-1, rank)
+                for seg, rank in columns
+            ]
+            masks[key] = torch.cat(parts, dim=1).to(self.dtype)
+        return masks[key]
 
     def head_logits(
         self, hidden: torch.Tensor, segments: Sequence[tuple[Segment, AdapterWeights | None]] = ()

@@ -179,18 +179,25 @@ def test_checkpointing_policies_and_attention_paths_give_the_same_gradients() ->
 
 
 @pytest.mark.parametrize(
-    ("stacked", "expand"),
-    [(True, "gemm_all"), (True, "addmm"), (False, "gemm_all")],
-    ids=["stacked-in-gemm", "stacked-addmm", "per-segment"],
+    ("stacked", "expand", "all_layers"),
+    [
+        (True, "gemm_all", True),
+        (True, "addmm", True),
+        (True, "gemm", False),
+        (False, "gemm_all", True),
+    ],
+    ids=["stacked-in-gemm", "stacked-addmm", "stacked-layer-by-layer", "per-segment"],
 )
 def test_segments_route_rows_to_their_own_adapter(
-    stacked: bool, expand: qwen3.LoraExpand, monkeypatch: pytest.MonkeyPatch
+    stacked: bool, expand: qwen3.LoraExpand, all_layers: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three segments (adapter a, the base model, adapter b) in one pass equal three passes,
     with the adapters stacked (one GEMM pair, masked; the expand inside the base GEMM or added
-    after it) or applied per segment."""
+    after it; stacked for all layers at once or layer by layer) or applied per segment."""
     if not stacked:
         monkeypatch.setattr(qwen3, "MAX_STACKED_RANK", 0)
+    if not all_layers:
+        monkeypatch.setattr(Qwen3Packed, "stacked_lora_all", lambda *_: None)
     model = Qwen3Packed.from_hf(hf_model(), ModelOptions(lora_expand=expand))
     assert (
         model.stacked_lora_ok([(Segment("a", 0, 1), model.lora_weights(adapter(model.shape, 1)))])
