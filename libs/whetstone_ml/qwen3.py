@@ -29,12 +29,14 @@ work (norms, RoPE, SiLU), ``full`` recomputes the whole layer, ``none`` keeps ev
 Several adapters in one pass (row segments, one per run) run stacked: their factors side by
 side in one shrink and one expand GEMM per projection, with a 0/1 mask keeping each row to its
 own adapter's columns (exact: the other products are with zeros); past ``MAX_STACKED_RANK``
-columns, one GEMM pair per segment.
+columns, one GEMM pair per segment. An adapter with the same modules in every layer (all of
+Whetstone's) is cast, cut and stacked for all layers at once, a handful of kernels per pass.
 
 The module computes exactly Hugging Face's ``Qwen3ForCausalLM`` function (the unit tests compare
 in float64, packed and unpacked, with and without LoRA, values and gradients); it refuses configs
-it does not implement (biases, sliding windows, scaled RoPE). It runs past 600 lines because
-the model, its LoRA layouts and its attention dispatch are one unit computing one function.
+it does not implement (biases, sliding windows, scaled RoPE). It runs past 800 lines because
+the model, its LoRA layouts (per layer and for all layers, single and stacked) and its attention
+dispatch are one unit computing one function.
 """
 
 from __future__ import annotations
