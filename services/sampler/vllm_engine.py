@@ -269,7 +269,7 @@ class VllmEngine:
             max_tokens=max(p.max_tokens, 1),
             temperature=p.temperature,
             top_p=p.top_p,
-            top_k=p.top_k if p.top_k > 0 else 0,
+            top_k=p.top_k if 0 < p.top_k < self.vocab_size else 0,  # 0: off, as k >= vocab is
             seed=p.seed,
             stop=list(p.stop_strings) or None,
             stop_token_ids=list(dict.fromkeys(stop_ids)) or None,

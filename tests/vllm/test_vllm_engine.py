@@ -188,6 +188,15 @@ def test_extreme_truncation_equals_greedy(engine, truncation):
     np.testing.assert_allclose(_logprobs(sampled), 0.0, atol=1e-6)
 
 
+def test_top_k_past_the_vocabulary_is_no_truncation(engine):
+    plain = _one(engine, _request(engine, PROMPTS[0], max_tokens=6, temperature=1.0, seed=4))
+    wide = _one(
+        engine, _request(engine, PROMPTS[0], max_tokens=6, temperature=1.0, seed=4, top_k=5000)
+    )
+    assert _tokens(wide) == _tokens(plain)
+    np.testing.assert_allclose(_logprobs(wide), _logprobs(plain), atol=1e-6)
+
+
 def test_topk_sample_logprobs_are_the_sampled_distribution(engine, f64):
     request = _request(
         engine,
