@@ -434,7 +434,7 @@ class Ledger:
 
     def _remember(self, ordered: list[str], ids: set[str]) -> None:
         self._recent |= ids
-        self._recent_order.append(ordered)
+        self._recent_order.append(list(ordered))  # a copy: the caller may reuse its batch
         self._recent_count += len(ordered)
         while (
             len(self._recent_order) > 1
