@@ -96,13 +96,35 @@ class PrefillBatch:
     ``[n_blocks]`` long tensor covering the context up to the chunk's end).
 
     Chunks that start a prompt attend only to their own fresh keys: those of equal length run as
-    one batched SDPA (the usual case: a batch of whole prompts); a chunk that continues a prompt
-    reads its context back from the cache, one SDPA each.
+    one batched SDPA (the usual case: a batch of whole prompts). Chunks that continue a prompt
+    read their context back from the cache: those of equal length and start (repeated prompts
+    after a prefix-cache hit, long prompts chunked alike) run as one batched SDPA too.
     """
 
     slots: torch.Tensor
     chunks: list[tuple[int, int, int, torch.Tensor]]
     _groups: list[tuple[int, torch.Tensor]] | None = None  # (length, row ids) of fresh chunks
+    # (length, start position, row ids, block tables [C, n_blocks]) of continuing chunks
+    _continued: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None = None
+
+    def _continued_groups(
+        self, device: torch.device
+    ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        if self._continued is None:
+            by_shape: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
+            for start, stop, pos, blocks in self.chunks:
+                if pos > 0:
+                    by_shape.setdefault((stop - start, pos), []).append((start, stop, blocks))
+            self._continued = [
+                (
+                    n,
+                    pos,
+                    torch.tensor([r for a, b, _ in group for r in range(a, b)], device=device),
+                    torch.stack([blocks for _, _, blocks in group]),
+                )
+                for (n, pos), group in by_shape.items()
+            ]
+        return self._continued
 
     def _fresh_groups(self, device: torch.device) -> list[tuple[int, torch.Tensor]]:
         if self._groups is None:
@@ -136,17 +158,17 @@ class PrefillBatch:
             o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=causal.repeat(g, 1))
             o = o.view(c, kvh, g, n, hd).permute(0, 3, 1, 2, 4).reshape(c * n, -1)
             out.index_copy_(0, rows, o)
-        for start, stop, pos, blocks in self.chunks:
-            if pos == 0:
-                continue
-            n, ctx = stop - start, pos + stop - start
-            kk, vv = cache.gather(layer, blocks[None])  # [1, n_blocks * bs, KVH, hd]
-            kk, vv = kk[0, :ctx].transpose(0, 1), vv[0, :ctx].transpose(0, 1)  # [KVH, ctx, hd]
-            qc = q[start:stop].reshape(n, kvh, g, hd).permute(1, 2, 0, 3).reshape(kvh, g * n, hd)
+        for n, pos, rows, tables in self._continued_groups(q.device):
+            c, ctx = tables.shape[0], pos + n
+            kk, vv = cache.gather(layer, tables)  # [C, n_blocks * bs, KVH, hd]
+            kk, vv = kk[:, :ctx].transpose(1, 2), vv[:, :ctx].transpose(1, 2)  # [C, KVH, ctx, hd]
+            qc = q.index_select(0, rows).reshape(c, n, kvh, g, hd)
+            qc = qc.permute(0, 2, 3, 1, 4).reshape(c, kvh, g * n, hd)
             q_pos = torch.arange(pos, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None] <= q_pos[:, None]  # [n, ctx] causal
             o = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask.repeat(g, 1))
-            out[start:stop] = o.view(kvh, g, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
+            o = o.view(c, kvh, g, n, hd).permute(0, 3, 1, 2, 4).reshape(c * n, -1)
+            out.index_copy_(0, rows, o)
         return out
 
 

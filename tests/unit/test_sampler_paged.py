@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from services.sampler.engine import SamplerEngine
 from services.sampler.kvcache import BlockAllocator, CacheShape, PagedKVCache
-from services.sampler.model import DecodeBatch
+from services.sampler.model import DecodeBatch, PrefillBatch
 from services.sampler.sampling import CANDIDATES, SamplingRows, _inverse_cdf, sample
 from services.trainer.engine import TrainerEngine
 from whetstone.errors import UserError
@@ -165,6 +165,43 @@ def test_equal_length_prompts_prefilled_together_equal_teacher_forced(model_dir,
         np.testing.assert_allclose(
             result.prompt_logprobs.to_numpy()[1:], expected[: len(prompt) - 1], atol=1e-4
         )
+
+
+def test_continuing_chunks_of_one_shape_share_one_sdpa_and_equal_teacher_forced(
+    model_dir, monkeypatch
+):
+    """Three prompts that share a cached 12-token prefix continue from it together: their
+    5-token chunks (same length, same start) run as one batched SDPA per layer, and every
+    sample equals a teacher-forced HF forward."""
+    seen: list[tuple[int, int, int]] = []
+    groups = PrefillBatch._continued_groups
+
+    def spy(self, device):
+        out = groups(self, device)
+        seen.extend((n, pos, tables.shape[0]) for n, pos, _, tables in out)
+        return out
+
+    monkeypatch.setattr(PrefillBatch, "_continued_groups", spy)
+    engine = make_engine(model_dir, prefill_tokens=1000)
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(3, 1500, size=12).tolist()
+    prompts = [prefix + rng.integers(3, 1500, size=5).tolist() for _ in range(4)]
+
+    def job(prompt: list[int], seed: int):
+        params = SamplingParams(max_tokens=5, seed=seed, stop_on_eos=False)
+        prompt_t = Tensor.from_list(prompt, "int64")
+        return SampleRequest(
+            request_id="r", tenant="t", base_model="tiny", prompt=prompt_t, params=params
+        )
+
+    engine.generate([(job(prompts[0], 0), None)])  # caches the prefix's three full blocks
+    results = engine.generate([(job(p, i), None) for i, p in enumerate(prompts[1:], 1)])
+    assert (5, 12, 3) in seen
+    reference = hf(model_dir)
+    for prompt, result in zip(prompts[1:], results, strict=True):
+        assert result.prompt_cache_hit_tokens == 12
+        expected = teacher_forced(reference, prompt, tokens(result))
+        np.testing.assert_allclose(logprobs(result), expected[len(prompt) - 1 :], atol=1e-4)
 
 
 def test_forked_samples_share_prompt_blocks_and_equal_one_greedy(model_dir):
