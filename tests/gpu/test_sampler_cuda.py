@@ -6,7 +6,7 @@ bodies compiled or not: greedy tokens must match and logprobs agree to 1e-3; a s
 request draws the same tokens; mixed adapters go through the graphs too; one prompt is long
 enough that attention spans several of the kernel's 64-token tiles. The Triton kernel alone is
 checked against a float64 reference at Qwen3-4B's attention shapes (32/8 heads, head_dim 128,
-16-token blocks, contexts up to 700) in float32 and bf16. Marked ``gpu``: run with
+16-token blocks, contexts up to 768) in float32 and bf16. Marked ``gpu``: run with
 ``pytest -m gpu tests/gpu``.
 """
 
