@@ -253,6 +253,26 @@ class LoraAdapter:
             self.factors[n] = LoraFactors(views[i], views[len(names) + i], self.factors[n].scale)
         self.flat, self.flat_names = flat.requires_grad_(), names
 
+    def flat_from_per_factor(self, pieces: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """A flat adapter's tensor (like :attr:`flat`) from one tensor per factor as adapters
+        before flat ones kept them: parameter ``2i`` is module ``i``'s ``A``, ``2i + 1`` its ``B``,
+        in the adapter's module order (how optimizer states and pending gradients were saved).
+        A missing piece reads as zeros."""
+        if self.flat is None:
+            raise ValueError("the adapter is not flat")
+        position = {name: i for i, name in enumerate(self.factors)}
+        out = []
+        for part in (0, 1):  # every A, then every B, as flatten lays them out
+            for name in self.flat_names:
+                like = self.factors[name].b if part else self.factors[name].a
+                piece = pieces.get(2 * position[name] + part)
+                if piece is None:
+                    piece = torch.zeros_like(like)
+                elif piece.shape != like.shape:
+                    raise UserError(f"saved state of {name} has shape {tuple(piece.shape)}")
+                out.append(piece.reshape(-1).to(like.device, like.dtype))
+        return torch.cat(out)
+
     def parameters(self) -> list[torch.Tensor]:
         if self.flat is not None:
             return [self.flat]

@@ -192,6 +192,25 @@ def _check_adam(adam: AdamParams) -> None:
         raise UserError(f"betas must lie in [0, 1), got {adam.beta1} and {adam.beta2}")
 
 
+def _flat_optimizer_state(saved: dict[str, Any], state: RunState) -> dict[str, Any]:
+    """An AdamW state dict for the run's flat adapter. One saved before flat adapters holds a
+    state per factor (two per module): their moments are laid out as the flat tensor is."""
+    params = saved["param_groups"][0]["params"]
+    adapter = state.adapter
+    if adapter.flat is None or len(params) == 1:
+        return saved
+    per_param = saved["state"]
+    flat_state: dict[int, dict[str, Any]] = {}
+    if per_param:
+        first = per_param[min(per_param)]
+        flat_state[0] = {"step": first["step"]} | {
+            key: adapter.flat_from_per_factor({i: v[key] for i, v in per_param.items()})
+            for key in ("exp_avg", "exp_avg_sq")
+        }
+    groups = [{**saved["param_groups"][0], "params": [0]}]
+    return {"state": flat_state, "param_groups": groups}
+
+
 class TrainerEngine:
     """One base model (frozen, shared) and the LoRA runs trained on it.
 
@@ -717,7 +736,7 @@ class TrainerEngine:
             state.step = 0
             if with_optimizer:
                 saved = torch.load(optimizer_path, map_location=self.device, weights_only=True)
-                state.optimizer.load_state_dict(saved["optimizer"])
+                state.optimizer.load_state_dict(_flat_optimizer_state(saved["optimizer"], state))
                 state.step = int(saved["step"])
 
     @staticmethod

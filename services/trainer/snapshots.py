@@ -66,6 +66,9 @@ def load_snapshot(engine: TrainerEngine, run_id: str, lora: LoraConfig, director
     path = directory / GRADS_FILE
     if path.is_file():
         grads = torch.load(path, map_location=engine.device, weights_only=True)
-        for i, p in enumerate(engine.runs[run_id].adapter.parameters()):
+        adapter = engine.runs[run_id].adapter
+        if adapter.flat is not None and set(grads) - {0}:  # saved per factor, before flat ones
+            grads = {0: adapter.flat_from_per_factor(grads)}
+        for i, p in enumerate(adapter.parameters()):
             if i in grads:
                 p.grad = grads[i].to(p.device)
