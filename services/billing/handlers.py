@@ -162,6 +162,8 @@ class BillingService:
                 pass
             self._full.clear()
             await self.flush()
+            if len(self._buffer) >= self.settings.batch_size:
+                self._full.set()  # a full batch arrived during the insert: write it now
 
     async def flush(self) -> None:
         batch, self._buffer = (
