@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import chain
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -394,27 +395,44 @@ class Ledger:
         gathers a large batch of bus messages (``BillingSettings.batch_size``), inserts, then
         acknowledges them.
         """
-        fresh: dict[str, UsageEvent] = {}
-        for e in events:
-            if e.event_id not in self._recent and e.event_id not in fresh:
-                fresh[e.event_id] = e
-        if not fresh:
-            return 0
-        return self._write(UsageColumns.of(list(fresh.values())), set(fresh))
+        return self.insert_columns(UsageColumns.of(events)) if events else 0
 
     def insert_columns(self, batch: UsageColumns) -> int:
-        """``insert`` for events given column by column; the same deduplication by id."""
-        unique = set(batch.event_id)
-        if len(unique) == len(batch) and self._recent.isdisjoint(unique):
-            return self._write(batch, unique) if unique else 0  # the usual case: all new
-        recent, seen, keep = self._recent, set(), []
+        """``insert`` for events given column by column; the same deduplication by id.
+
+        The usual batch is all new: its ids go into the recent set in one ``update``, and the set
+        growing by the batch's length proves every id new and distinct (one hash and one probe
+        per id, the real ids compared, no false positive possible). Otherwise the set is rebuilt
+        from the inserts' id lists (a redelivery, rare) and each id is checked in turn.
+        """
+        if not len(batch):
+            return 0
+        recent, before = self._recent, len(self._recent)
+        recent.update(batch.event_id)
+        if len(recent) - before == len(batch):
+            try:
+                self._write(batch)
+            except BaseException:
+                recent.difference_update(batch.event_id)  # not written: not seen
+                raise
+            self._remember(batch.event_id)
+            return len(batch)
+        self._recent = recent = set(chain.from_iterable(self._recent_order))
+        seen: set[str] = set()
+        keep = []
         for i, event_id in enumerate(batch.event_id):
             if event_id not in recent and event_id not in seen:
                 seen.add(event_id)
                 keep.append(i)
-        return self._write(batch.take(keep), seen) if keep else 0
+        if not keep:
+            return 0
+        fresh = batch.take(keep)
+        self._write(fresh)
+        recent |= seen
+        self._remember(fresh.event_id)
+        return len(fresh)
 
-    def _write(self, batch: UsageColumns, ids: set[str]) -> int:
+    def _write(self, batch: UsageColumns) -> None:
         # Column by column (what the Native format sends) with declared types: no per-row lists,
         # no type query, no conversion in the client. (Arrow costs the same here: bench_billing.)
         try:
@@ -429,11 +447,10 @@ class Ledger:
             )
         except (OperationalError, ClickHouseError) as e:
             raise Unavailable(f"usage insert failed: {e}") from e
-        self._remember(batch.event_id, ids)
-        return len(batch)
 
-    def _remember(self, ordered: list[str], ids: set[str]) -> None:
-        self._recent |= ids
+    def _remember(self, ordered: list[str]) -> None:
+        """Keep this insert's ids (already in the recent set) and forget whole old inserts once
+        the newer ones hold ``recent_ids``."""
         self._recent_order.append(list(ordered))  # a copy: the caller may reuse its batch
         self._recent_count += len(ordered)
         while (

@@ -17,10 +17,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from services.billing.ledger import HOURLY, Ledger, UsageColumns
 from services.billing.prices import DEFAULT_PRICE_TABLE, Price, PriceTable
-from whetstone.errors import UserError
+from whetstone.errors import Unavailable, UserError
 from whetstone.messages import Meter, UsageEvent, UsageMeter, UsageReport, UsageReportQuery
 
 REPO = Path(__file__).resolve().parents[2]
@@ -494,3 +495,84 @@ print(rows[0][0], [(r.tokens, r.events) for r in ledger.report(q, DEFAULT_PRICE_
         "['roll-up views sum each insert'] 4",
         "5 [(100, 10)]",  # four rows from the old views, one from the new; each token once
     ]
+
+
+class _RecordingClient:
+    """A stand-in for clickhouse-connect's client: records each usage insert's event ids, and
+    fails the inserts numbered in ``failing`` (from 1) as an unreachable server does."""
+
+    def __init__(self, failing: frozenset[int] = frozenset()) -> None:
+        self.inserted: list[list[str]] = []
+        self.failing = failing
+        self.calls = 0
+
+    def insert(self, table: str, data: list[list[object]], **_: object) -> None:
+        self.calls += 1
+        if self.calls in self.failing:
+            raise OperationalError("connection refused")
+        self.inserted.append([str(v) for v in data[0]])  # event_id, column-oriented
+
+
+def _ids(*ids: str) -> UsageColumns:
+    return UsageColumns.of([event("t", request_id=i) for i in ids])
+
+
+def test_recent_ids_drop_duplicates_within_and_across_inserts() -> None:
+    client = _RecordingClient()
+    led = Ledger(client, recent_ids=100)  # type: ignore[arg-type]
+    assert led.insert_columns(_ids("a", "b", "a", "c", "b")) == 3  # repeats within one insert
+    assert led.insert_columns(_ids("d", "a", "e", "d")) == 2  # one seen before, one repeated
+    assert led.insert_columns(_ids("a", "b", "c", "d", "e")) == 0  # a redelivery of all
+    assert led.insert_columns(_ids("f")) == 1  # the fast path still works after the slow one
+    assert client.inserted == [
+        ["a:train_tokens", "b:train_tokens", "c:train_tokens"],
+        ["d:train_tokens", "e:train_tokens"],
+        ["f:train_tokens"],
+    ]
+
+
+class _Colliding(str):
+    """An id whose hash equals every other's: the worst case of a hash-based filter."""
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def test_distinct_ids_with_equal_hashes_are_all_kept() -> None:
+    client = _RecordingClient()
+    led = Ledger(client)  # type: ignore[arg-type]
+    batch = _ids("x", "y")
+    batch.event_id = [_Colliding(i) for i in batch.event_id]
+    assert led.insert_columns(batch) == 2
+    again = _ids("z", "x")
+    again.event_id = [_Colliding(i) for i in again.event_id]
+    assert led.insert_columns(again) == 1  # z is new although its hash is x's; x is not
+    assert client.inserted == [["x:train_tokens", "y:train_tokens"], ["z:train_tokens"]]
+
+
+def test_a_failed_insert_leaves_its_ids_unseen() -> None:
+    """The ids enter the recent set before the insert (the fast path); an insert that fails
+    takes them out again, so the redelivered batch is written, not dropped as a duplicate."""
+    client = _RecordingClient(failing=frozenset({1, 3}))
+    led = Ledger(client)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable):
+        led.insert_columns(_ids("a", "b"))  # all new: the fast path
+    assert led.insert_columns(_ids("c")) == 1
+    with pytest.raises(Unavailable):
+        led.insert_columns(_ids("c", "d"))  # one seen: the slow path
+    assert led.insert_columns(_ids("a", "b", "c", "d")) == 3
+    assert client.inserted == [
+        ["c:train_tokens"],
+        ["a:train_tokens", "b:train_tokens", "d:train_tokens"],
+    ]
+
+
+def test_recent_ids_forget_whole_inserts_oldest_first() -> None:
+    client = _RecordingClient()
+    led = Ledger(client, recent_ids=3)  # type: ignore[arg-type]
+    led.insert_columns(_ids("a", "b"))
+    led.insert_columns(_ids("c", "d"))  # the newer insert alone does not hold 3 ids: a, b kept
+    assert led.insert_columns(_ids("a", "c")) == 0
+    led.insert_columns(_ids("e"))  # c, d, e hold 3: a and b forgotten together
+    assert led.insert_columns(_ids("a", "b", "c", "d", "e")) == 2
+    assert client.inserted[-1] == ["a:train_tokens", "b:train_tokens"]
