@@ -19,6 +19,8 @@ fresh temporary data directory is used (and removed) unless --dir is given.
 (``time.process_time``, which counts the engine's threads and is what other load on a shared
 machine disturbs least): the previous release (views without GROUP BY, 10k-event inserts of
 ``UsageEvent`` objects), then each change alone and together, and the alternatives not taken.
+``--ab-baseline REV[,REV]`` adds first each git revision's own ledger and bench, running its chosen
+variant (exported from git to a temporary directory), to compare old code with new side by side.
 """
 
 from __future__ import annotations
@@ -219,20 +221,43 @@ def run_variant(name: str, n: int) -> dict[str, object]:
     return {"wall": wall, "cpu": cpu, "n": n, "month_ms": statistics.median(times)}
 
 
-def ab(n: int, repeats: int, only: list[str]) -> None:
+CHOSEN = "+ parallel_view_processing=1 (chosen)"
+
+
+def _baseline_tree(revision: str) -> Path:
+    """The repository's ``services`` and ``bench`` at ``revision``, exported to a temporary
+    directory (read from git, the working tree untouched); its bench runs the baseline rows."""
+    root = Path(__file__).resolve().parents[1]
+    tree = Path(tempfile.mkdtemp(prefix="bench-billing-baseline-"))
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", revision, "services", "bench"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def ab(n: int, repeats: int, only: list[str], baselines: list[str]) -> None:
     """Each variant ``repeats`` times, the rounds interleaved (load that comes and goes hits every
-    variant alike); the medians."""
+    variant alike); the medians. Each of ``baselines`` (git revisions) adds a first row: that
+    revision's ledger running its chosen variant, so old and new code share one sitting."""
     names = [v for v in VARIANTS if not only or any(o in v for o in only)]
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    trees = [(rev, _baseline_tree(rev)) for rev in baselines]
+    rows = [(f"{rev}: chosen", tree / "bench" / "bench_billing.py", CHOSEN) for rev, tree in trees]
+    rows += [(name, Path(__file__), name) for name in names]
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in rows}
     for _ in range(repeats):
-        for name in names:
+        for label, script, name in rows:
             out = subprocess.run(
-                [sys.executable, __file__, str(n), "--variant", name],
+                [sys.executable, str(script), str(n), "--variant", name],
                 capture_output=True,
                 text=True,
                 check=True,
             ).stdout
-            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+            runs[label].append(json.loads(out.strip().splitlines()[-1]))
+    for _, tree in trees:
+        shutil.rmtree(tree, ignore_errors=True)
     print(f"\nA/B of ledger ingest variants, {n:,} events each, median of {repeats}")
     print(f"{'variant':<48}{'ev/s wall':>12}{'ev/CPU-s':>12}{'month ms':>10}{'vs first':>10}")
     print("-" * 92)
@@ -275,6 +300,11 @@ def main() -> None:
     ap.add_argument("--ab", type=int, default=0, help="first, the A/B of variants over N events")
     ap.add_argument("--ab-repeats", type=int, default=1, help="rounds of the A/B (medians)")
     ap.add_argument("--ab-only", default="", help="comma-separated parts of variant names")
+    ap.add_argument(
+        "--ab-baseline",
+        default="",
+        help="git revisions, comma-separated: their chosen variant first",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile the ingest, print the top")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one A/B child
     args = ap.parse_args()
@@ -284,7 +314,8 @@ def main() -> None:
     started, load = datetime.now(UTC), os.getloadavg()
     print(f"started {started:%Y-%m-%d %H:%M} UTC, load average {load[0]:.1f} {load[1]:.1f}")
     if args.ab:
-        ab(args.ab, args.ab_repeats, [o for o in args.ab_only.split(",") if o])
+        only = [o for o in args.ab_only.split(",") if o]
+        ab(args.ab, args.ab_repeats, only, [r for r in args.ab_baseline.split(",") if r])
         if not args.n:
             return
 
