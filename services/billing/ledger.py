@@ -402,22 +402,25 @@ class Ledger:
 
         The usual batch is all new: its ids go into the recent set in one ``update``, and the set
         growing by the batch's length proves every id new and distinct (one hash and one probe
-        per id, the real ids compared, no false positive possible). Otherwise the set is rebuilt
-        from the inserts' id lists (a redelivery, rare) and each id is checked in turn.
+        per id, the real ids compared, no false positive possible). Otherwise each id is checked
+        in turn: at once when the first id was seen (a redelivery), else after the set is rebuilt
+        from the inserts' id lists (an id repeated, or seen further into the batch; rare).
         """
         if not len(batch):
             return 0
-        recent, before = self._recent, len(self._recent)
-        recent.update(batch.event_id)
-        if len(recent) - before == len(batch):
-            try:
-                self._write(batch)
-            except BaseException:
-                recent.difference_update(batch.event_id)  # not written: not seen
-                raise
-            self._remember(batch.event_id)
-            return len(batch)
-        self._recent = recent = set(chain.from_iterable(self._recent_order))
+        recent = self._recent
+        if batch.event_id[0] not in recent:  # else most likely a redelivery: check id by id
+            before = len(recent)
+            recent.update(batch.event_id)
+            if len(recent) - before == len(batch):
+                try:
+                    self._write(batch)
+                except BaseException:
+                    recent.difference_update(batch.event_id)  # not written: not seen
+                    raise
+                self._remember(batch.event_id)
+                return len(batch)
+            self._recent = recent = set(chain.from_iterable(self._recent_order))
         seen: set[str] = set()
         keep = []
         for i, event_id in enumerate(batch.event_id):

@@ -523,10 +523,13 @@ def test_recent_ids_drop_duplicates_within_and_across_inserts() -> None:
     assert led.insert_columns(_ids("a", "b", "a", "c", "b")) == 3  # repeats within one insert
     assert led.insert_columns(_ids("d", "a", "e", "d")) == 2  # one seen before, one repeated
     assert led.insert_columns(_ids("a", "b", "c", "d", "e")) == 0  # a redelivery of all
+    assert led.insert_columns(_ids("b", "g", "g")) == 1  # a redelivery carrying a new id
     assert led.insert_columns(_ids("f")) == 1  # the fast path still works after the slow one
+    assert led.insert_columns(_ids("g", "f")) == 0
     assert client.inserted == [
         ["a:train_tokens", "b:train_tokens", "c:train_tokens"],
         ["d:train_tokens", "e:train_tokens"],
+        ["g:train_tokens"],
         ["f:train_tokens"],
     ]
 
