@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
+from services.sampler.checks import checked_prompt
 from services.sampler.graphs import DecodeGraphs
 from services.sampler.kvcache import BlockAllocator, CacheShape, PagedKVCache, PrefixCache
 from services.sampler.model import DecodeBatch, ModelLora, PrefillBatch
@@ -271,27 +272,13 @@ class SamplerEngine:
     def _validate(self, request: SampleRequest, adapter_id: str | None) -> _Request:
         """Reject what the client can fix before any compute is spent on it."""
         p = request.params
-        prompt = request.prompt.to_numpy().reshape(-1).astype(np.int64).tolist()
-        if not prompt:
-            raise UserError("prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise UserError(f"prompt holds token ids outside the vocabulary [0, {self.vocab_size})")
-        if p.max_tokens < 0:
-            raise UserError("max_tokens must not be negative")
-        if len(prompt) + p.max_tokens > self.context_length:
-            raise UserError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
-                f"context length {self.context_length}"
-            )
+        prompt = checked_prompt(
+            request,
+            vocab_size=self.vocab_size,
+            context_length=self.context_length,
+            max_seqs=self.max_seqs,
+        )
         n = request.num_samples
-        if n < 1:
-            raise UserError("num_samples must be at least 1")
-        if n > self.max_seqs:
-            raise UserError(f"num_samples ({n}) exceeds this sampler's {self.max_seqs} sequences")
-        if not math.isfinite(p.temperature) or p.temperature < 0:
-            raise UserError("temperature must be a finite number >= 0")
-        if not 0 < p.top_p <= 1:
-            raise UserError("top_p must be in (0, 1]")
         if adapter_id is not None and adapter_id not in self._adapters:
             # The handler forgot ensure_adapter (or it was evicted): our fault, not the client's.
             raise WhetstoneError(f"adapter {adapter_id!r} is not loaded")

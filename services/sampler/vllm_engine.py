@@ -54,6 +54,7 @@ from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.executor import Executor
 
+from services.sampler.checks import checked_prompt
 from whetstone.errors import UserError, WhetstoneError
 from whetstone.messages import (
     MAX_TOPK_LOGPROBS,
@@ -226,28 +227,14 @@ class VllmEngine:
                 raise UserError(
                     f"{option} is not supported by this base model's sampler (the vLLM engine)"
                 )
-        p = request.params
-        prompt = request.prompt.to_numpy().reshape(-1).astype(np.int64).tolist()
-        if not prompt:
-            raise UserError("prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise UserError(f"prompt holds token ids outside the vocabulary [0, {self.vocab_size})")
-        if p.max_tokens < 0:
-            raise UserError("max_tokens must not be negative")
-        if len(prompt) + max(p.max_tokens, 1) > self.context_length:
-            raise UserError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
-                f"context length {self.context_length}"
-            )
-        n = request.num_samples
-        if n < 1:
-            raise UserError("num_samples must be at least 1")
-        if n > self.max_seqs:
-            raise UserError(f"num_samples ({n}) exceeds this sampler's {self.max_seqs} sequences")
-        if not math.isfinite(p.temperature) or p.temperature < 0:
-            raise UserError("temperature must be a finite number >= 0")
-        if not 0 < p.top_p <= 1:
-            raise UserError("top_p must be in (0, 1]")
+        # vLLM draws a token even for max_tokens=0 (and drops it): that one must fit too
+        prompt = checked_prompt(
+            request,
+            vocab_size=self.vocab_size,
+            context_length=self.context_length,
+            max_seqs=self.max_seqs,
+            min_new_tokens=1,
+        )
         if adapter_id is not None and adapter_id not in self._adapters:
             raise WhetstoneError(f"adapter {adapter_id!r} is not loaded")
         try:
