@@ -255,6 +255,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--no-p4", action="store_true", help="skip P4 (with --resident 0: all)")
     parser.add_argument("--adapter-rank", type=int, default=32)
     parser.add_argument("--resident", type=int, default=256, help="P4: adapters kept resident")
     parser.add_argument("--distinct", type=int, default=16, help="P4: distinct weight files")
@@ -365,7 +366,7 @@ def main() -> None:
     # P4: the same batch with one adapter for every row, then `--adapters` different ones.
     p4 = [
         (f"P4: {n} adapter(s) of rank {args.adapter_rank}", graphs_on, best_kernel, graphs_on, n)
-        for n in (1, args.adapters)
+        for n in (() if args.no_p4 else (1, args.adapters))
     ]
     adapter_dirs = make_adapters(
         model, max(args.adapters, args.distinct), args.adapter_rank, Path(args.dir) / "lora"

@@ -20,8 +20,11 @@ One step:
    its ``num_samples`` sequences, which share its full KV blocks (prefill once), and each draws its
    first token from the same last-position logits; its full blocks enter the prefix cache;
 3. **decode** one token for every running sequence in one forward (a CUDA graph per batch and
-   context bucket on GPU, the same function eagerly on CPU), sample, and retire the sequences that
-   hit a stop token, a stop string or ``max_tokens``.
+   context bucket on GPU, the same function eagerly on CPU) and sample it on the device; then read
+   back the *previous* step's tokens and retire the sequences that hit a stop token, a stop string
+   or ``max_tokens``. The host's bookkeeping thus overlaps the device's next step, and a step's
+   input tokens never travel through the host (``_decode``); inputs are staged through pinned
+   memory, so nothing on the way waits for the device. The same code runs on CPU.
 
 Every adapter of a batch is applied in the same forward (``weights.AdapterSlots``): rows need
 not be grouped by adapter, so sequences come and go freely, and however many adapters are
@@ -109,6 +112,23 @@ class _Seq:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per token
+    issued: int = 0  # tokens drawn on the device so far (``tokens`` lags while a draw is out)
+    done: bool = False  # retired: a row of it still in flight is dropped
+
+
+@dataclass
+class _Draw:
+    """Tokens drawn on the device for ``seqs`` (in row order), on their way to the host.
+
+    ``tokens`` stays on the device as the next decode step's input; ``host`` (tokens and
+    logprobs, float64: token ids are exact) and ``topk`` are copies the host reads once
+    ``ready`` has passed, so the device runs on meanwhile."""
+
+    seqs: list[_Seq]
+    tokens: torch.Tensor  # [B] long, on the device
+    host: torch.Tensor  # [2, B] float64
+    topk: torch.Tensor | None  # [2, B, k] float64: ids, logprobs
+    ready: torch.cuda.Event | None
 
 
 class SamplerEngine:
@@ -195,6 +215,7 @@ class SamplerEngine:
         self._waiting: deque[_Request] = deque()
         self._prefilling: list[_Request] = []
         self._running: list[_Seq] = []
+        self._pending: _Draw | None = None  # the decode step in flight, not read back yet
         self._free_blocks = num_blocks - 1  # not promised to any admitted request
         self._free_rows = max_seqs
         self._next_handle = 0
@@ -332,13 +353,13 @@ class SamplerEngine:
         self.cache.allocator = BlockAllocator(shape.num_blocks)
         self.prefix.clear()
         self._waiting.clear()
-        self._prefilling, self._running = [], []
+        self._prefilling, self._running, self._pending = [], [], None
         self._free_blocks, self._free_rows = shape.num_blocks - 1, self.max_seqs
         return handles
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running)
+        return bool(self._waiting or self._prefilling or self._running or self._pending)
 
     @property
     def num_waiting(self) -> int:
@@ -363,7 +384,7 @@ class SamplerEngine:
             self._prefilling.append(req)
         if self._prefilling:
             self._prefill(finished)
-        if self._running:
+        if self._running or self._pending is not None:
             self._decode(finished)
         return finished
 
@@ -493,7 +514,7 @@ class SamplerEngine:
             req.blocks = []
             forked += seqs
             forked_rows += [i] * len(seqs)
-        self._sample(forked, logits[forked_rows], finished)
+        self._start(forked, logits[forked_rows], finished)
 
     def _score_prompt(
         self,
@@ -515,28 +536,65 @@ class SamplerEngine:
     # ------------------------------------------------------------------------------ decode
 
     def _decode(self, finished: list[tuple[int, SampleResult]]) -> None:
-        seqs, bs = self._running, self.block_size
+        """Launch one decode step for every running sequence that still needs a token, then read
+        back the step before it: the host's bookkeeping for step N (stop checks, results) runs
+        while the device computes step N + 1, whose input tokens never leave the device.
+
+        A sequence that step N stops (a stop token or string) was already launched in step
+        N + 1; that row's KV write lands in its own released block (stream order puts any later
+        use of the block after it) and its draw is dropped. Seeded draws are unchanged: the
+        uniform of token ``i`` is the request's ``i``-th, whenever it is drawn.
+        """
+        prev, self._pending = self._pending, None
+        seqs = [q for q in self._running if q.issued < q.req.request.params.max_tokens]
+        if seqs:
+            self._pending = self._draw(seqs, self._decode_logits(seqs, prev))
+        if prev is not None:
+            self._record(prev, finished)
+
+    def _decode_logits(self, seqs: list[_Seq], prev: _Draw | None) -> torch.Tensor:
+        """One decode step's logits for ``seqs``; inputs are staged without waiting for the
+        device, and a token still in ``prev`` is taken from the device."""
+        bs = self.block_size
         for seq in seqs:  # the block for the token fed now
             if seq.length // bs == len(seq.blocks):
                 seq.blocks.append(self.cache.allocator.allocate())
-        positions = [seq.length for seq in seqs]
-        n_blocks = max(math.ceil((p + 1) / bs) for p in positions)
-        table = np.zeros((len(seqs), n_blocks), dtype=np.int64)
+        b = len(seqs)
+        positions = np.fromiter((seq.length for seq in seqs), np.int64, b)
+        n_blocks = int(positions.max()) // bs + 1
+        table = np.zeros((b, n_blocks), dtype=np.int64)
         for row, seq in enumerate(seqs):
             table[row, : len(seq.blocks)] = seq.blocks[:n_blocks]
-        inputs = torch.tensor(
-            [
-                [seq.tokens[-1] for seq in seqs],
-                positions,
-                [seq.blocks[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)],
-                [p + 1 for p in positions],
-            ],
-            device=self.device,
+        in_prev = {id(q): i for i, q in enumerate(prev.seqs)} if prev is not None else {}
+        src = np.full(b, -1, dtype=np.int64)  # row of ``prev`` holding the input token
+        host_ids = np.zeros(b, dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            if len(seq.tokens) == seq.issued:
+                host_ids[row] = seq.tokens[-1]
+            else:
+                src[row] = in_prev[id(seq)]  # one draw at most is out at a time
+        inputs = self._to_device(
+            np.stack(
+                [
+                    host_ids,
+                    positions,
+                    table[np.arange(b), positions // bs] * bs + positions % bs,
+                    positions + 1,
+                    src,
+                ]
+            )
         )
-        table_t = torch.from_numpy(table).to(self.device)
+        ids = inputs[0]
+        if prev is not None and (src >= 0).any():
+            ids = torch.where(inputs[4] >= 0, prev.tokens[inputs[4].clamp(min=0)], ids)
+        table_t = self._to_device(table)
         lora_rows = self.slots.rows([seq.req.adapter_id for seq in seqs], self._admitted_adapters())
         if self.slots.version != self._slots_version:  # new stacks: the graphs' addresses are stale
+            if self._graphs is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # no replay of them may still be running
             self._graphs, self._slots_version = None, self.slots.version
+        for seq in seqs:
+            seq.length += 1
         if self.cuda_graphs:
             if self._graphs is None:
                 self._graphs = DecodeGraphs(
@@ -548,24 +606,17 @@ class SamplerEngine:
                     self.decode_attention,
                     self.compile_decode,
                 )
-            logits = self._graphs.run(
-                inputs[0], inputs[1], inputs[2], table_t, inputs[3], lora_rows
-            )
-        else:
-            batch = DecodeBatch(inputs[2], table_t, inputs[3], self.decode_attention)
-            lora = None
-            if lora_rows is not None:
-                row_slots = {
-                    rank: torch.tensor(slots, device=self.device)
-                    for rank, slots in lora_rows.slots.items()
-                }
-                lora = self.slots.model_lora(lora_rows, row_slots)
-            hidden = self.model.forward(inputs[0], inputs[1], self.cache, batch, lora)
-            logits = self.model.logits(hidden, lora)
-        for seq in seqs:
-            seq.length += 1
-        self._running = []
-        self._sample(seqs, logits, finished)
+            return self._graphs.run(ids, inputs[1], inputs[2], table_t, inputs[3], lora_rows)
+        batch = DecodeBatch(inputs[2], table_t, inputs[3], self.decode_attention)
+        lora = None
+        if lora_rows is not None:
+            row_slots = {
+                rank: self._to_device(np.asarray(slots, dtype=np.int64))
+                for rank, slots in lora_rows.slots.items()
+            }
+            lora = self.slots.model_lora(lora_rows, row_slots)
+        hidden = self.model.forward(ids, inputs[1], self.cache, batch, lora)
+        return self.model.logits(hidden, lora)
 
     @property
     def _max_blocks(self) -> int:
@@ -584,61 +635,105 @@ class SamplerEngine:
                 merged.append((start, stop, adapter))
         return self.slots.prefill_lora(merged, self._admitted_adapters())
 
+    # ------------------------------------------------------------------------------ device I/O
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` on the engine's device, staged through pinned memory so that the host does
+        not wait for the device (torch's pinned allocator keeps the staging buffer until the
+        copy has run)."""
+        t = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``t`` that is complete once an event recorded after it has passed."""
+        if t.device.type != "cuda":
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+
     # ------------------------------------------------------------------------------ sampling
 
-    def _sample(
+    def _start(
         self, seqs: list[_Seq], logits: torch.Tensor, finished: list[tuple[int, SampleResult]]
     ) -> None:
-        """Draw each sequence's next token, record it, retire the ones that stop."""
-        params = [seq.req.request.params for seq in seqs]
-        live = [seq for seq, p in zip(seqs, params, strict=True) if p.max_tokens > 0]
-        for seq, p in zip(seqs, params, strict=True):
-            if p.max_tokens == 0:
+        """Forked sequences' first tokens from their prompt's logits, drawn and recorded at
+        once; a ``max_tokens=0`` request's samples retire without a draw."""
+        live = [seq for seq in seqs if seq.req.request.params.max_tokens > 0]
+        for seq in seqs:
+            if seq.req.request.params.max_tokens == 0:
                 self._retire(seq, stopped=False, finished=finished)
         if not live:
             return
         if len(live) < len(seqs):
-            keep = [i for i, p in enumerate(params) if p.max_tokens > 0]
-            logits, params = logits[keep], [params[i] for i in keep]
-        rows = self._sampling_rows(live, params)
+            logits = logits[[i for i, seq in enumerate(seqs) if not seq.done]]
+        self._running += live
+        self._record(self._draw(live, logits), finished)
+
+    def _draw(self, seqs: list[_Seq], logits: torch.Tensor) -> _Draw:
+        """Draw each sequence's next token on the device and start copying it to the host."""
+        rows = self._sampling_rows(seqs)
         tokens_t, logprobs_t = sample(logits, rows)
-        # One device-to-host copy for both (token ids are exact in float64).
-        drawn = torch.stack([tokens_t.double(), logprobs_t.double()]).tolist()
-        tokens, logprobs = [int(t) for t in drawn[0]], drawn[1]
-        ks = [seq.req.request.topk_sample_logprobs for seq in live]
+        host = self._to_host(torch.stack([tokens_t.double(), logprobs_t.double()]))
+        ks = [seq.req.request.topk_sample_logprobs for seq in seqs]
+        topk = None
         if any(ks):
             top_ids, top_logprobs = sampled_topk(logits, rows, max(ks))
-            top = torch.stack([top_ids.double(), top_logprobs.double()]).cpu().numpy()
-            for i, (seq, k) in enumerate(zip(live, ks, strict=True)):
-                if k:
-                    ids, values = top[0, i, :k].astype(np.int64), top[1, i, :k].astype(np.float32)
-                    cut = ~np.isfinite(values)  # removed by top-k/top-p: an empty cell
-                    ids[cut], values[cut] = 0, TOPK_EMPTY_LOGPROB
-                    seq.topk.append((ids, values))
-        for seq, p, token, logprob in zip(live, params, tokens, logprobs, strict=True):
+            topk = self._to_host(torch.stack([top_ids.double(), top_logprobs.double()]))
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        for seq in seqs:
+            seq.issued += 1
+        return _Draw(seqs, tokens_t, host, topk, ready)
+
+    def _record(self, draw: _Draw, finished: list[tuple[int, SampleResult]]) -> None:
+        """Wait for ``draw``'s copy, append each live row's token, retire the ones that stop."""
+        if draw.ready is not None:
+            draw.ready.synchronize()
+        host = draw.host.numpy()
+        top = draw.topk.numpy() if draw.topk is not None else None
+        retired = False
+        for i, seq in enumerate(draw.seqs):
+            if seq.done:
+                continue  # stopped by the draw before this one
+            p = seq.req.request.params
+            token = int(host[0, i])
             seq.tokens.append(token)
-            seq.logprobs.append(logprob)
+            seq.logprobs.append(float(host[1, i]))
+            k = seq.req.request.topk_sample_logprobs
+            if k and top is not None:
+                ids, values = top[0, i, :k].astype(np.int64), top[1, i, :k].astype(np.float32)
+                cut = ~np.isfinite(values)  # removed by top-k/top-p: an empty cell
+                ids[cut], values[cut] = 0, TOPK_EMPTY_LOGPROB
+                seq.topk.append((ids, values))
             stopped = token in seq.req.stop_ids or self._hits_stop_string(seq, p.stop_strings)
             if stopped or len(seq.tokens) >= p.max_tokens:
                 self._retire(seq, stopped=stopped, finished=finished)
-            else:
-                self._running.append(seq)
+                retired = True
+        if retired:
+            self._running = [q for q in self._running if not q.done]
 
-    def _sampling_rows(self, seqs: list[_Seq], params: list) -> SamplingRows:
+    def _sampling_rows(self, seqs: list[_Seq]) -> SamplingRows:
         vocab = self.vocab_size
+        params = [seq.req.request.params for seq in seqs]
         temperature = [p.temperature for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
-        uniforms = [float(seq.req.uniforms[seq.index, len(seq.tokens)]) for seq in seqs]
-        floats = torch.tensor(
-            [[t if t > 0 else 1.0 for t in temperature], top_p, uniforms, top_k],
-            dtype=torch.float64,
-        ).to(self.device)
         greedy = [t == 0 for t in temperature]
+        uniforms = [float(seq.req.uniforms[seq.index, seq.issued]) for seq in seqs]
+        floats = self._to_device(
+            np.array(
+                [[t if t > 0 else 1.0 for t in temperature], top_p, uniforms, top_k, greedy],
+                dtype=np.float64,
+            )
+        )
         finite_k = [k for k in top_k if k < vocab]
         return SamplingRows(
             temperature=floats[0].float(),
-            greedy=torch.tensor(greedy, device=self.device),
+            greedy=floats[4] > 0,
             top_k=floats[3].long(),
             top_p=floats[1].float(),
             uniforms=floats[2].float(),
@@ -665,6 +760,7 @@ class SamplerEngine:
         self, seq: _Seq, *, stopped: bool, finished: list[tuple[int, SampleResult]]
     ) -> None:
         req = seq.req
+        seq.done = True
         self.cache.allocator.release(seq.blocks)
         seq.blocks = []
         self._free_rows += 1

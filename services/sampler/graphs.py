@@ -88,7 +88,8 @@ class DecodeGraphs:
                 buf = self.row_slots.get(rank)
                 if buf is None:
                     buf = self.row_slots[rank] = torch.full_like(self.ids, -1)
-                buf[:b].copy_(torch.tensor(row_slots))
+                staged = torch.tensor(row_slots).pin_memory()  # no wait for the device
+                buf[:b].copy_(staged, non_blocking=True)
                 buf[b:batch].fill_(-1)
         key = (batch, blocks, lora.key if lora is not None else ())
         if key not in self.graphs:

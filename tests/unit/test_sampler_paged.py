@@ -255,6 +255,40 @@ def test_requests_joining_and_leaving_equal_each_alone(model_dir):
     assert [tokens(r) for r in again] == [tokens(results[i]) for i in range(len(reqs))]
 
 
+def test_rows_stopped_while_the_next_step_is_in_flight_are_dropped(model_dir):
+    """Decode launches step N + 1 before it reads step N back, so a row that step N stops (a
+    stop token, a stop string) is launched once more: that draw is dropped, its row and blocks
+    go to a waiting request, nothing leaks, and every result equals the request alone."""
+    probe = make_engine(model_dir)
+    [free] = probe.generate([(request(probe, PROMPTS[0], max_tokens=9, temperature=0.0), None)])
+    stop_token = tokens(free)[2]
+    cut = tokens(free).index(stop_token) + 1
+    text = probe.tokenizer.decode(tokens(free)[:6])
+    reqs = [  # the first one's dropped draw would be its last (max_tokens) if it were kept
+        request(probe, PROMPTS[0], max_tokens=cut + 1, temperature=0, stop_token_ids=[stop_token]),
+        request(probe, PROMPTS[1], max_tokens=9, temperature=1.0, seed=5),
+        request(probe, PROMPTS[0], max_tokens=9, temperature=0.0, stop_strings=[text[-2:]]),
+        request(probe, PROMPTS[2], max_tokens=7, temperature=1.0, seed=6),
+    ]
+    engine = make_engine(model_dir, max_seqs=2, prefix_cache_blocks=0)
+    start_free = engine.cache.allocator.num_free
+    results = dict(zip(
+        [engine.add(r, None) for r in reqs], [None] * len(reqs), strict=True
+    ))  # fmt: skip
+    while engine.has_work:
+        results.update(engine.step())
+    got = [results[h] for h in sorted(results)]
+    assert tokens(got[0])[-1] == stop_token and got[0].sequences[0].stop_reason == "stop"
+    assert len(tokens(got[0])) == cut
+    assert got[2].sequences[0].stop_reason == "stop" and len(tokens(got[2])) < 9
+    for req, result in zip(reqs, got, strict=True):
+        [alone] = make_engine(model_dir).generate([(req, None)])
+        assert tokens(result) == tokens(alone)
+        np.testing.assert_allclose(logprobs(result), logprobs(alone), atol=1e-5)
+    assert engine.cache.allocator.num_free == start_free
+    assert not engine.has_work
+
+
 def test_adapters_of_different_ranks_in_one_batch_equal_each_alone(model_dir, adapters):
     engine = make_engine(model_dir)
     for name, directory in adapters.items():
