@@ -142,7 +142,8 @@ class SamplerEngine:
     captures the decode step, ``decode_attention`` picks ``"sdpa"`` (gathered blocks, the
     CPU's) or ``"triton"`` (the paged kernel of ``paged_attention``, CUDA's default);
     ``compile_decode`` (default: on with CUDA graphs) ``torch.compile``s the graphed step's layer
-    bodies (``model.decode_fns``); CPU and eager steps run the same functions uncompiled.
+    bodies (``model.decode_fns``) and those of prefills without LoRA (``model.prefill_fns``); CPU
+    and eager steps run the same functions uncompiled.
     ``adapter_slots`` (default ``min(max_seqs, max_adapters)``) bounds the distinct adapters of
     one decode batch per rank class (``weights.AdapterSlots``); admission keeps to it.
     """
@@ -461,6 +462,9 @@ class SamplerEngine:
             stop = min(len(req.prompt), start + budget)
             picked.append((req, start, stop))
             budget -= stop - start
+        # Packed by adapter (stable): one LoRA run per adapter, not one per request, so a batch
+        # of requests over a few adapters costs a few GEMM pairs per projection.
+        picked.sort(key=lambda chunk: chunk[0].adapter_id or "")
         bs, dev = self.block_size, self.device
         ids: list[int] = []
         positions: list[int] = []
@@ -477,17 +481,19 @@ class SamplerEngine:
             adapters += [req.adapter_id] * (stop - start)
             table = torch.tensor(req.blocks[: math.ceil(stop / bs)], device=dev)
             chunks.append((row, len(ids), start, table))
+        lora = self._prefill_lora(
+            [
+                (row, stop, req.adapter_id)
+                for (req, _, _), (row, stop, _, _) in zip(picked, chunks, strict=True)
+            ]
+        )
         hidden = self.model.forward(
             torch.tensor(ids, device=dev),
             torch.tensor(positions, device=dev),
             self.cache,
             PrefillBatch(torch.tensor(slots, device=dev), chunks),
-            self._prefill_lora(
-                [
-                    (row, stop, req.adapter_id)
-                    for (req, _, _), (row, stop, _, _) in zip(picked, chunks, strict=True)
-                ]
-            ),
+            lora,
+            compiled=self.compile_decode and lora is None,
         )
         done: list[tuple[_Request, int]] = []
         for (req, start, stop), (row, _, _, _) in zip(picked, chunks, strict=True):

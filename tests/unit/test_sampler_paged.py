@@ -404,6 +404,26 @@ def test_compiled_decode_step_equals_eager_on_cpu(model_dir, adapters):
         np.testing.assert_allclose(logprobs(compiled), logprobs(eager), atol=1e-5)
 
 
+def test_compiled_base_prefill_equals_eager_on_cpu(model_dir):
+    """Prefills without LoRA run compiled with a symbolic token count (``prefill_fns``) when the
+    engine compiles: here compiled for the CPU, prompts of several lengths in chunks give the
+    same prompt logprobs, greedy tokens and logprobs as the eager prefill."""
+
+    def jobs(engine: SamplerEngine) -> list:
+        return [
+            (request(engine, text, plp=True, max_tokens=4, temperature=0.0), None)
+            for text in PROMPTS
+        ]
+
+    eager = make_engine(model_dir, cuda_graphs=False, compile_decode=False)
+    compiled = make_engine(model_dir, cuda_graphs=False, compile_decode=True)
+    for a, b in zip(eager.generate(jobs(eager)), compiled.generate(jobs(compiled)), strict=True):
+        assert tokens(a) == tokens(b)
+        np.testing.assert_allclose(logprobs(b), logprobs(a), atol=1e-5)
+        pa, pb = a.prompt_logprobs.to_numpy()[1:], b.prompt_logprobs.to_numpy()[1:]
+        np.testing.assert_allclose(pb, pa, atol=1e-5)
+
+
 def test_sampler_logprobs_match_trainer(model_dir, tmp_path):
     """Same weights (an adapter trained one step, saved for sampling): the sampler's logprobs at
     temperature 1 equal the trainer's forward logprobs of the same tokens within 1e-4."""
