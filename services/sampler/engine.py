@@ -358,6 +358,35 @@ class SamplerEngine:
         self._free_blocks, self._free_rows = shape.num_blocks - 1, self.max_seqs
         return handles
 
+    def cancel(self, handles: set[int]) -> list[int]:
+        """Drop the requests ``handles`` wherever they are (waiting, prefilling or decoding):
+        their rows and KV blocks are free for the next step and their results never come back
+        (a row of theirs in the decode step in flight is dropped when it is read). The handles
+        found."""
+        found: list[int] = []
+        kept = deque(r for r in self._waiting if r.handle not in handles)
+        found += [r.handle for r in self._waiting if r.handle in handles]
+        self._waiting = kept
+        for req in [r for r in self._prefilling if r.handle in handles]:
+            self.cache.allocator.release(req.blocks)
+            req.blocks = []
+            self._free_rows += req.request.num_samples
+            self._free_blocks += req.promised_blocks
+            found.append(req.handle)
+        self._prefilling = [r for r in self._prefilling if r.handle not in handles]
+        cancelled: dict[int, _Request] = {}
+        for seq in self._running:
+            if seq.req.handle in handles:
+                self.cache.allocator.release(seq.blocks)
+                seq.blocks, seq.done = [], True
+                self._free_rows += 1
+                cancelled[seq.req.handle] = seq.req
+        for req in cancelled.values():  # samples that had retired freed their rows already
+            self._free_blocks += req.promised_blocks
+            found.append(req.handle)
+        self._running = [q for q in self._running if not q.done]
+        return found
+
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running or self._pending)

@@ -92,6 +92,7 @@ class Batcher:
         self._queues: dict[str, deque[Job]] = {}  # tenant -> its jobs, in arrival order
         self._fair: FairShare[str] = FairShare()
         self._arrived = asyncio.Event()
+        self._in_flight: dict[int, Job] = {}  # engine handle -> its job
 
     async def generate(self, req: SampleRequest, adapter_id: str | None) -> SampleResult:
         fut: asyncio.Future[SampleResult] = asyncio.get_running_loop().create_future()
@@ -100,12 +101,14 @@ class Batcher:
         self._arrived.set()
         return await fut
 
-    def queued_sessions(self) -> set[str]:
-        """The sessions of the jobs waiting here (not yet handed to the engine)."""
-        return {j.req.session_id for q in self._queues.values() for j in q if j.req.session_id}
+    def sessions(self) -> set[str]:
+        """The sessions of the jobs waiting here or running in the engine."""
+        jobs = [j for q in self._queues.values() for j in q] + list(self._in_flight.values())
+        return {j.req.session_id for j in jobs if j.req.session_id}
 
     def drop_session(self, session_id: str, error: Exception) -> int:
-        """Fail the waiting jobs of ``session_id`` with ``error``; how many there were."""
+        """Fail the jobs of ``session_id`` with ``error``, waiting here or running in the engine
+        (the loop takes those out of the engine before its next step); how many there were."""
         dropped = 0
         for tenant, queue in self._queues.items():
             kept = deque(j for j in queue if j.req.session_id != session_id)
@@ -114,6 +117,10 @@ class Batcher:
                     job.fut.set_exception(error)
                     dropped += 1
             self._queues[tenant] = kept
+        for job in self._in_flight.values():
+            if job.req.session_id == session_id and not job.fut.done():
+                job.fut.set_exception(error)
+                dropped += 1
         return dropped
 
     def _take(self, room: int) -> list[Job]:
@@ -151,7 +158,7 @@ class Batcher:
                 self._on_state(head.req, "paused_rate_limit")
 
     async def run(self) -> None:
-        in_flight: dict[int, asyncio.Future[SampleResult]] = {}
+        in_flight = self._in_flight
         while True:
             while not self.engine.has_work and not any(self._queues.values()):
                 self._arrived.clear()
@@ -164,22 +171,29 @@ class Batcher:
                     if isinstance(handle, Exception):
                         job.fut.set_exception(handle)
                     else:
-                        in_flight[handle] = job.fut
+                        in_flight[handle] = job
+            # Jobs failed meanwhile (an ended session) or whose handler is gone leave the engine
+            # now: their rows and KV blocks go to others from the next step on.
+            gone = {handle for handle, job in in_flight.items() if job.fut.done()}
+            if gone:
+                await self._torch(self.engine.cancel, gone)
+                for handle in gone:
+                    del in_flight[handle]
             if not self.engine.has_work:
                 continue
             try:
                 finished = await self._torch(self.engine.step)
             except Exception as exc:  # noqa: BLE001 - every handler learns, the loop carries on
                 await self._torch(self.engine.abort)
-                for fut in in_flight.values():
-                    if not fut.done():
-                        fut.set_exception(exc)
+                for job in in_flight.values():
+                    if not job.fut.done():
+                        job.fut.set_exception(exc)
                 in_flight.clear()
                 continue
             for handle, result in finished:
-                fut = in_flight.pop(handle)
-                if not fut.done():
-                    fut.set_result(result)
+                done = in_flight.pop(handle, None)
+                if done is not None and not done.fut.done():
+                    done.fut.set_result(result)
 
     def _add(self, jobs: list[tuple[SampleRequest, str | None]]) -> list[int | Exception]:
         """Add each job to the engine (on the torch thread): its handle, or why it was refused."""
@@ -195,7 +209,7 @@ class Batcher:
 def _ended(session_id: str) -> UserError:
     return UserError(
         f"session {session_id} has ended (its heartbeats stopped, or it was closed): "
-        "its queued sampling was cancelled"
+        "its sampling was cancelled"
     )
 
 
@@ -325,13 +339,14 @@ class SamplerWorker:
         return record.finished or silent_s > self.settings.session_ttl_s
 
     async def _drop_ended_sessions(self) -> None:
-        """Every ``session_check_s``: fail the queued sampling of sessions that have ended."""
+        """Every ``session_check_s``: fail the sampling of sessions that have ended, queued or
+        running (a running request leaves the engine before its next step, unbilled)."""
         while True:
             await asyncio.sleep(self.settings.session_check_s)
-            for session_id in self.batcher.queued_sessions():
+            for session_id in self.batcher.sessions():
                 if await self._session_ended(session_id):
                     dropped = self.batcher.drop_session(session_id, _ended(session_id))
-                    self.log.info("queued sampling dropped", session=session_id, requests=dropped)
+                    self.log.info("sampling cancelled", session=session_id, requests=dropped)
 
     async def _future(self, request_id: str) -> tuple[FutureRecord | None, int | None]:
         """The request's future record and its KV revision (None, None before the gateway's

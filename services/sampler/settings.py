@@ -16,8 +16,8 @@ class SamplerSettings(ServiceSettings):
     prefix_cache_blocks: int | None = None
     ack_wait_s: float = 300.0
     heartbeat_interval_s: float = 1.0
-    # How often queued sampling is checked against its sessions: an ended one's is dropped, as
-    # is that of a session whose heartbeats stopped session_ttl_s ago (the scheduler's setting).
+    # How often queued and running sampling is checked against its sessions: an ended one's is
+    # cancelled, as is that of a session whose heartbeats stopped session_ttl_s ago.
     session_check_s: float = 2.0
     session_ttl_s: float = 600.0
     # A request passed over for other tenants' this long (fair sharing) reports paused_rate_limit.

@@ -288,6 +288,20 @@ class VllmEngine:
         self._seqs = 0
         return handles
 
+    def cancel(self, handles: set[int]) -> list[int]:
+        """Drop the requests ``handles``, queued here or running in vLLM (aborted there); the
+        handles found."""
+        found = [j.handle for j in self._waiting if j.handle in handles]
+        self._waiting = deque(j for j in self._waiting if j.handle not in handles)
+        running = [rid for rid, j in self._in_flight.items() if j.handle in handles]
+        if running:
+            self.llm.abort_request(running)
+        for rid in running:
+            job = self._in_flight.pop(rid)
+            self._seqs -= job.request.num_samples
+            found.append(job.handle)
+        return found
+
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._in_flight)

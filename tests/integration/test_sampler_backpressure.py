@@ -46,6 +46,7 @@ from whetstone.messages import (
 )
 from whetstone.models.builtin import BUILTIN_MODEL_NAME
 from whetstone.models.registry import default_registry
+from whetstone.tasks import Offload
 from whetstone.tensors import Tensor
 
 pytestmark = pytest.mark.timeout(180)
@@ -385,13 +386,67 @@ async def test_the_batcher_drops_the_queued_jobs_of_an_ended_session() -> None:
         for i in range(3)
     ]
     await asyncio.sleep(0)
-    assert batcher.queued_sessions() == {"gone", "live"}
+    assert batcher.sessions() == {"gone", "live"}
     assert batcher.drop_session("gone", UserError("session gone has ended")) == 3
     await asyncio.sleep(0)
     for fut in waiting[:3]:
         with pytest.raises(UserError, match="has ended"):
             fut.result()
     assert not any(fut.done() for fut in waiting[3:])
-    assert batcher.queued_sessions() == {"live"}
+    assert batcher.sessions() == {"live"}
     for fut in waiting[3:]:
         fut.cancel()
+
+
+async def test_the_batcher_takes_an_ended_sessions_running_jobs_out_of_the_engine(
+    models_dir: Path,
+) -> None:
+    """A job of an ended session that the engine is already decoding fails with the error given,
+    leaves the engine before its next step (its rows and KV blocks free again) and never yields a
+    result; the other session's job, decoded beside it, completes as if alone."""
+    engine = SamplerEngine.from_spec(default_registry(models_dir).resolve(BUILTIN_MODEL_NAME))
+    free_blocks = engine.cache.allocator.num_free - len(engine.prefix)
+    batcher = Batcher(engine=engine, torch=Offload("test-torch"), max_batch=4)
+
+    def req(session: str, max_tokens: int) -> SampleRequest:
+        return SampleRequest(
+            request_id=session,
+            tenant="t",
+            base_model="tiny",
+            prompt=Tensor.from_list([5, 6, 7], "int64"),
+            num_samples=2,
+            params=SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=3),
+            session_id=session,
+        )
+
+    loop = asyncio.ensure_future(batcher.run())
+    try:
+        gone = asyncio.ensure_future(batcher.generate(req("gone", 2000), None))
+        live = asyncio.ensure_future(batcher.generate(req("live", 40), None))
+
+        async def decoding() -> bool:
+            return len(engine._running) == 4
+
+        await eventually(decoding, what="both jobs decoding in the engine")
+        assert batcher.sessions() == {"gone", "live"}
+        assert batcher.drop_session("gone", UserError("session gone has ended")) == 1
+        with pytest.raises(UserError, match="has ended"):
+            await gone
+
+        async def taken_out() -> bool:
+            return all(q.req.request.request_id != "gone" for q in engine._running)
+
+        await eventually(taken_out, timeout_s=2, what="the ended session's rows out of the engine")
+        result = await asyncio.wait_for(live, 60)
+
+        async def idle() -> bool:
+            return not engine.has_work
+
+        await eventually(idle, what="the engine idle once the live job is done")
+    finally:
+        loop.cancel()
+    assert batcher.sessions() == set()
+    assert engine.cache.allocator.num_free - len(engine.prefix) == free_blocks
+    [alone] = engine.generate([(req("live", 40), None)])
+    for got, want in zip(result.sequences, alone.sequences, strict=True):
+        assert got.tokens.to_numpy().tolist() == want.tokens.to_numpy().tolist()

@@ -289,6 +289,37 @@ def test_rows_stopped_while_the_next_step_is_in_flight_are_dropped(model_dir):
     assert not engine.has_work
 
 
+def test_cancel_frees_rows_and_blocks_wherever_the_request_is(model_dir):
+    """``cancel`` takes requests out while waiting, prefilling (a prompt longer than the prefill
+    budget) and decoding: their results never come, their rows and blocks serve the others at
+    once, and the others equal each alone."""
+    engine = make_engine(model_dir, max_seqs=3, prefix_cache_blocks=0)
+    start_free = engine.cache.allocator.num_free
+    long_prompt = PROMPTS[2] * 3  # several prefill steps at 13 tokens a step
+    reqs = {
+        "decoding": request(engine, PROMPTS[0], n=2, max_tokens=40, temperature=1.0, seed=1),
+        "prefilling": request(engine, long_prompt, max_tokens=5, temperature=0.0),
+        "waiting": request(engine, PROMPTS[1], max_tokens=5, temperature=0.0),
+        "kept": request(engine, PROMPTS[3], max_tokens=12, temperature=1.0, seed=2),
+    }
+    handles = {name: engine.add(req, None) for name, req in reqs.items()}
+    results = {}
+    for _ in range(3):
+        results.update(engine.step())
+    assert engine.num_waiting == 2  # "waiting" and "kept" wait for rows
+    assert any(r.handle == handles["prefilling"] for r in engine._prefilling)
+    assert {q.req.handle for q in engine._running} == {handles["decoding"]}
+    cut = {handles[name] for name in ("decoding", "prefilling", "waiting")}
+    assert sorted(engine.cancel(cut)) == sorted(cut)
+    while engine.has_work:
+        results.update(engine.step())
+    assert set(results) == {handles["kept"]}
+    [alone] = make_engine(model_dir).generate([(reqs["kept"], None)])
+    assert tokens(results[handles["kept"]]) == tokens(alone)
+    assert engine.cache.allocator.num_free == start_free
+    assert engine._free_rows == 3 and engine._free_blocks == engine.cache.shape.num_blocks - 1
+
+
 def test_adapters_of_different_ranks_in_one_batch_equal_each_alone(model_dir, adapters):
     engine = make_engine(model_dir)
     for name, directory in adapters.items():

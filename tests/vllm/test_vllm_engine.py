@@ -177,6 +177,21 @@ def test_seeded_request_independent_of_batch_neighbours(engine):
     assert [_tokens(together[1], i) for i in range(2)] == [_tokens(alone, i) for i in range(2)]
 
 
+def test_cancel_takes_requests_out_queued_or_running(engine):
+    """``cancel`` aborts a request running in vLLM and drops one still queued: neither result
+    comes back, and a request running beside them completes as if alone."""
+    kept = _request(engine, PROMPTS[1], max_tokens=12, temperature=1.0, seed=5)
+    running = _request(engine, PROMPTS[0], max_tokens=1000, temperature=1.0, seed=6)
+    queued = _request(engine, PROMPTS[2], max_tokens=4, temperature=0.0)
+    handles = [engine.add(r, None) for r in (running, kept, queued)]
+    results = dict(engine.step())
+    assert sorted(engine.cancel({handles[0], handles[2]})) == [handles[0], handles[2]]
+    while engine.has_work:
+        results.update(engine.step())
+    assert set(results) == {handles[1]}
+    assert _tokens(results[handles[1]]) == _tokens(_one(engine, kept))
+
+
 @pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 1e-6}])
 def test_extreme_truncation_equals_greedy(engine, truncation):
     """Same tokens as greedy; logprob 0, since the distribution sampled is a point mass."""
