@@ -59,6 +59,10 @@ class Job:
     held_back: bool = False  # its future was told ``paused_rate_limit``
 
 
+class ClientCancelled(Exception):
+    """A running job whose client cancelled it (``cancel_future``): its record is final already."""
+
+
 class Batcher:
     """Continuous batching: queued jobs join the engine between its steps and leave as they finish.
 
@@ -105,6 +109,19 @@ class Batcher:
         """The sessions of the jobs waiting here or running in the engine."""
         jobs = [j for q in self._queues.values() for j in q] + list(self._in_flight.values())
         return {j.req.session_id for j in jobs if j.req.session_id}
+
+    def running(self) -> list[str]:
+        """The request ids of the jobs the engine holds (not failed meanwhile)."""
+        return [j.req.request_id for j in self._in_flight.values() if not j.fut.done()]
+
+    def drop_running(self, request_id: str, error: Exception) -> bool:
+        """Fail the engine's job ``request_id`` with ``error`` (the loop takes it out of the
+        engine before its next step); whether it was there."""
+        for job in self._in_flight.values():
+            if job.req.request_id == request_id and not job.fut.done():
+                job.fut.set_exception(error)
+                return True
+        return False
 
     def drop_session(self, session_id: str, error: Exception) -> int:
         """Fail the jobs of ``session_id`` with ``error``, waiting here or running in the engine
@@ -324,7 +341,10 @@ class SamplerWorker:
             enqueued_at=b.enqueued_at(msg),
             started_at=utcnow(),
         )
-        result = await self.batcher.generate(req, await self._adapter(req))
+        try:
+            result = await self.batcher.generate(req, await self._adapter(req))
+        except ClientCancelled:
+            return  # its record says so already; nothing ran to the end, nothing is billed
         await self._finish(req, pending, result, revision)
 
     async def _session_ended(self, session_id: str) -> bool:
@@ -340,13 +360,21 @@ class SamplerWorker:
 
     async def _drop_ended_sessions(self) -> None:
         """Every ``session_check_s``: fail the sampling of sessions that have ended, queued or
-        running (a running request leaves the engine before its next step, unbilled)."""
+        running, and take the running samples their clients cancelled (``cancel_future`` made
+        their records final) out of the engine. Either leaves the engine before its next step,
+        unbilled."""
         while True:
             await asyncio.sleep(self.settings.session_check_s)
             for session_id in self.batcher.sessions():
                 if await self._session_ended(session_id):
                     dropped = self.batcher.drop_session(session_id, _ended(session_id))
                     self.log.info("sampling cancelled", session=session_id, requests=dropped)
+            running = self.batcher.running()
+            records = await asyncio.gather(*(b.future_record(self.bus, r) for r in running))
+            for request_id, record in zip(running, records, strict=True):
+                if record is not None and record.final:
+                    self.batcher.drop_running(request_id, ClientCancelled(request_id))
+                    self.log.info("cancelled sample stopped", request_id=request_id)
 
     async def _future(self, request_id: str) -> tuple[FutureRecord | None, int | None]:
         """The request's future record and its KV revision (None, None before the gateway's

@@ -62,8 +62,12 @@ async def asample(http, sampler_id: str, seq_id: int, max_tokens: int = 3) -> st
     return answer.json()["request_id"]
 
 
-async def start_sampler(bus: b.Bus, nats_url: str, tmp_path, models_dir, log) -> SamplerWorker:
-    settings = SamplerSettings(nats_url=nats_url, state_dir=tmp_path, models_dir=models_dir)
+async def start_sampler(
+    bus: b.Bus, nats_url: str, tmp_path, models_dir, log, **options: object
+) -> SamplerWorker:
+    settings = SamplerSettings(
+        nats_url=nats_url, state_dir=tmp_path, models_dir=models_dir, **options
+    )
     settings.worker_id = "sampler-test"
     engine = SamplerEngine.from_spec(default_registry(models_dir).resolve(BUILTIN_MODEL_NAME))
     worker = SamplerWorker(settings, bus, engine, LocalCheckpointStore(tmp_path / "ck"), log)
@@ -117,6 +121,41 @@ async def test_a_sample_cancelled_in_the_queue_never_runs_and_is_not_billed(
         again = await http.post("/api/v1/cancel_future", json={"request_id": kept})
         assert again.is_success  # a finished future stays finished
         assert (await b.future_record(bus, kept)).status == "done"  # type: ignore[union-attr]
+
+
+async def test_a_sample_cancelled_while_decoding_leaves_the_engine_unbilled(
+    bus: b.Bus, spawned: None, nats_url: str, tmp_path, models_dir, builtin_model, log
+) -> None:
+    """``cancel_future`` of a sample the engine is decoding: the sampler's sweep sees the final
+    record and takes it out of the batch before the next step (its rows and KV blocks free), so
+    it never runs to its ``max_tokens``; the record stays the cancellation, nothing is billed,
+    and a sample sent after it is served."""
+    key = await create_key(bus, TENANT)
+    worker = await start_sampler(bus, nats_url, tmp_path, models_dir, log, session_check_s=0.1)
+    engine = worker.engine
+    async with running_gateway(nats_url, models_dir, log) as app, client(app, key) as http:
+        sampler_id = await sampler_session(http)
+        long = await asample(http, sampler_id, 0, max_tokens=2000)
+        deadline = time.monotonic() + 30
+        while not engine._running:  # decoding
+            assert time.monotonic() < deadline, "the long sample never started decoding"
+            await asyncio.sleep(0.02)
+        [seq] = engine._running
+        assert (await http.post("/api/v1/cancel_future", json={"request_id": long})).is_success
+        deadline = time.monotonic() + 10
+        while engine.has_work:
+            assert time.monotonic() < deadline, "the cancelled sample kept decoding"
+            await asyncio.sleep(0.02)
+        assert not engine._running and engine._free_rows == engine.max_seqs
+        # Left alone, it runs to the end of text at token 1021 (seeded): well after this.
+        assert seq.done and len(seq.tokens) < 500
+        answer = await http.post("/api/v1/retrieve_future", json={"request_id": long})
+        assert answer.json() == {"error": "cancelled by the client", "category": "user"}
+        after = await asample(http, sampler_id, 1)
+        done = await http.post("/api/v1/retrieve_future", json={"request_id": after})
+        assert done.status_code == 200 and "error" not in done.text
+        await asyncio.sleep(0.5)
+        assert await usage_messages(bus) == 2  # the later sample's prefill and sample tokens
 
 
 async def poll(http, target: dict[str, object], cursor: int) -> dict[str, object]:
