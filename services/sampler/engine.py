@@ -377,9 +377,7 @@ class SamplerEngine:
         cancelled: dict[int, _Request] = {}
         for seq in self._running:
             if seq.req.handle in handles:
-                self.cache.allocator.release(seq.blocks)
-                seq.blocks, seq.done = [], True
-                self._free_rows += 1
+                self._release(seq)
                 cancelled[seq.req.handle] = seq.req
         for req in cancelled.values():  # samples that had retired freed their rows already
             self._free_blocks += req.promised_blocks
@@ -791,14 +789,17 @@ class SamplerEngine:
         text = self.tokenizer.decode(seq.tokens[-window:], skip_special_tokens=False)
         return any(s and s in text for s in strings)
 
+    def _release(self, seq: _Seq) -> None:
+        """Free the sequence's KV blocks and row; a row of it still in flight is dropped."""
+        self.cache.allocator.release(seq.blocks)
+        seq.blocks, seq.done = [], True
+        self._free_rows += 1
+
     def _retire(
         self, seq: _Seq, *, stopped: bool, finished: list[tuple[int, SampleResult]]
     ) -> None:
         req = seq.req
-        seq.done = True
-        self.cache.allocator.release(seq.blocks)
-        seq.blocks = []
-        self._free_rows += 1
+        self._release(seq)
         k = req.request.topk_sample_logprobs
         topk = None
         if k:

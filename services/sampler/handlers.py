@@ -110,18 +110,10 @@ class Batcher:
         jobs = [j for q in self._queues.values() for j in q] + list(self._in_flight.values())
         return {j.req.session_id for j in jobs if j.req.session_id}
 
-    def running(self) -> list[str]:
-        """The request ids of the jobs the engine holds (not failed meanwhile)."""
-        return [j.req.request_id for j in self._in_flight.values() if not j.fut.done()]
-
-    def drop_running(self, request_id: str, error: Exception) -> bool:
-        """Fail the engine's job ``request_id`` with ``error`` (the loop takes it out of the
-        engine before its next step); whether it was there."""
-        for job in self._in_flight.values():
-            if job.req.request_id == request_id and not job.fut.done():
-                job.fut.set_exception(error)
-                return True
-        return False
+    def running(self) -> list[Job]:
+        """The jobs the engine holds that nobody has failed meanwhile. Failing one's future
+        takes it out of the engine before the loop's next step."""
+        return [j for j in self._in_flight.values() if not j.fut.done()]
 
     def drop_session(self, session_id: str, error: Exception) -> int:
         """Fail the jobs of ``session_id`` with ``error``, waiting here or running in the engine
@@ -134,8 +126,8 @@ class Batcher:
                     job.fut.set_exception(error)
                     dropped += 1
             self._queues[tenant] = kept
-        for job in self._in_flight.values():
-            if job.req.session_id == session_id and not job.fut.done():
+        for job in self.running():
+            if job.req.session_id == session_id:
                 job.fut.set_exception(error)
                 dropped += 1
         return dropped
@@ -370,11 +362,13 @@ class SamplerWorker:
                     dropped = self.batcher.drop_session(session_id, _ended(session_id))
                     self.log.info("sampling cancelled", session=session_id, requests=dropped)
             running = self.batcher.running()
-            records = await asyncio.gather(*(b.future_record(self.bus, r) for r in running))
-            for request_id, record in zip(running, records, strict=True):
-                if record is not None and record.final:
-                    self.batcher.drop_running(request_id, ClientCancelled(request_id))
-                    self.log.info("cancelled sample stopped", request_id=request_id)
+            records = await asyncio.gather(
+                *(b.future_record(self.bus, job.req.request_id) for job in running)
+            )
+            for job, record in zip(running, records, strict=True):
+                if record is not None and record.final and not job.fut.done():
+                    job.fut.set_exception(ClientCancelled(job.req.request_id))
+                    self.log.info("cancelled sample stopped", request_id=job.req.request_id)
 
     async def _future(self, request_id: str) -> tuple[FutureRecord | None, int | None]:
         """The request's future record and its KV revision (None, None before the gateway's
