@@ -82,7 +82,8 @@ async def main(n: int, profile: str | None, overrides: dict[str, str]) -> None:
         ledger = Ledger.connect(settings.dsn(), settings.recent_ids)
         billing = BillingService(settings, bus, ledger, DEFAULT_PRICE_TABLE, log)
         await billing.declare()
-        await billing.start()  # schema and flusher first: the clock runs from the first fetch
+        await billing.prepare()  # schema and flusher first: the clock runs from the first fetch
+        await billing.start()
         profiler = cProfile.Profile() if profile else None
         t = time.perf_counter()
         if profiler:

@@ -24,6 +24,7 @@ async def main() -> None:
     bus = await b.connect(settings.nats_url, "billing", service="billing")
     billing = BillingService(settings, bus, ledger, prices, log)
     await billing.declare()
+    await billing.prepare()  # before serve starts the consumers
     await serve(bus, settings.metrics_port, log, on_start=billing.start, on_stop=billing.stop)
 
 

@@ -122,11 +122,15 @@ class BillingService:
             title="usage reports",
         )
 
-    async def start(self) -> None:
+    async def prepare(self) -> None:
+        """Create and migrate the schema and reconcile the roll-ups. Run before the consumers
+        start: a report answered or a batch written earlier would meet no tables."""
         applied = await self._db(self.ledger.ensure_schema)
         if applied:
             self.log.info("ledger schema migrated", steps=applied)
         await self.reconcile()
+
+    async def start(self) -> None:
         spawn(self._flush_loop(), self.log, "ledger flush")
         spawn(self._reconcile_loop(), self.log, "ledger reconciliation")
         self.log.info("billing ready")
